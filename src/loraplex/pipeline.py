@@ -1,0 +1,47 @@
+"""The steps every command starts with: load the recipe, resolve the base, check modules, prepare data."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data.prepare import PreparedDataset, prepare_all
+from .errors import RecipeError
+from .models import BaseModelRef, check_recipe_modules, load_tokenizer, meta_model, resolve_base
+from .recipe import Recipe, load_recipe, unknown_name_message
+
+
+@dataclass
+class Workspace:
+    """A validated recipe with its resolved base model and tokenizer."""
+
+    recipe: Recipe
+    base: BaseModelRef
+    tokenizer: object
+    only: list[str] | None = None
+
+    def selected(self) -> list:
+        return [d for d in self.recipe.datasets if not self.only or d.name in self.only]
+
+    def prepare(self) -> dict[str, PreparedDataset]:
+        return prepare_all(self.recipe, self.tokenizer, self.only)
+
+
+def open_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None = None,
+                only: list[str] | None = None) -> Workspace:
+    recipe = source if isinstance(source, Recipe) else load_recipe(source, overrides)
+    names = [d.name for d in recipe.datasets]
+    unknown = [unknown_name_message("dataset", n, names) for n in only or [] if n not in names]
+    if unknown:
+        raise RecipeError([f"--only: {u}" for u in unknown])
+    model = recipe.model
+    base = resolve_base(model.path, model.gguf_file, recipe.base_dir, model.trust_remote_code)
+    tokenizer = load_tokenizer(base, model.trust_remote_code)
+    check_recipe_modules(recipe, meta_model(base, model.trust_remote_code))
+    return Workspace(recipe, base, tokenizer, list(only) if only else None)
+
+
+def prepare_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None = None,
+                   only: list[str] | None = None) -> list[dict]:
+    """`loraplex prepare`: statistics per dataset (tokenized data is cached for training)."""
+    workspace = open_recipe(source, overrides, only)
+    return [p.stats for p in workspace.prepare().values()]

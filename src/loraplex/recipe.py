@@ -1,0 +1,365 @@
+"""The recipe: one base model, several datasets, one adapter per dataset with its own settings.
+
+A recipe is YAML. Each entry of `datasets:` gets its own `target_modules`, `lora:` and `train:`;
+`defaults:` fills whatever an entry leaves out (nested blocks are merged key by key). Dotted
+`key=value` overrides (`datasets.zh.lora.r=32`, `defaults.train.lr=1e-4`) apply before validation.
+Every problem is reported at once, each on one line with its fix.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import RecipeError
+
+DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+COLUMN_ROLES = ("instruction", "input", "output", "system", "history", "messages")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSpec(_Strict):
+    """The base model every adapter trains against."""
+
+    path: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct), an HF model "
+                      "directory, a hub id, or a .gguf file")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path` when `path` is a directory")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype; 'auto' = bfloat16 where the CPU/GPU supports it, else float32")
+    trust_remote_code: bool = Field(False, description="allow model code from the model's repository")
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, gt=0, description="LoRA rank")
+    alpha: float = Field(32, gt=0, description="lora_alpha; scaling = alpha / r (alpha / sqrt(r) with rsLoRA)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    layers_to_transform: list[int] | None = Field(None, description="only these layer indices get LoRA")
+
+
+class TrainSettings(_Strict):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs when set")
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, gt=0, description="sequences per optimizer micro-step")
+    grad_accum: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    logging_steps: int = Field(5, gt=0)
+    save_steps: int = Field(50, gt=0, description="checkpoint every N optimizer steps (for --resume)")
+
+
+class DatasetSpec(_Strict):
+    name: str = Field(pattern=DATASET_NAME_PATTERN, description="adapter name; letters, digits, _ . -")
+    path: Union[str, list[str]] = Field(description="json / jsonl / parquet / csv file, or a list of them")
+    val_path: Union[str, list[str], None] = Field(None, description="held-out file(s); else val_size of path")
+    test_path: Union[str, list[str], None] = Field(None, description="test file(s) for generation metrics")
+    format: Literal["auto", "alpaca", "messages"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict, description="role -> column name, e.g. output: answer")
+    system: str | None = Field(None, description="system prompt for rows that have none")
+    template: Literal["chatml", "llama3"] | None = Field(
+        None, description="fallback chat template when the tokenizer has none (or to force one)")
+    max_seq_length: int = Field(1024, gt=0)
+    val_size: float = Field(0.1, ge=0, lt=1, description="fraction held out when val_path is not given")
+    on_bad_rows: Literal["error", "skip"] = "error"
+    target_modules: Union[list[str], Literal["all-linear"]] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], description="module names, or 'all-linear'")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+    @field_validator("columns")
+    @classmethod
+    def _known_roles(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(COLUMN_ROLES))
+        if unknown:
+            raise ValueError(f"unknown column role(s) {unknown}; roles are {', '.join(COLUMN_ROLES)}")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("target_modules is empty; name at least one module, or use 'all-linear'")
+        return value
+
+    def files(self, which: str = "path") -> list[str]:
+        value = getattr(self, which)
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else list(value)
+
+
+class Recipe(_Strict):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    run_name: str | None = Field(None, pattern=DATASET_NAME_PATTERN, description="default: the recipe file's stem")
+    output_dir: str = Field("runs", description="runs are written to <output_dir>/<run_name>")
+    defaults: dict[str, Any] = Field(default_factory=dict, description="values every dataset inherits")
+    datasets: list[DatasetSpec] = Field(min_length=1)
+
+    # where relative paths are resolved from (the recipe file's folder); not part of the recipe
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    def dataset(self, name: str) -> DatasetSpec:
+        for spec in self.datasets:
+            if spec.name == name:
+                return spec
+        raise RecipeError(unknown_name_message("dataset", name, [d.name for d in self.datasets]))
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def run_dir(self) -> Path:
+        return self.resolve(self.output_dir) / (self.run_name or "run")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe (defaults already merged into each dataset)."""
+        data = self.model_dump(mode="json", exclude={"base_dir"})
+        data["defaults"] = {}
+        return data
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -> Recipe:
+    """Read, merge defaults, apply overrides, validate. Raises RecipeError listing every problem."""
+    if isinstance(source, dict):
+        raw, base_dir, stem = copy.deepcopy(source), Path.cwd(), "run"
+    else:
+        path = Path(source)
+        raw, base_dir, stem = _read_yaml(path), path.resolve().parent, path.stem
+    problems: list[str] = []
+    for item in overrides or []:
+        try:
+            apply_override(raw, item)
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+    problems.extend(_check_datasets(raw, base_dir))
+    recipe = _validate(raw, base_dir, problems)
+    if problems:
+        raise RecipeError(problems, title="recipe is invalid")
+    if recipe.run_name is None:
+        recipe.run_name = stem
+    return recipe
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist; `loraplex init {path}` writes an example")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{where}: malformed YAML ({problem}); check the indentation and quoting there") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping (model:, defaults:, datasets:), got {type(raw).__name__}")
+    return raw
+
+
+def _validate(raw: dict, base_dir: Path, problems: list[str]) -> Recipe:
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        problems.append(f"defaults: must be a mapping of dataset settings, got {defaults!r}")
+        defaults = {}
+    problems.extend(_check_keys(defaults, DatasetSpec, "defaults", exclude={"name", "path"}))
+    merged = dict(raw)
+    datasets = raw.get("datasets")
+    if isinstance(datasets, list):
+        merged["datasets"] = [_merge(defaults, d) if isinstance(d, dict) else d for d in datasets]
+    merged["base_dir"] = base_dir
+    try:
+        return Recipe.model_validate(merged)
+    except ValidationError as exc:
+        problems.extend(_describe_validation(exc, raw, defaults))
+        raise RecipeError(problems, title="recipe is invalid") from None
+
+
+def _merge(defaults: dict, entry: dict) -> dict:
+    out = copy.deepcopy(defaults)
+    for key, value in entry.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _check_keys(data: dict, model: type[BaseModel], where: str, exclude: set[str] = frozenset()) -> list[str]:
+    problems = []
+    fields = {k: f for k, f in model.model_fields.items() if k not in exclude}
+    for key, value in data.items():
+        if key not in fields:
+            problems.append(f"{where}: " + unknown_name_message("key", key, list(fields)))
+            continue
+        sub = fields[key].annotation
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            problems.extend(_check_keys(value, sub, f"{where}.{key}"))
+    return problems
+
+
+def _describe_validation(exc: ValidationError, raw: dict, defaults: dict) -> list[str]:
+    lines: list[str] = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        where, from_defaults = _loc_name(loc, raw, defaults)
+        if err["type"] == "extra_forbidden":
+            if from_defaults:
+                continue  # already reported by _check_keys
+            parent = _model_at(loc[:-1])
+            lines.append(f"{where}: " + unknown_name_message("key", str(loc[-1]), list(parent.model_fields) if parent else []))
+            continue
+        given = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+        line = f"{where}: {_friendly(err)}{given}"
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def _friendly(err: dict) -> str:
+    msg = err["msg"]
+    if err["type"] == "missing":
+        return "required; add it"
+    if err["type"] == "string_pattern_mismatch":
+        return "use letters, digits, '_', '.' or '-' (starting with a letter or digit)"
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+def _loc_name(loc: list, raw: dict, defaults: dict) -> tuple[str, bool]:
+    """('datasets', 0, 'lora', 'r') -> 'datasets[zh].lora.r', or 'defaults.lora.r' if inherited."""
+    parts: list[str] = []
+    if len(loc) >= 2 and loc[0] == "datasets" and isinstance(loc[1], int):
+        entries = raw.get("datasets") or []
+        entry = entries[loc[1]] if loc[1] < len(entries) else None
+        entry = entry if isinstance(entry, dict) else {}
+        inner = [str(p) for p in loc[2:] if isinstance(p, str) and p not in _UNION_TAGS]
+        if inner and _has_key(defaults, inner) and not _has_key(entry, inner):
+            return "defaults." + ".".join(inner), True
+        parts.append(f"datasets[{entry.get('name') or loc[1]}]")
+        loc = loc[2:]
+    for p in loc:
+        if isinstance(p, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{p}]"]
+        elif p not in _UNION_TAGS:
+            parts.append(str(p))
+    return ".".join(parts), False
+
+
+_UNION_TAGS = {"list[str]", "str", "literal['all-linear']", "list[int]", "int"}
+
+
+def _has_key(node: Any, keys: list[str]) -> bool:
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def _model_at(loc: list) -> type[BaseModel] | None:
+    model: type[BaseModel] = Recipe
+    for p in loc:
+        if isinstance(p, int):
+            continue
+        field = model.model_fields.get(str(p))
+        if field is None:
+            return None
+        ann = field.annotation
+        if p == "datasets":
+            ann = DatasetSpec
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _check_datasets(raw: dict, base_dir: Path) -> list[str]:
+    """Duplicate names and missing files, checked on the raw entries so they join the schema errors."""
+    problems: list[str] = []
+    entries = [e for e in raw.get("datasets") or [] if isinstance(e, dict)] if isinstance(raw.get("datasets"), list) else []
+    names = [e.get("name") for e in entries]
+    for name in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
+        problems.append(f"datasets: the name '{name}' is used {names.count(name)} times; each adapter needs its own name")
+    for entry in entries:
+        for which in ("path", "val_path", "test_path"):
+            files = entry.get(which)
+            for file in [files] if isinstance(files, str) else (files if isinstance(files, list) else []):
+                full = Path(str(file)).expanduser()
+                full = full if full.is_absolute() else base_dir / full
+                if not full.is_file():
+                    problems.append(f"datasets[{entry.get('name')}].{which}: file {full} does not exist; "
+                                    "check the path (relative paths start at the recipe's folder)")
+    return problems
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `dotted.key=value` override in place; `datasets.<name>` selects an entry by name."""
+    if "=" not in item:
+        raise RecipeError(f"override '{item}' has no '='; write it as key=value, e.g. datasets.zh.lora.r=32")
+    key, _, text = item.partition("=")
+    value = yaml.safe_load(text) if text.strip() else ""
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise RecipeError(f"override '{item}' has an empty key")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _find_entry(node, part, item)
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if part == "datasets" else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        raise RecipeError(f"override '{item}': name a field inside the dataset, e.g. datasets.{last}.lora.r=32")
+    if not isinstance(node, dict):
+        raise RecipeError(f"override '{item}': '{'.'.join(parts[:-1])}' is not a mapping")
+    node[last] = value
+
+
+def _find_entry(entries: list, name: str, item: str) -> dict:
+    names = [e.get("name") for e in entries if isinstance(e, dict)]
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            return entry
+    if name.isdigit() and int(name) < len(entries):
+        return entries[int(name)]
+    raise RecipeError(f"override '{item}': " + unknown_name_message("dataset", name, [n for n in names if n]))
+
+
+def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown {kind} '{name}'; {hint}known: {', '.join(known) if known else '(none)'}"
+
+
+def save_resolved(recipe: Recipe, path: Path) -> None:
+    from .atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True))
