@@ -67,6 +67,22 @@ def prepare(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDE
         out.print(prepare_table(stats))
 
 
+@app.command()
+def train(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_ARG,
+          only: Optional[list[str]] = typer.Option(None, "--only", help="train only this dataset (repeatable)"),
+          resume: bool = typer.Option(False, "--resume", help="skip finished adapters, resume an unfinished one "
+                                      "from its last checkpoint"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="replace adapters or a run already in the run folder"),
+          ) -> None:
+    """Train one LoRA adapter per dataset, each against the untouched base model."""
+    from .tables import train_table
+    from .train import train as train_run
+
+    result = _run(train_run, recipe, overrides or [], only, resume=resume, overwrite=overwrite)
+    out.print(train_table(result.adapters))
+    out.print(f"adapters in {result.run_dir / 'adapters'}")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m loraplex`
     app(prog_name="loraplex")
 

@@ -61,6 +61,7 @@ class TrainSettings(_Strict):
     seed: int = 42
     logging_steps: int = Field(5, gt=0)
     save_steps: int = Field(50, gt=0, description="checkpoint every N optimizer steps (for --resume)")
+    packing: bool = Field(True, description="padding-free packing of each batch (else padded batches)")
 
 
 class DatasetSpec(_Strict):

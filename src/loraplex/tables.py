@@ -15,3 +15,27 @@ def prepare_table(stats: list[dict]) -> Table:
                       f"{s['length_p50']}/{s['length_p90']}/{s['length_p99']}/{s['length_max']}",
                       f"{s['truncated']}/{s['dropped']}", f"{s['max_seq_length']} → {s['recommended_max_seq_length']}")
     return table
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def train_table(adapters: dict[str, dict]) -> Table:
+    table = Table(title="adapters", title_justify="left")
+    for col in ("dataset", "target modules", "r/alpha", "trainable (% of base)", "train loss first → last",
+                "held-out loss base → adapter", "tok/s", "wall"):
+        table.add_column(col, justify="left" if col in ("dataset", "target modules") else "right")
+    for name, m in adapters.items():
+        cfg = m["config"]
+        targets = cfg["target_modules"] if isinstance(cfg["target_modules"], str) else ",".join(cfg["target_modules"])
+        curve = m["train_loss_curve"]
+        losses = f"{curve[0]['loss']:.3f} → {curve[-1]['loss']:.3f}" if curve else "-"
+        table.add_row(name, targets, f"{cfg['lora']['r']}/{cfg['lora']['alpha']:g}",
+                      f"{_count(m['trainable_params'])} ({m['trainable_percent']:.3f}%)", losses,
+                      f"{m['heldout_loss_base']:.3f} → {m['heldout_loss']:.3f}", f"{m['tokens_per_s']:,.0f}",
+                      f"{m['wall_time_s']:.0f}s")
+    return table

@@ -1,0 +1,106 @@
+"""The HF Trainer, set up for one adapter: answer-only loss, packing, progress with loss and tokens/s.
+
+Gradient accumulation, schedulers, checkpoints, resume and multi-process launch (accelerate) all come
+from transformers' Trainer; loraplex only supplies the batches, the loss and the progress display.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+from ..data.prepare import PreparedDataset
+from ..errors import LoraplexError
+from ..recipe import DatasetSpec
+from .batching import PackedCollator, PaddedCollator, answer_loss_sum, real_tokens
+
+
+@dataclass
+class TrainStats:
+    tokens: int = 0  # real (non-padding) tokens seen
+    seconds: float = 0.0  # time inside optimizer steps
+    loss_curve: list[dict] = field(default_factory=list)  # [{"step", "loss"}]
+
+
+class AdapterTrainer(Trainer):
+    """Trainer whose loss covers answer tokens only and skips the LM head on unlabelled positions."""
+
+    def __init__(self, *args, stats: TrainStats, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stats = stats
+        self.loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss_sum, count, _ = answer_loss_sum(model, inputs)
+        self.stats.tokens += real_tokens(inputs)
+        denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
+        loss = loss_sum / denominator
+        if not torch.isfinite(loss):
+            raise LoraplexError(f"the loss became {float(loss)} at step {self.state.global_step + 1}; the last good "
+                                "checkpoint is kept. Lower the learning rate (train.lr), or check the data rows of "
+                                "this batch")
+        return (loss, None) if return_outputs else loss
+
+
+class ProgressCallback(TrainerCallback):
+    """One bar per adapter with the latest loss and real tokens per second."""
+
+    def __init__(self, name: str, stats: TrainStats, enabled: bool):
+        self.name, self.stats, self.enabled = name, stats, enabled
+        self.bar = None
+        self._step_started = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=f"train {self.name}",
+                        unit="step", disable=not self.enabled, dynamic_ncols=True)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.stats.seconds += time.perf_counter() - self._step_started
+        self.bar.update(state.global_step - self.bar.n)
+        self.bar.set_postfix_str(f"loss {self._last_loss()} | {self.stats.tokens / max(self.stats.seconds, 1e-9):,.0f} tok/s")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.stats.loss_curve.append({"step": state.global_step, "loss": float(logs["loss"])})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+    def _last_loss(self) -> str:
+        return f"{self.stats.loss_curve[-1]['loss']:.4f}" if self.stats.loss_curve else "-"
+
+
+def training_arguments(spec: DatasetSpec, checkpoint_dir: Path, model_dtype: torch.dtype) -> TrainingArguments:
+    t = spec.train
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir), per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1, warmup_steps=t.warmup_ratio, lr_scheduler_type=t.scheduler,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
+        logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=1, report_to=[], disable_tqdm=True, remove_unused_columns=False,
+        dataloader_num_workers=0, use_cpu=not on_gpu,
+        # weights are already in their training dtype (bf16 where supported): no autocast on top
+        bf16=False, fp16=False,
+    )
+
+
+def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoint_dir: Path,
+                 model_dtype: torch.dtype, progress: bool = True) -> tuple[AdapterTrainer, TrainStats]:
+    stats = TrainStats()
+    collator = PackedCollator() if spec.train.packing else PaddedCollator(peft_model.config.pad_token_id or 0)
+    trainer = AdapterTrainer(
+        model=peft_model, args=training_arguments(spec, checkpoint_dir, model_dtype), train_dataset=data.train,
+        data_collator=collator, callbacks=[ProgressCallback(spec.name, stats, progress)], stats=stats,
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the progress bar shows them
+    return trainer, stats
