@@ -82,6 +82,23 @@ def test_override_without_equals_sign(data_file):
     assert has_line(problems, "override 'datasets.zh.lora.r' has no '='", "key=value")
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("defaults.lora.r.x.y=1", "override 'defaults.lora.r.x.y=1': 'defaults.lora.r' is not a mapping"),
+    ("model.path.x.y=1", "override 'model.path.x.y=1': 'model.path' is not a mapping"),
+    ("datasets.zh.target_modules=[q_proj",
+     "override 'datasets.zh.target_modules=[q_proj': the value is not valid YAML; check its brackets and quotes"),
+])
+def test_malformed_overrides_are_recipe_errors(data_file, override, expected):
+    raw = {"model": {"path": "default"}, "defaults": {"lora": {"r": 4}},
+           "datasets": [{"name": "zh", "path": str(data_file)}]}
+    assert problems_of(raw, [override]) == [expected]
+
+
+def test_override_selects_dataset_by_index(data_file):
+    raw = {"datasets": [{"name": "zh", "path": str(data_file)}, {"name": "en", "path": str(data_file)}]}
+    assert load_recipe(raw, ["datasets.1.lora.r=3"]).dataset("en").lora.r == 3
+
+
 # --------------------------------------------------------------------------- all errors at once
 
 
@@ -120,8 +137,14 @@ def test_every_problem_is_reported_at_once(tmp_path, data_file):
 def test_unknown_top_level_and_model_keys(data_file):
     problems = problems_of({"modle": {}, "model": {"dtyp": "auto"},
                             "datasets": [{"name": "zh", "path": str(data_file)}]})
-    assert has_line(problems, "modle", "unknown key 'modle'", "did you mean 'model'?")
+    assert "modle: unknown key 'modle'; did you mean 'model'? known: model, run_name, output_dir, defaults, " \
+           "datasets" in problems
     assert has_line(problems, "model.dtyp", "did you mean 'dtype'?")
+
+
+def test_internal_base_dir_is_not_a_recipe_key(data_file):
+    problems = problems_of({"base_dir": "/elsewhere", "datasets": [{"name": "zh", "path": str(data_file)}]})
+    assert problems == ["base_dir: unknown key 'base_dir'; known: model, run_name, output_dir, defaults, datasets"]
 
 
 def test_bad_dataset_name_and_empty_target_modules(data_file):

@@ -14,13 +14,14 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape  # error lines hold 'datasets[zh]', which markup would eat
 
 from .errors import LoraplexError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="One base model, one LoRA/QLoRA adapter per dataset, each on its own target modules.")
 console = Console(stderr=True)
-out = Console()
+stdout = Console()
 
 RECIPE_ARG = typer.Argument(..., help="recipe YAML file", exists=False)
 OVERRIDES_ARG = typer.Argument(None, help="dotted overrides, e.g. datasets.zh.lora.r=32 defaults.train.lr=1e-4")
@@ -33,7 +34,7 @@ def _run(fn, *args, **kwargs):
     except LoraplexError as exc:
         if os.environ.get("LORAPLEX_DEBUG") == "1":
             raise
-        console.print(f"[bold red]error:[/] {exc.render()}", highlight=False, markup=True)
+        console.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, markup=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -45,11 +46,11 @@ def init(path: Path = typer.Argument(Path("recipe.yaml"), help="where to write t
          force: bool = typer.Option(False, "--force", help="overwrite an existing file")) -> None:
     """Write a commented example recipe."""
     if path.exists() and not force:
-        console.print(f"[bold red]error:[/] {path} exists; pass --force to overwrite it")
+        console.print(f"[bold red]error:[/] {escape(str(path))} exists; pass --force to overwrite it")
         raise typer.Exit(2)
     text = resources.files("loraplex").joinpath("recipes/example.yaml").read_text(encoding="utf-8")
     path.write_text(text, encoding="utf-8")
-    out.print(f"wrote {path}; edit the datasets, then run `loraplex prepare {path}`")
+    stdout.print(f"wrote {path}; edit the datasets, then run `loraplex prepare {path}`")
 
 
 @app.command()
@@ -64,7 +65,7 @@ def prepare(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDE
     if as_json:
         print(json.dumps(stats, indent=2, ensure_ascii=False))
     else:
-        out.print(prepare_table(stats))
+        stdout.print(prepare_table(stats))
 
 
 @app.command()
@@ -79,8 +80,34 @@ def train(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
     from .train import train as train_run
 
     result = _run(train_run, recipe, overrides or [], only, resume=resume, overwrite=overwrite)
-    out.print(train_table(result.adapters))
-    out.print(f"adapters in {result.run_dir / 'adapters'}")
+    stdout.print(train_table(result.adapters))
+    stdout.print(f"adapters in {result.run_dir / 'adapters'}")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="run folder"),
+         seed: int = typer.Option(0, "--seed", help="seed for the generated data and training")) -> None:
+    """Generate three datasets (en, zh, ja), train an adapter per dataset on the default model, evaluate."""
+    import time
+
+    from .demo import run_demo
+    from .tables import demo_table
+
+    started = time.perf_counter()
+    summary = _run(run_demo, out, seed)
+    stdout.print(demo_table(summary))
+    stdout.print(f"run folder: {summary['run_dir']}  ({time.perf_counter() - started:.0f}s)")
+
+
+@app.command("demo-data")
+def demo_data(out_dir: Path = typer.Argument(..., help="folder to write <dataset>/{train,val,test}.jsonl into"),
+              seed: int = typer.Option(0, "--seed")) -> None:
+    """Write the demo datasets as JSONL, to see the format (nothing is trained)."""
+    from .data.demo import write_demo_data
+
+    paths = write_demo_data(out_dir, seed=seed)
+    for name, splits in paths.items():
+        stdout.print(f"{name}: " + ", ".join(f"{split} {path}" for split, path in splits.items()))
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m loraplex`

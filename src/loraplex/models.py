@@ -217,6 +217,10 @@ def check_target_modules(model: nn.Module, target_modules: list[str] | str, r: i
     for name in names:
         if name in leaves:
             continue
+        if name in {full.rsplit(".", 1)[-1] for full in output_layer_names(model)}:
+            problems.append(f"{where}.target_modules: '{name}' is the output layer of {arch}, which loraplex "
+                            f"does not adapt; LoRA targets: {', '.join(leaves)}")
+            continue
         if name in all_leaves:
             kind = type(all_leaves[name]).__name__
             problems.append(f"{where}.target_modules: '{name}' is a {kind} in {arch}, not a linear layer; "

@@ -75,6 +75,7 @@ class DatasetSpec(_Strict):
     template: Literal["chatml", "llama3"] | None = Field(
         None, description="fallback chat template when the tokenizer has none (or to force one)")
     max_seq_length: int = Field(1024, gt=0)
+    max_samples: int | None = Field(None, gt=0, description="read only the first N rows of path")
     val_size: float = Field(0.1, ge=0, lt=1, description="fraction held out when val_path is not given")
     on_bad_rows: Literal["error", "skip"] = "error"
     target_modules: Union[list[str], Literal["all-linear"]] = Field(
@@ -89,6 +90,11 @@ class DatasetSpec(_Strict):
         if unknown:
             raise ValueError(f"unknown column role(s) {unknown}; roles are {', '.join(COLUMN_ROLES)}")
         return value
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name(cls, value):
+        return [value] if isinstance(value, str) and value != "all-linear" else value
 
     @field_validator("target_modules")
     @classmethod
@@ -191,6 +197,8 @@ def _validate(raw: dict, base_dir: Path, problems: list[str]) -> Recipe:
     datasets = raw.get("datasets")
     if isinstance(datasets, list):
         merged["datasets"] = [_merge(defaults, d) if isinstance(d, dict) else d for d in datasets]
+    if "base_dir" in raw:  # internal (the recipe's folder); a YAML value would be silently replaced
+        problems.append("base_dir: " + unknown_name_message("key", "base_dir", _public_fields(Recipe)))
     merged["base_dir"] = base_dir
     try:
         return Recipe.model_validate(merged)
@@ -231,13 +239,17 @@ def _describe_validation(exc: ValidationError, raw: dict, defaults: dict) -> lis
             if from_defaults:
                 continue  # already reported by _check_keys
             parent = _model_at(loc[:-1])
-            lines.append(f"{where}: " + unknown_name_message("key", str(loc[-1]), list(parent.model_fields) if parent else []))
+            lines.append(f"{where}: " + unknown_name_message("key", str(loc[-1]), _public_fields(parent) if parent else []))
             continue
         given = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
         line = f"{where}: {_friendly(err)}{given}"
         if line not in lines:
             lines.append(line)
     return lines
+
+
+def _public_fields(model: type[BaseModel]) -> list[str]:
+    return [name for name, field in model.model_fields.items() if not field.exclude]
 
 
 def _friendly(err: dict) -> str:
@@ -324,7 +336,10 @@ def apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
         raise RecipeError(f"override '{item}' has no '='; write it as key=value, e.g. datasets.zh.lora.r=32")
     key, _, text = item.partition("=")
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        raise RecipeError(f"override '{item}': the value is not valid YAML; check its brackets and quotes") from None
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise RecipeError(f"override '{item}' has an empty key")
@@ -333,6 +348,8 @@ def apply_override(raw: dict, item: str) -> None:
         if isinstance(node, list):
             node = _find_entry(node, part, item)
             continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"override '{item}': '{'.'.join(parts[:i])}' is not a mapping")
         if part not in node or node[part] is None:
             node[part] = [] if part == "datasets" else {}
         node = node[part]

@@ -39,3 +39,19 @@ def train_table(adapters: dict[str, dict]) -> Table:
                       f"{m['heldout_loss_base']:.3f} → {m['heldout_loss']:.3f}", f"{m['tokens_per_s']:,.0f}",
                       f"{m['wall_time_s']:.0f}s")
     return table
+
+
+def demo_table(summary: dict) -> Table:
+    from .demo import targets_met
+
+    table = Table(title="demo: base vs adapter on each dataset's own held-out and test data", title_justify="left")
+    for col in ("dataset", "target modules", "held-out loss base → adapter", "exact match base → adapter",
+                "targets (loss -30%, EM +20pt)"):
+        table.add_column(col, justify="left" if col in ("dataset", "target modules") else "right")
+    for row in summary["results"]:
+        targets = row["target_modules"] if isinstance(row["target_modules"], str) else ",".join(row["target_modules"])
+        met = targets_met(row)
+        marks = " ".join("[green]yes[/]" if ok else "[red]no[/]" for ok in met.values())
+        table.add_row(row["dataset"], targets, f"{row['heldout_loss_base']:.3f} → {row['heldout_loss_adapter']:.3f}",
+                      f"{row['exact_match_base']:.0%} → {row['exact_match_adapter']:.0%}", marks)
+    return table

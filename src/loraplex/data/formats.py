@@ -124,11 +124,22 @@ def _iter_table(path: Path, suffix: str) -> Iterator[RawRow | BadRow]:
 
     try:
         table = datasets.Dataset.from_parquet(str(path)) if suffix == ".parquet" else \
-            datasets.Dataset.from_csv(str(path), keep_default_na=False)
+            datasets.Dataset.from_csv(str(path), keep_default_na=False, features=_all_string_columns(path))
     except Exception as exc:  # the readers raise many types; any of them means an unreadable file
         raise DataError(f"{path}: cannot read as {suffix[1:]} ({exc})") from None
     for number, value in enumerate(table, start=1):
         yield RawRow(str(path), f"row {number}", value)
+
+
+def _all_string_columns(path: Path) -> "datasets.Features":  # noqa: F821
+    """Every CSV column as text: a column of numeric answers ("42") must not become int."""
+    import csv
+
+    import datasets
+
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        header = next(csv.reader(fh), [])
+    return datasets.Features({name: datasets.Value("string") for name in header})
 
 
 # --------------------------------------------------------------------------- formats
@@ -145,12 +156,14 @@ def detect_format(row: Any, columns: dict[str, str]) -> str | None:
 
 
 def read_conversations(paths: list[Path], fmt: str = "auto", columns: dict[str, str] | None = None,
-                       system: str | None = None) -> ReadResult:
-    """Read every file; convert rows to conversations; collect bad rows with their location."""
+                       system: str | None = None, max_rows: int | None = None) -> ReadResult:
+    """Read every file (the first `max_rows` rows at most); convert rows to conversations; collect bad rows."""
     columns = columns or {}
     result = ReadResult(format=fmt)
     for path in paths:
         for raw in iter_raw_rows(path):
+            if max_rows is not None and result.rows >= max_rows:
+                return result
             result.rows += 1
             if isinstance(raw, BadRow):
                 result.bad_rows.append(raw)

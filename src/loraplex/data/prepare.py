@@ -61,6 +61,7 @@ def cache_key(spec: DatasetSpec, recipe: Recipe, tokenizer, template: str) -> st
         "version": CACHE_VERSION, "data": data_fingerprint(spec, recipe), "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template, "max_seq_length": spec.max_seq_length, "format": spec.format,
         "columns": spec.columns, "system": spec.system, "on_bad_rows": spec.on_bad_rows,
+        "max_samples": spec.max_samples,
         "val_size": spec.val_size, "split_seed": spec.train.seed,
     }
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
@@ -109,12 +110,17 @@ def _build_cache(spec: DatasetSpec, recipe: Recipe, tokenizer, template: str, ca
     else:
         train_rows, val_rows = split_rows(train_rows, spec.val_size, spec.train.seed)
         val_stats = None
+    if not train_rows and not train_stats["dropped"]:
+        skipped = len(train_read.bad_rows) + train_stats["template_errors"]
+        raise DataError(f"dataset '{spec.name}': no usable training example left ({skipped} bad row(s) of "
+                        f"{train_read.rows} skipped); set on_bad_rows: error to list them, then fix them")
     if not train_rows:
         raise DataError(f"dataset '{spec.name}': no usable training example left "
                         f"({train_stats['dropped']} dropped because max_seq_length={spec.max_seq_length} "
                         "cuts off every answer); raise max_seq_length")
     stats = _summarize(spec, train_read, train_stats, val_read, val_stats, len(train_rows), len(val_rows))
     stats["answer_tokens"] = sum(r["answer_tokens"] for r in train_rows + val_rows)
+    stats["total_tokens"] = sum(r["length"] for r in train_rows + val_rows)  # kept examples, after truncation
     with atomic_dir(cache_dir) as tmp:
         datasets.Dataset.from_list(train_rows).save_to_disk(str(tmp / "train"))
         if val_rows:
@@ -125,7 +131,8 @@ def _build_cache(spec: DatasetSpec, recipe: Recipe, tokenizer, template: str, ca
 def _read(spec: DatasetSpec, recipe: Recipe, which: str) -> ReadResult:
     files = [recipe.resolve(f) for f in spec.files(which)]
     try:
-        result = read_conversations(files, spec.format, spec.columns, spec.system)
+        result = read_conversations(files, spec.format, spec.columns, spec.system,
+                                    spec.max_samples if which == "path" else None)
     except DataError as exc:
         raise DataError([f"dataset '{spec.name}': {p}" for p in exc.problems]) from None
     if result.bad_rows and spec.on_bad_rows == "error":
@@ -151,11 +158,11 @@ def _encode_all(read: ReadResult, tokenizer, template: str, spec: DatasetSpec) -
             template_errors += 1
             continue
         lengths.append(enc.full_length)
-        if enc.full_length > spec.max_seq_length:
-            truncated += 1
         if enc.answer_tokens == 0:
             dropped += 1
             continue
+        if enc.full_length > spec.max_seq_length:  # kept but cut (dropped ones count only as dropped)
+            truncated += 1
         rows.append({"input_ids": enc.input_ids, "labels": enc.labels, "length": len(enc.input_ids),
                      "answer_tokens": enc.answer_tokens, "source": conv.source})
     return rows, {"lengths": lengths, "truncated": truncated, "dropped": dropped, "template_errors": template_errors}
@@ -195,7 +202,6 @@ def _summarize(spec: DatasetSpec, train_read: ReadResult, train_stats: dict, val
         "bad_rows": sum(len(r.bad_rows) for r in reads) + sum(p["template_errors"] for p in parts),
         "train": n_train, "val": n_val,
         "truncated": sum(p["truncated"] for p in parts), "dropped": sum(p["dropped"] for p in parts),
-        "total_tokens": sum(min(n, spec.max_seq_length) for n in lengths),
         "length_p50": percentile(lengths, 50), "length_p90": percentile(lengths, 90),
         "length_p99": percentile(lengths, 99), "length_max": lengths[-1] if lengths else 0,
         "max_seq_length": spec.max_seq_length, "recommended_max_seq_length": recommended_max_seq_length(lengths),
