@@ -78,3 +78,8 @@ def write_json(path: Path, rows) -> Path:
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+# Tiny models gain nothing from several threads, and on a shared 2-core machine extra threads make
+# them many times slower.
+torch.set_num_threads(1)

@@ -80,6 +80,12 @@ def test_sizes_are_honoured():
         assert {split: len(rows) for split, rows in splits.items()} == {"train": 37, "val": 5, "test": 0}
 
 
+@pytest.mark.parametrize("sizes", [{"n_train": -1}, {"n_train": 9000, "n_val": 600, "n_test": 600}])
+def test_bad_sizes_are_rejected(sizes):
+    with pytest.raises(ValueError):
+        generate_demo_data(**sizes)
+
+
 def test_default_sizes():
     for splits in generate_demo_data().values():
         assert [len(splits[s]) for s in ("train", "val", "test")] == [400, 50, 50]
@@ -101,14 +107,13 @@ def test_splits_are_disjoint():
         assert not keys["val"] & keys["test"]
 
 
-def test_rows_are_short_alpaca_rows_with_both_tasks():
-    for splits in generate_demo_data().values():
-        rows = splits["train"]
-        assert all(set(r) == {"instruction", "input", "output"} for r in rows)
-        assert all(isinstance(v, str) and v for r in rows for v in (r["instruction"], r["output"]))
-        assert all(len(r["instruction"]) + len(r["input"]) + len(r["output"]) < 120 for r in rows)
-        dates = sum(bool(r["input"]) for r in rows)
-        assert 100 < dates < 300  # roughly half dates, half numbers
+def test_rows_are_short_alpaca_rows_half_numbers_half_dates():
+    for splits in generate_demo_data(n_train=400, n_val=51, n_test=50).values():
+        for rows in splits.values():
+            assert all(set(r) == {"instruction", "input", "output"} for r in rows)
+            assert all(isinstance(v, str) and v for r in rows for v in (r["instruction"], r["output"]))
+            assert all(len(r["instruction"]) + len(r["input"]) + len(r["output"]) < 120 for r in rows)
+            assert sum(bool(r["input"]) for r in rows) == len(rows) // 2  # dates carry the ISO input
 
 
 def test_every_row_passes_check_answer_and_wrong_answers_fail():
@@ -159,7 +164,8 @@ def test_write_demo_data_round_trips(tmp_path):
             assert [json.loads(line) for line in lines] == expected[name][split]
     zh_text = paths["zh"]["train"].read_text(encoding="utf-8")
     assert "年" in zh_text and "\\u" not in zh_text  # raw UTF-8, not \u escapes
-    assert sorted(p.name for p in (tmp_path / "demo" / "ja").iterdir()) == ["test.jsonl", "train.jsonl", "val.jsonl"]
+    leftovers = sorted(p.name for p in (tmp_path / "demo" / "ja").iterdir())
+    assert leftovers == ["test.jsonl", "train.jsonl", "val.jsonl"]  # no temp files left behind
 
 
 def test_write_demo_data_overwrites_existing_files(tmp_path):

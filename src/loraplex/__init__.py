@@ -19,3 +19,17 @@ def train(recipe, overrides=None, only=None, resume=False, overwrite=False, prog
     from .train import train as _train
 
     return _train(recipe, overrides, only, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def merge(run_dir, adapters, weights=None, method="auto", *, out_dir, **options):
+    """Merge adapters of a run into its base as a standalone, verified model folder; see `loraplex merge`."""
+    from .merge import merge as _merge
+
+    return _merge(run_dir, adapters, weights, method, out_dir=out_dir, **options)
+
+
+def inspect(adapter_dir, layer=None, module=None):
+    """An adapter's config, scaling and per layer × module norms of A, B and ΔW; see `loraplex inspect`."""
+    from .inspect_adapter import inspect_adapter
+
+    return inspect_adapter(adapter_dir, layer, module)

@@ -5,6 +5,8 @@ import contextlib
 import json
 from pathlib import Path
 
+import torch
+
 from .errors import ModelError
 from .models import BaseModelRef, base_fingerprint, load_model, load_tokenizer, pick_dtype, resolve_base
 
@@ -45,28 +47,50 @@ class AdapterSet:
 
 
 def load(base: str | BaseModelRef = "default", adapters: dict[str, str | Path] | None = None,
-         dtype: str = "auto", check_fingerprint: bool = True) -> AdapterSet:
-    """Load the base once and each adapter under its name; refuse adapters trained on another base."""
+         dtype: str = "auto", check_fingerprint: bool = True, allow_pickle: bool = False) -> AdapterSet:
+    """Load the base once and each adapter under its name; refuse adapters trained on another base.
+
+    Weights are read from safetensors only; `allow_pickle=True` also accepts pickled `.bin` files (which can run
+    code when loaded: only for files from a source you trust).
+    """
     from peft import PeftModel
 
     ref = base if isinstance(base, BaseModelRef) else resolve_base(base)
-    model = load_model(ref, pick_dtype(dtype))
-    tokenizer = load_tokenizer(ref)
     adapters = adapters or {}
+    for name, path in adapters.items():
+        _check_adapter_files(name, Path(path), allow_pickle)
+    model = load_model(ref, pick_dtype(dtype), allow_pickle=allow_pickle)
+    tokenizer = load_tokenizer(ref)
     if check_fingerprint and adapters:
-        fingerprint = base_fingerprint(model)
         for name, path in adapters.items():
-            recorded = adapter_metadata(Path(path)).get("base_fingerprint")
+            meta = adapter_metadata(Path(path))
+            recorded = meta.get("base_fingerprint")
+            trained_dtype = getattr(torch, meta.get("dtype", ""), None)
+            fingerprint = base_fingerprint(model, trained_dtype if isinstance(trained_dtype, torch.dtype) else None)
             if recorded and recorded != fingerprint:
-                trained_on = adapter_metadata(Path(path)).get("base_model", "another model")
+                trained_on = meta.get("base_model", "another model")
                 raise ModelError(f"adapter '{name}' ({path}) was trained on {trained_on} (fingerprint {recorded}), "
                                  f"not on {ref.name} (fingerprint {fingerprint}); load it with its own base")
     peft_model = None
     for name, path in adapters.items():
-        if not (Path(path) / "adapter_model.safetensors").is_file():
-            raise ModelError(f"adapter '{name}': {path} has no adapter_model.safetensors")
         if peft_model is None:
             peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
         else:
             peft_model.load_adapter(str(path), adapter_name=name)
     return AdapterSet(peft_model if peft_model is not None else model, tokenizer, ref, list(adapters))
+
+
+def _check_adapter_files(name: str, path: Path, allow_pickle: bool) -> None:
+    if (path / "adapter_model.safetensors").is_file():
+        return
+    if (path / "adapter_model.bin").is_file():
+        if allow_pickle:
+            return
+        raise ModelError(f"adapter '{name}': {path} holds only adapter_model.bin, a pickle that can run code when "
+                         "loaded; loraplex reads adapter_model.safetensors only. Re-save the adapter as safetensors, "
+                         "or pass allow_pickle=True (--allow-pickle) if you trust its source")
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"adapter '{name}': {path} is not an adapter folder (no adapter_config.json); "
+                         "point it at runs/<run>/adapters/<dataset>")
+    raise ModelError(f"adapter '{name}': {path} has no adapter_model.safetensors; "
+                     "it is incomplete: train the adapter again")

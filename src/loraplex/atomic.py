@@ -47,6 +47,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
+        _readable(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.rmdir(old)
@@ -58,6 +59,14 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _readable(folder: Path) -> None:
+    """Give every file the umask's mode: some writers (safetensors) create files as 0600."""
+    mode = 0o666 & ~_umask()
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), mode)
 
 
 @contextlib.contextmanager

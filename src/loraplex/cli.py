@@ -74,12 +74,15 @@ def train(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
           resume: bool = typer.Option(False, "--resume", help="skip finished adapters, resume an unfinished one "
                                       "from its last checkpoint"),
           overwrite: bool = typer.Option(False, "--overwrite", help="replace adapters or a run already in the run folder"),
+          allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also read pickled .bin weights (they can "
+                                            "run code: only files from a source you trust)"),
           ) -> None:
     """Train one LoRA adapter per dataset, each against the untouched base model."""
     from .tables import train_table
     from .train import train as train_run
 
-    result = _run(train_run, recipe, overrides or [], only, resume=resume, overwrite=overwrite)
+    result = _run(train_run, recipe, overrides or [], only, resume=resume, overwrite=overwrite,
+                  allow_pickle=allow_pickle)
     stdout.print(train_table(result.adapters))
     stdout.print(f"adapters in {result.run_dir / 'adapters'}")
 
@@ -108,6 +111,71 @@ def demo_data(out_dir: Path = typer.Argument(..., help="folder to write <dataset
     paths = write_demo_data(out_dir, seed=seed)
     for name, splits in paths.items():
         stdout.print(f"{name}: " + ", ".join(f"{split} {path}" for split, path in splits.items()))
+
+
+@app.command("eval")
+def eval_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/demo"),
+                 merged: Optional[list[Path]] = typer.Option(None, "--merged", help="a merged model folder to "
+                                                             "evaluate as one more row (repeatable)"),
+                 max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="greedy tokens per test answer"),
+                 max_examples: Optional[int] = typer.Option(200, "--max-examples", help="first test rows per dataset "
+                                                            "for exact match and chrF"),
+                 no_generate: bool = typer.Option(False, "--no-generate", help="held-out metrics only")) -> None:
+    """Evaluate the base, every adapter and merged models on every dataset's held-out and test data."""
+    from .evaluate import GenerationSettings, evaluate_run
+    from .tables import eval_table
+
+    settings = GenerationSettings(enabled=not no_generate, max_new_tokens=max_new_tokens, max_examples=max_examples)
+    result = _run(evaluate_run, run, merged or [], settings, log=lambda message: console.print(f"[dim]{message}[/]"))
+    stdout.print(eval_table(result))
+    stdout.print(f"saved {run / 'eval.json'}")
+
+
+@app.command()
+def report(run: Path = typer.Argument(..., help="run folder, e.g. runs/demo")) -> None:
+    """Write report.md and a self-contained report.html for a run (evaluates first if eval.json is missing)."""
+    from .report import write_report
+
+    md_path, html_path = _run(write_report, run)
+    stdout.print(f"wrote {md_path} and {html_path}")
+
+
+@app.command("inspect")
+def inspect_command(adapter_dir: Path = typer.Argument(..., help="adapter folder, e.g. runs/<run>/adapters/zh"),
+                    layer: Optional[int] = typer.Option(None, "--layer", help="only this layer index"),
+                    module: Optional[str] = typer.Option(None, "--module", help="only this module, e.g. q_proj; with "
+                                                         "--layer, also the values of W, A, B, ΔW and W + ΔW"),
+                    as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON")) -> None:
+    """Show an adapter's config and scaling, and per layer × module the norms of A, B and ΔW = scaling·B@A."""
+    from .inspect_adapter import inspect_adapter, render_inspect
+
+    report = _run(inspect_adapter, adapter_dir, layer=layer, module=module)
+    if as_json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    for part in render_inspect(report):
+        stdout.print(part)
+
+
+@app.command("merge")
+def merge_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/<run>"),
+                  adapters: str = typer.Option(..., "--adapters", help="adapters to merge, comma-separated: zh,en"),
+                  out: Path = typer.Option(..., "--out", help="folder for the merged model"),
+                  weights: Optional[str] = typer.Option(None, "--weights", help="one weight per adapter: 1,0.5 "
+                                                        "(default 1 each)"),
+                  method: str = typer.Option("auto", "--method", help="auto|sum|cat: exact weighted sum of the "
+                                             "deltas; linear|ties|dare_linear: PEFT's combinations (not exact)"),
+                  dtype: str = typer.Option("float32", "--dtype", help="dtype of the saved weights: float32, "
+                                            "bfloat16 or float16 (the merge itself runs in float32)"),
+                  density: float = typer.Option(0.5, "--density", help="ties/dare_linear: share of values kept"),
+                  overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous merge in --out")) -> None:
+    """Merge adapters of a run into the base: a standalone model folder, verified against the formula."""
+    from .merge import merge, render_merge
+
+    report = _run(merge, run, adapters, weights, method, out_dir=out, dtype=dtype, density=density,
+                  overwrite=overwrite, echo=lambda line: stdout.print(line, markup=False, highlight=False))
+    for part in render_merge(report):
+        stdout.print(part)
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m loraplex`

@@ -1,15 +1,37 @@
-"""Held-out metrics on answer tokens: mean loss, perplexity, token accuracy.
+"""Evaluation: held-out metrics on answer tokens, greedy generation metrics, and the run's eval matrix.
 
-Training reports its held-out loss through this same function, so the evaluation matrix's diagonal
+Training reports its held-out loss through `heldout_metrics`, so the evaluation matrix's diagonal
 equals the numbers recorded at training time.
+
+`evaluate_run` builds the matrix: rows are the base, each trained adapter and any merged model folders;
+columns are the recipe's datasets. Each cell holds the held-out loss, perplexity and token accuracy,
+and, where the dataset has a test split, exact match and chrF of greedy answers. The base is loaded
+once and the adapters are switched on it; two columns over the same data are computed once per row.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
+from .atomic import atomic_write_json
+from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages
+from .data.render import chat_template_for, prompt_text
+from .errors import DataError, LoraplexError, RecipeError
 from .train.batching import PackedCollator, answer_loss_sum
+
+EVAL_FILE = "eval.json"
+
+# (reference, prediction) -> correct. The reference is whatever the caller lists as references:
+# the expected answer strings by default, the raw test rows for a task checker that reads them.
+Checker = Callable[[Any, str], bool]
 
 
 @torch.no_grad()
@@ -64,7 +86,243 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple, set)) else [value]
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
+def same_text(reference: str, prediction: str) -> bool:
+    """The default exact-match test: equal strings once surrounding whitespace is stripped."""
+    return prediction.strip() == reference.strip()
+
+
+def exact_match(predictions: list[str], references: list, checker: Checker | None = None) -> float:
+    """Share of predictions that `checker(reference, prediction)` accepts (default: `same_text`)."""
     if not references:
         return float("nan")
-    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
+    check = checker or same_text
+    return sum(bool(check(r, p)) for p, r in zip(predictions, references)) / len(references)
+
+
+def chrf(predictions: list[str], references: list[str]) -> float:
+    """Corpus chrF (0-100, sacrebleu's defaults): character n-gram F-score, fair to CJK text."""
+    try:
+        from sacrebleu.metrics import CHRF
+    except ImportError:
+        raise LoraplexError("chrF needs sacrebleu: pip install 'loraplex[report]'") from None
+    if not references:
+        return float("nan")
+    return float(CHRF().corpus_score(predictions, [references]).score)
+
+
+def known_checkers(recipe) -> dict[str, Checker]:
+    """Task checkers for data loraplex generated itself: the demo entries (same name and test file as
+    `loraplex demo` writes them) are checked with `loraplex.data.demo.check_answer` on the raw row."""
+    from .data.demo import check_answer
+    from .demo import DEMO_ADAPTERS, demo_recipe
+
+    demo_test_files = {d["name"]: [d["test_path"]] for d in demo_recipe()["datasets"]}
+    return {spec.name: functools.partial(check_answer, DEMO_ADAPTERS[spec.name][0])
+            for spec in recipe.datasets
+            if spec.name in demo_test_files and spec.files("test_path") == demo_test_files[spec.name]}
+
+
+# --------------------------------------------------------------------------- test splits
+
+
+@dataclass
+class TestSplit:
+    """A dataset's test rows, ready for generation."""
+
+    prompts: list[str] = field(default_factory=list)  # rendered with the chat template, up to the answer
+    questions: list[str] = field(default_factory=list)  # the last user message, for reports
+    references: list[str] = field(default_factory=list)  # the expected answers
+    rows: list[Any] = field(default_factory=list)  # the raw rows, for task checkers
+
+    __test__ = False  # not a pytest class
+
+
+def load_test_split(spec, recipe, tokenizer, limit: int | None = None) -> TestSplit:
+    """The first `limit` rows of the dataset's test file(s); bad rows follow the dataset's on_bad_rows."""
+    template = chat_template_for(tokenizer, spec.template)
+    split, bad = TestSplit(), []
+    for file in spec.files("test_path"):
+        for raw in iter_raw_rows(recipe.resolve(file)):
+            if limit is not None and len(split.rows) >= limit:
+                break
+            if isinstance(raw, BadRow):
+                bad.append(str(raw))
+                continue
+            fmt = spec.format if spec.format != "auto" else detect_format(raw.value, spec.columns) or "alpaca"
+            try:
+                messages = to_messages(raw.value, fmt, spec.columns, spec.system)
+            except ValueError as exc:
+                bad.append(f"{raw.file} {raw.where}: {exc}")
+                continue
+            user = [m["content"] for m in messages[:-1] if m["role"] == "user"]
+            split.prompts.append(prompt_text(tokenizer, messages, template))
+            split.questions.append(user[-1] if user else "")
+            split.references.append(messages[-1]["content"])
+            split.rows.append(raw.value)
+    if bad and spec.on_bad_rows == "error":
+        raise DataError(bad + [f"fix these rows, or set on_bad_rows: skip for dataset '{spec.name}'"],
+                        title=f"dataset '{spec.name}': {len(bad)} bad test row(s)")
+    return split
+
+
+# --------------------------------------------------------------------------- the run's matrix
+
+
+@dataclass
+class GenerationSettings:
+    """Greedy generation on each dataset's test split."""
+
+    enabled: bool = True
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    max_examples: int | None = 200  # the first test rows per dataset (None: all)
+    samples: int = 3  # generations per dataset kept in eval.json for the report
+
+
+@dataclass
+class _Column:
+    name: str
+    heldout: Any  # datasets.Dataset | None
+    test: TestSplit | None
+    checker: Checker | None
+    heldout_key: str
+    test_key: str
+
+
+class _MatrixBuilder:
+    """Computes one row of the matrix per model; columns over identical data share their results."""
+
+    def __init__(self, columns: list[_Column], tokenizer, settings: GenerationSettings):
+        self.columns, self.tokenizer, self.settings = columns, tokenizer, settings
+        self.metrics: dict[str, dict[str, dict]] = {}
+        self.samples: dict[str, dict[str, list[str]]] = {}  # row -> column -> first predictions
+
+    def add_row(self, label: str, model) -> None:
+        heldout: dict[str, dict] = {}
+        predictions: dict[str, list[str]] = {}
+        row, kept = {}, {}
+        for col in self.columns:
+            if col.heldout_key not in heldout:
+                heldout[col.heldout_key] = heldout_metrics(model, col.heldout)
+            cell = dict(heldout[col.heldout_key])
+            if col.test is not None and col.test.prompts:
+                if col.test_key not in predictions:
+                    predictions[col.test_key] = generate(model, self.tokenizer, col.test.prompts,
+                                                         self.settings.max_new_tokens, self.settings.batch_size)
+                answers = predictions[col.test_key]
+                references = col.test.rows if col.checker else col.test.references
+                cell.update(exact_match=exact_match(answers, references, col.checker),
+                            chrf=chrf(answers, col.test.references), test_examples=len(answers))
+                kept[col.name] = answers[:self.settings.samples]
+            row[col.name] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in cell.items()}
+        self.metrics[label], self.samples[label] = row, kept
+
+    def sample_table(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for col in self.columns:
+            if col.test is None or not col.test.prompts:
+                continue
+            n = min(self.settings.samples, len(col.test.prompts))
+            out[col.name] = [{"question": col.test.questions[i], "reference": col.test.references[i],
+                              "outputs": {label: kept[col.name][i] for label, kept in self.samples.items()}}
+                             for i in range(n)]
+        return out
+
+
+def _content_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def open_run(run_dir: Path):
+    """The run's resolved recipe as a Workspace. Relative data paths are tried from the run folder, then
+    from the current folder (where `loraplex train` was started, in the usual layout)."""
+    import yaml
+
+    from .pipeline import open_recipe
+
+    resolved = Path(run_dir) / "recipe.resolved.yaml"
+    if not resolved.is_file():
+        raise LoraplexError(f"{run_dir} is not a loraplex run (no recipe.resolved.yaml); "
+                            "pass a folder written by `loraplex train`, e.g. runs/<run>")
+    try:
+        return open_recipe(resolved)
+    except RecipeError as from_run_dir:
+        try:
+            return open_recipe(yaml.safe_load(resolved.read_text(encoding="utf-8")))
+        except RecipeError:
+            raise from_run_dir from None
+
+
+def _to_accelerator(model):
+    return model.to("cuda") if torch.cuda.is_available() else model  # where training ran
+
+
+def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: GenerationSettings | dict | None = None,
+                 checkers: dict[str, Checker] | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """The eval matrix of a run: (base, each adapter, each merged folder) x (each dataset); saved as eval.json.
+
+    `checkers` maps dataset names to task checkers for exact match (default: `known_checkers`);
+    other datasets use stripped string equality.
+    """
+    from .adapters import load
+    from .models import load_model, pick_dtype, resolve_base
+    from .train import is_complete
+
+    run_dir, log = Path(run_dir), log or (lambda message: None)
+    settings = generation if isinstance(generation, GenerationSettings) else GenerationSettings(**(generation or {}))
+    ws = open_run(run_dir)
+    adapter_dirs = {s.name: run_dir / "adapters" / s.name for s in ws.recipe.datasets
+                    if is_complete(run_dir / "adapters" / s.name)}
+    if not adapter_dirs:
+        raise LoraplexError(f"{run_dir} holds no trained adapter; run `loraplex train` first")
+    merged_refs = [resolve_base(str(Path(m).resolve())) for m in merged]  # a bad folder fails before any work
+    started = time.perf_counter()
+    builder = _MatrixBuilder(_columns(ws, settings, known_checkers(ws.recipe) if checkers is None else checkers),
+                             ws.tokenizer, settings)
+    base_row = "base" if "base" not in adapter_dirs else "base model"
+    rows = [{"name": base_row, "kind": "base"}]
+    adapter_set = load(ws.base, adapter_dirs, dtype=ws.recipe.model.dtype)
+    _to_accelerator(adapter_set.model)
+    for name in [None, *adapter_dirs]:
+        log(f"evaluating {name or base_row}")
+        adapter_set.use(name)
+        with adapter_set.active_model() as model:
+            builder.add_row(name or base_row, model)
+        if name:
+            rows.append({"name": name, "kind": "adapter", "dataset": name, "path": str(adapter_dirs[name])})
+    del adapter_set
+    for i, ref in enumerate(merged_refs):
+        label = f"merged:{Path(ref.location).name}"
+        label = label if label not in builder.metrics else f"{label}#{i + 1}"  # two folders of one name
+        log(f"evaluating {label}")
+        builder.add_row(label, _to_accelerator(load_model(ref, pick_dtype(ws.recipe.model.dtype))))
+        rows.append({"name": label, "kind": "merged", "path": ref.location})
+    result = {
+        "run": run_dir.resolve().name, "base_model": ws.base.name, "rows": rows,
+        "columns": [{"name": c.name, "heldout_examples": len(c.heldout) if c.heldout is not None else 0,
+                     "test_examples": len(c.test.prompts) if c.test else 0,
+                     "exact_match": "task checker" if c.checker else "stripped string equality"}
+                    for c in builder.columns],
+        "metrics": builder.metrics, "samples": builder.sample_table(), "generation": asdict(settings),
+        "wall_time_s": time.perf_counter() - started,
+    }
+    atomic_write_json(run_dir / EVAL_FILE, result)
+    return result
+
+
+def _columns(ws, settings: GenerationSettings, checkers: dict[str, Checker]) -> list[_Column]:
+    prepared = ws.prepare()
+    columns = []
+    for spec in ws.recipe.datasets:
+        heldout = prepared[spec.name].val
+        test = (load_test_split(spec, ws.recipe, ws.tokenizer, settings.max_examples)
+                if settings.enabled and spec.test_path else None)
+        heldout_key = _content_key(heldout[:]["input_ids"], heldout[:]["labels"]) if heldout is not None else "none"
+        test_key = _content_key(test.prompts) if test else "none"
+        columns.append(_Column(spec.name, heldout, test, checkers.get(spec.name), heldout_key, test_key))
+    return columns
+
+
+def load_eval(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / EVAL_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

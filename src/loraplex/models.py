@@ -104,9 +104,11 @@ def _convert_into(gguf_path: Path, target: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise ModelError(f"cannot convert {gguf_path}: {exc}; transformers' GGUF loader supports "
-                         "llama, mistral, qwen2, qwen3, gemma and a few more architectures") from None
+    except Exception as exc:  # the GGUF reader raises many types (ValueError, struct.error, ...) for a bad file
+        reason = str(exc).strip().rstrip(".") or type(exc).__name__
+        raise ModelError(f"cannot convert {gguf_path}: {reason}. It must be a complete GGUF file of an architecture "
+                         "transformers' GGUF loader supports (llama, mistral, qwen2, qwen3, gemma and a few more); "
+                         "re-download it, or set model.path to the model's HF folder or hub id") from None
     # A GGUF-loaded model carries a quantizer marker that makes save_pretrained refuse; the weights
     # are already de-quantized to float, so the marker is dropped before saving.
     model.hf_quantizer = None
@@ -148,12 +150,21 @@ def load_tokenizer(ref: BaseModelRef, trust_remote_code: bool = False):
 
 
 def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               device: str | torch.device | None = None):
+               device: str | torch.device | None = None, *, allow_pickle: bool = False):
+    """Weights are read from safetensors only; pickled `.bin` weights (which can run code) need allow_pickle."""
     from transformers import AutoModelForCausalLM
 
+    folder = Path(ref.location)
+    if not allow_pickle and folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+        raise ModelError(f"{folder} holds only pickled weights ({sorted(p.name for p in folder.glob('*.bin'))[0]}), "
+                         "which can run code when loaded; loraplex reads safetensors only. Save the model as "
+                         "safetensors, or pass --allow-pickle if you trust its source")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" on every load is noise around loraplex's bars
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)
+                                                     use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the model {ref.name} from {ref.location}: {exc}") from None
     if device is not None:
@@ -269,12 +280,19 @@ def base_state_items(model: nn.Module):
         yield canonical, tensor
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """A hash over every base weight's bytes: equal before and after training an adapter."""
+def base_fingerprint(model: nn.Module, dtype: torch.dtype | None = None) -> str:
+    """A hash over every base weight's bytes: equal before and after training an adapter.
+
+    With `dtype`, floating weights are hashed as cast to it: a float32 load then matches the
+    fingerprint recorded by a bfloat16 training run of the same checkpoint.
+    """
     digest = hashlib.sha256()
     for name, tensor in base_state_items(model):
         digest.update(name.encode())
-        t = tensor.detach().cpu().contiguous()
+        t = tensor.detach().cpu()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.contiguous()
         digest.update(str(t.dtype).encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()[:16]

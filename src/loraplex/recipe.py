@@ -24,7 +24,7 @@ COLUMN_ROLES = ("instruction", "input", "output", "system", "history", "messages
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -222,7 +222,7 @@ def _check_keys(data: dict, model: type[BaseModel], where: str, exclude: set[str
     fields = {k: f for k, f in model.model_fields.items() if k not in exclude}
     for key, value in data.items():
         if key not in fields:
-            problems.append(f"{where}: " + unknown_name_message("key", key, list(fields)))
+            problems.append(f"{where}: " + unknown_name_message("key", str(key), list(fields)))
             continue
         sub = fields[key].annotation
         if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
@@ -241,7 +241,8 @@ def _describe_validation(exc: ValidationError, raw: dict, defaults: dict) -> lis
             parent = _model_at(loc[:-1])
             lines.append(f"{where}: " + unknown_name_message("key", str(loc[-1]), _public_fields(parent) if parent else []))
             continue
-        given = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+        shown = repr(err.get("input"))
+        given = "" if err["type"] == "missing" else f" (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
         line = f"{where}: {_friendly(err)}{given}"
         if line not in lines:
             lines.append(line)
@@ -258,7 +259,24 @@ def _friendly(err: dict) -> str:
         return "required; add it"
     if err["type"] == "string_pattern_mismatch":
         return "use letters, digits, '_', '.' or '-' (starting with a letter or digit)"
+    if err["type"] in _TYPE_FIXES:
+        return _TYPE_FIXES[err["type"]]
     return msg[0].lower() + msg[1:] if msg else msg
+
+
+# pydantic's wording names the type; these say what to write instead
+_TYPE_FIXES = {
+    "int_parsing": "must be a whole number, e.g. 16 (no quotes)", "int_type": "must be a whole number, e.g. 16",
+    "int_from_float": "must be a whole number, e.g. 16 (no decimal part)",
+    "float_parsing": "must be a number, e.g. 3 or 2.0e-4 (no quotes)",
+    "float_type": "must be a number, e.g. 3 or 2.0e-4",
+    "finite_number": "must be a finite number, not .inf or .nan",
+    "bool_parsing": "must be true or false", "bool_type": "must be true or false",
+    "string_type": "must be text; quote it if YAML reads it as something else",
+    "list_type": "must be a list, e.g. [q_proj, v_proj]",
+    "dict_type": "must be a mapping (key: value lines)", "model_type": "must be a mapping (key: value lines)",
+    "invalid_key": "keys must be text; quote the key",
+}
 
 
 def _loc_name(loc: list, raw: dict, defaults: dict) -> tuple[str, bool]:
@@ -338,6 +356,8 @@ def apply_override(raw: dict, item: str) -> None:
     key, _, text = item.partition("=")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
+        if isinstance(value, dict) and not text.lstrip().startswith("{"):
+            value = text  # `system=Answer: briefly` is a string with a colon, not a mapping
     except yaml.YAMLError:
         raise RecipeError(f"override '{item}': the value is not valid YAML; check its brackets and quotes") from None
     parts = [p for p in key.strip().split(".") if p]
@@ -366,18 +386,29 @@ def _find_entry(entries: list, name: str, item: str) -> dict:
     for entry in entries:
         if isinstance(entry, dict) and entry.get("name") == name:
             return entry
-    if name.isdigit() and int(name) < len(entries):
+    if name.isdecimal() and int(name) < len(entries):
         return entries[int(name)]
     raise RecipeError(f"override '{item}': " + unknown_name_message("dataset", name, [n for n in names if n]))
 
 
 def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5 if len(name) <= 3 else 0.6)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return f"unknown {kind} '{name}'; {hint}known: {', '.join(known) if known else '(none)'}"
 
 
 def save_resolved(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe with absolute paths, so it loads from the run folder as it is."""
     from .atomic import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True))
+    data = recipe.to_dict()
+    data["output_dir"] = str(recipe.resolve(recipe.output_dir).resolve())
+    local_model = recipe.resolve(recipe.model.path)
+    if recipe.model.path != "default" and local_model.exists():
+        data["model"]["path"] = str(local_model.resolve())
+    for entry, spec in zip(data["datasets"], recipe.datasets):
+        for which in ("path", "val_path", "test_path"):
+            if spec.files(which):
+                absolute = [str(recipe.resolve(f).resolve()) for f in spec.files(which)]
+                entry[which] = absolute[0] if isinstance(getattr(spec, which), str) else absolute
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

@@ -1,6 +1,7 @@
 """Rich tables printed by the CLI."""
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -54,4 +55,24 @@ def demo_table(summary: dict) -> Table:
         marks = " ".join("[green]yes[/]" if ok else "[red]no[/]" for ok in met.values())
         table.add_row(row["dataset"], targets, f"{row['heldout_loss_base']:.3f} → {row['heldout_loss_adapter']:.3f}",
                       f"{row['exact_match_base']:.0%} → {row['exact_match_adapter']:.0%}", marks)
+    return table
+
+
+def eval_table(result: dict) -> Table:
+    """The eval matrix: a row per model, a column per dataset; the diagonal (an adapter on its own data) bold."""
+    table = Table(title=f"eval: held-out loss (token accuracy); exact match, chrF on test prompts — run "
+                        f"{result['run']}", title_justify="left")
+    table.add_column("model \\ data")
+    for col in result["columns"]:
+        table.add_column(escape(col["name"]), justify="right")
+    for row in result["rows"]:
+        cells = []
+        for col in result["columns"]:
+            m = result["metrics"][row["name"]][col["name"]]
+            text = "-" if m["loss"] is None else f"{m['loss']:.3f} ({m['token_accuracy']:.0%})"
+            if m.get("exact_match") is not None:
+                text += f"\nEM {m['exact_match']:.0%} chrF {m['chrf']:.1f}"
+            cells.append(f"[bold]{text}[/]" if row.get("dataset") == col["name"] else text)
+        label = escape(row["name"]) if row["kind"] != "base" else f"[dim]{escape(row['name'])}[/]"
+        table.add_row(label, *cells)
     return table

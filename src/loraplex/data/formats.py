@@ -84,7 +84,8 @@ def _read_text(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path) -> Iterator[RawRow | BadRow]:
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also splits at U+2028, U+2029 and U+0085, which JSON strings may hold
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -100,7 +101,8 @@ def _iter_json(path: Path) -> Iterator[RawRow | BadRow]:
     except json.JSONDecodeError as exc:
         if _looks_like_jsonl(text):
             raise DataError(f"{path}: this looks like JSON Lines (one object per line); rename it to .jsonl") from None
-        raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); fix the syntax "
+                        "there") from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         hint = f"; the rows may be under '{lists[0]}': extract that list" if lists else ""
@@ -112,7 +114,7 @@ def _iter_json(path: Path) -> Iterator[RawRow | BadRow]:
 
 
 def _looks_like_jsonl(text: str) -> bool:
-    lines = [ln for ln in text.splitlines() if ln.strip()][:3]
+    lines = [ln for ln in text.split("\n") if ln.strip()][:3]
     try:
         return len(lines) > 1 and all(isinstance(json.loads(ln), dict) for ln in lines)
     except json.JSONDecodeError:
@@ -179,8 +181,9 @@ def read_conversations(paths: list[Path], fmt: str = "auto", columns: dict[str, 
             try:
                 messages = to_messages(raw.value, result.format, columns, system)
             except ValueError as exc:
-                hint = f" (this row looks like {detected} format; mixed formats in one dataset are not " \
-                       "supported)" if detected and detected != result.format else ""
+                mixed = detected and detected != result.format
+                hint = (f" (this row is {detected} format but the dataset is {result.format}; a dataset holds one "
+                        "format: move such rows to a dataset entry of their own)") if mixed else ""
                 result.bad_rows.append(BadRow(raw.file, raw.where, f"{exc}{hint}"))
                 continue
             result.conversations.append(Conversation(messages, f"{raw.file} {raw.where}"))
@@ -207,18 +210,19 @@ def _text_field(row: dict, key: str, required: bool) -> str:
     value = row[key]
     if not isinstance(value, str):
         raise ValueError(f"field '{key}' must be a string, got {type(value).__name__} {_short(value)}")
-    if "\x00" in value:
-        raise ValueError(f"field '{key}' contains a NUL character")
-    _check_encodable(value, key)
+    _check_text(value, f"field '{key}'")
     return value
 
 
-def _check_encodable(value: str, key: str) -> None:
+def _check_text(value: str, where: str) -> None:
+    """Refuse what no tokenizer should see: NUL characters and lone surrogates (not encodable as UTF-8)."""
+    if "\x00" in value:
+        raise ValueError(f"{where} contains a NUL character at position {value.index(chr(0))}; remove it")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"field '{key}' holds an invalid character at position {exc.start} "
-                         f"(a lone surrogate {value[exc.start]!r})") from None
+        raise ValueError(f"{where} holds an invalid character at position {exc.start} "
+                         f"(a lone surrogate {value[exc.start]!r}); fix the text's encoding") from None
 
 
 def _alpaca_messages(row: dict, columns: dict[str, str]) -> list[dict[str, str]]:
@@ -241,7 +245,9 @@ def _alpaca_messages(row: dict, columns: dict[str, str]) -> list[dict[str, str]]
             for turn in history):
         raise ValueError(f"field '{col('history')}' must be a list of [user, assistant] string pairs, "
                          f"got {_short(history)}")
-    for question, answer in history:
+    for n, (question, answer) in enumerate(history):
+        _check_text(question, f"{col('history')}[{n}][0]")
+        _check_text(answer, f"{col('history')}[{n}][1]")
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
     return messages
@@ -263,14 +269,14 @@ def _chat_messages(row: dict, columns: dict[str, str]) -> list[dict[str, str]]:
             raise ValueError(f"{key}[{i}].role is {_short(role)}; use one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise ValueError(f"{key}[{i}].content must be a string, got {type(content).__name__} {_short(content)}")
-        if "\x00" in content:
-            raise ValueError(f"{key}[{i}].content contains a NUL character")
-        _check_encodable(content, f"{key}[{i}].content")
+        _check_text(content, f"{key}[{i}].content")
         if role == "system" and i != 0:
             raise ValueError(f"{key}[{i}] is a system message; only the first message may be one")
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"the last message of '{key}' must be the assistant's answer")
+    if messages[0]["role"] == "assistant":
+        raise ValueError(f"{key}[0] is the assistant's; put the user's message (or a system message) before it")
     return messages
 
 

@@ -41,13 +41,18 @@ def is_complete(adapter_dir: Path) -> bool:
 
 
 def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, only: list[str] | None = None,
-          resume: bool = False, overwrite: bool = False, progress: bool = True) -> RunResult:
-    """Train one adapter per dataset (or the `only` ones); returns each adapter's metadata."""
+          resume: bool = False, overwrite: bool = False, progress: bool = True,
+          allow_pickle: bool = False) -> RunResult:
+    """Train one adapter per dataset (or the `only` ones); returns each adapter's metadata.
+
+    The base's weights are read from safetensors only, unless `allow_pickle` (trusted `.bin` files).
+    """
     ws = open_recipe(recipe, overrides, only)
     run_dir = ws.recipe.run_dir()
     _claim_run_dir(run_dir, ws, resume, overwrite)
     prepared = ws.prepare()
-    model = load_model(ws.base, pick_dtype(ws.recipe.model.dtype), ws.recipe.model.trust_remote_code)
+    model = load_model(ws.base, pick_dtype(ws.recipe.model.dtype), ws.recipe.model.trust_remote_code,
+                       allow_pickle=allow_pickle)
     if torch.cuda.is_available():
         model.to("cuda")
     pristine = base_fingerprint(model)
@@ -72,7 +77,7 @@ def _claim_run_dir(run_dir: Path, ws: Workspace, resume: bool, overwrite: bool) 
     meta_path = run_dir / RUN_META
     fingerprint = ws.recipe.fingerprint()
     if meta_path.is_file():
-        previous = json.loads(meta_path.read_text(encoding="utf-8"))
+        previous = _read_run_meta(meta_path)
         if previous.get("recipe_fingerprint") != fingerprint:
             if not overwrite:
                 raise LoraplexError(f"{run_dir} holds a run of a different recipe (fingerprint "
@@ -93,6 +98,14 @@ def _claim_run_dir(run_dir: Path, ws: Workspace, resume: bool, overwrite: bool) 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(meta_path, {"recipe_fingerprint": fingerprint, "base_model": ws.base.name})
     save_resolved(ws.recipe, run_dir / "recipe.resolved.yaml")
+
+
+def _read_run_meta(meta_path: Path) -> dict:
+    try:
+        previous = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):  # not written by loraplex (its writes are atomic)
+        previous = None
+    return previous if isinstance(previous, dict) else {"recipe_fingerprint": "unreadable run.json"}
 
 
 def lora_config(spec: DatasetSpec):

@@ -5,6 +5,7 @@ from transformers' Trainer; loraplex only supplies the batches, the loss and the
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ class TrainStats:
     loss_curve: list[dict] = field(default_factory=list)  # [{"step", "loss"}]
 
 
+SOURCES_KEY = "loraplex_sources"  # a batch key the model never sees; compute_loss pops it
+
+
 class AdapterTrainer(Trainer):
     """Trainer whose loss covers answer tokens only and skips the LM head on unlabelled positions."""
 
@@ -36,15 +40,27 @@ class AdapterTrainer(Trainer):
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sources = inputs.pop(SOURCES_KEY, [])
         loss_sum, count, _ = answer_loss_sum(model, inputs)
         self.stats.tokens += real_tokens(inputs)
         denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
         loss = loss_sum / denominator
         if not torch.isfinite(loss):
-            raise LoraplexError(f"the loss became {float(loss)} at step {self.state.global_step + 1}; the last good "
-                                "checkpoint is kept. Lower the learning rate (train.lr), or check the data rows of "
-                                "this batch")
+            raise LoraplexError(self._non_finite_message(float(loss.detach()), sources))
         return (loss, None) if return_outputs else loss
+
+    def _non_finite_message(self, value: float, sources: list[str]) -> str:
+        checkpoints = sorted((p for p in Path(self.args.output_dir).glob("checkpoint-*") if p.name[11:].isdecimal()),
+                             key=lambda p: int(p.name[11:]))
+        kept = f"the last checkpoint is kept: {checkpoints[-1]}" if checkpoints else "no checkpoint was saved yet"
+        rows: dict[str, list[str]] = {}
+        for source in sources:  # "data/zh.jsonl line 12" -> {"data/zh.jsonl": ["line 12", ...]}
+            match = re.fullmatch(r"(.*) ((?:line|row) \d+)", source)
+            file, where = match.groups() if match else (source, "")
+            rows.setdefault(file, []).append(where)
+        listed = "; ".join(f"{file} {', '.join(wheres)}".strip() for file, wheres in rows.items()) or "(unknown)"
+        return (f"the loss became {value} at step {self.state.global_step + 1}; {kept}. Lower the learning rate "
+                f"(train.lr) and train again, or check the data rows of this batch: {listed}")
 
 
 class ProgressCallback(TrainerCallback):
@@ -94,13 +110,25 @@ def training_arguments(spec: DatasetSpec, checkpoint_dir: Path, model_dtype: tor
     )
 
 
+@dataclass
+class WithSources:
+    """A collator whose batches also list their rows' sources ("file line N"), for error messages."""
+
+    collate: PackedCollator | PaddedCollator
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.collate(features)
+        batch[SOURCES_KEY] = [str(f.get("source", "?")) for f in features]
+        return batch
+
+
 def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoint_dir: Path,
                  model_dtype: torch.dtype, progress: bool = True) -> tuple[AdapterTrainer, TrainStats]:
     stats = TrainStats()
     collator = PackedCollator() if spec.train.packing else PaddedCollator(peft_model.config.pad_token_id or 0)
     trainer = AdapterTrainer(
         model=peft_model, args=training_arguments(spec, checkpoint_dir, model_dtype), train_dataset=data.train,
-        data_collator=collator, callbacks=[ProgressCallback(spec.name, stats, progress)], stats=stats,
+        data_collator=WithSources(collator), callbacks=[ProgressCallback(spec.name, stats, progress)], stats=stats,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the progress bar shows them
     return trainer, stats
