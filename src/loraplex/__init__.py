@@ -23,7 +23,7 @@ def train(recipe, overrides=None, only=None, resume=False, overwrite=False, prog
 
 def merge(run_dir, adapters, weights=None, method="auto", *, out_dir, **options):
     """Merge adapters of a run into its base as a standalone, verified model folder; see `loraplex merge`."""
-    from .merge import merge as _merge
+    from .merging import merge as _merge
 
     return _merge(run_dir, adapters, weights, method, out_dir=out_dir, **options)
 

@@ -88,18 +88,23 @@ def train(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="run folder"),
+def demo(overrides: Optional[list[str]] = OVERRIDES_ARG,
+         out: Path = typer.Option(Path("runs/demo"), "--out", help="run folder"),
          seed: int = typer.Option(0, "--seed", help="seed for the generated data and training")) -> None:
-    """Generate three datasets (en, zh, ja), train an adapter per dataset on the default model, evaluate."""
+    """The whole job on generated en/zh/ja data: train an adapter per dataset, merge zh+en, evaluate, report."""
     import time
 
     from .demo import run_demo
     from .tables import demo_table
 
     started = time.perf_counter()
-    summary = _run(run_demo, out, seed)
+    summary = _run(run_demo, out, seed, overrides or [], log=lambda line: console.print(line, markup=False, highlight=False))
     stdout.print(demo_table(summary))
-    stdout.print(f"run folder: {summary['run_dir']}  ({time.perf_counter() - started:.0f}s)")
+    verification = summary["merged"]["verification"]
+    stdout.print(f"merged zh+en: {summary['merged']['dir']} (max |W' - formula| {verification['weights']['max_abs_diff']:.2e}, "
+                 f"max logit diff vs base+adapters {verification['logits']['max_abs_diff']:.2e})", markup=False)
+    stdout.print(f"report: {summary['report']}", markup=False)
+    stdout.print(f"run folder: {summary['run_dir']}  ({time.perf_counter() - started:.0f}s)", markup=False)
 
 
 @app.command("demo-data")
@@ -170,7 +175,7 @@ def merge_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/<r
                   density: float = typer.Option(0.5, "--density", help="ties/dare_linear: share of values kept"),
                   overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous merge in --out")) -> None:
     """Merge adapters of a run into the base: a standalone model folder, verified against the formula."""
-    from .merge import merge, render_merge
+    from .merging import merge, render_merge
 
     report = _run(merge, run, adapters, weights, method, out_dir=out, dtype=dtype, density=density,
                   overwrite=overwrite, echo=lambda line: stdout.print(line, markup=False, highlight=False))

@@ -4,25 +4,28 @@
    that puts Chinese on q_proj, English and Japanese on v_proj, plus a fourth adapter on the Chinese
    data with all-linear for comparison;
 2. prepares and trains one adapter per dataset against the untouched base;
-3. evaluates base vs each adapter: held-out loss and exact match on the test split (greedy, batched).
+3. merges the zh and en adapters (disjoint modules) into one standalone model, verified;
+4. evaluates base, each adapter and the merged model (held-out loss; exact match on the test split,
+   greedy and batched) and writes report.md / report.html into the run folder.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
-from .adapters import AdapterSet, load
 from .atomic import atomic_write_json, atomic_write_text
-from .data.demo import check_answer, write_demo_data
-from .data.formats import iter_raw_rows, to_messages
-from .data.render import chat_template_for, prompt_text
-from .evaluate import generate
+from .data.demo import write_demo_data
+from .evaluate import evaluate_run
+from .merging import merge
 from .recipe import load_recipe
+from .report import write_report
 from .train import train
 
 DEMO_SYSTEM = "You are a helpful assistant."
+MERGED = ("zh", "en")  # disjoint modules (q_proj, v_proj): their merge is an exact sum
 DEMO_SIZES = {"n_train": 320, "n_val": 40, "n_test": 40}  # sized for a 2-core CPU: about 2 minutes per adapter
 # dataset entry -> (demo data set, target modules)
 DEMO_ADAPTERS = {"zh": ("zh", ["q_proj"]), "en": ("en", ["v_proj"]), "ja": ("ja", ["v_proj"]),
@@ -47,49 +50,65 @@ def demo_recipe(seed: int = 0) -> dict:
     }
 
 
-def run_demo(out_dir: Path = Path("runs/demo"), seed: int = 0, progress: bool = True) -> dict:
-    """Generate data, train every adapter, evaluate; returns (and saves) the results table."""
+def run_demo(out_dir: Path = Path("runs/demo"), seed: int = 0, overrides: list[str] | None = None,
+             sizes: dict[str, int] | None = None, progress: bool = True,
+             log: Callable[[str], None] | None = None) -> dict:
+    """Generate data, train every adapter, merge zh+en, evaluate, write the report; returns the summary.
+
+    `overrides` are dotted recipe overrides (`model.path=...`, `defaults.train.max_steps=2`).
+    """
+    log = log or (lambda message: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_demo_data(out_dir / "data", seed=seed, **DEMO_SIZES)
+    write_demo_data(out_dir / "data", seed=seed, **(sizes or DEMO_SIZES))
     recipe_path = out_dir / "demo.yaml"
     atomic_write_text(recipe_path, "# written by `loraplex demo`\n" +
                       yaml.safe_dump(demo_recipe(seed), sort_keys=False, allow_unicode=True))
-    recipe = load_recipe(recipe_path)
-    result = train(recipe, overwrite=True, progress=progress)
-    adapters = {name: result.run_dir / "adapters" / name for name in result.adapters}
-    adapter_set = load(recipe.model.path, adapters)
-    rows = []
-    for spec in recipe.datasets:
-        data_name = DEMO_ADAPTERS[spec.name][0]
-        test_rows = [r.value for r in iter_raw_rows(recipe.resolve(spec.files("test_path")[0]))]
-        meta = result.adapters[spec.name]
-        rows.append({
-            "dataset": spec.name, "target_modules": spec.target_modules,
-            "heldout_loss_base": meta["heldout_loss_base"], "heldout_loss_adapter": meta["heldout_loss"],
-            "exact_match_base": split_exact_match(adapter_set, None, spec, data_name, test_rows),
-            "exact_match_adapter": split_exact_match(adapter_set, spec.name, spec, data_name, test_rows),
-            "trainable_params": meta["trainable_params"], "wall_time_s": meta["wall_time_s"],
-        })
-    summary = {"seed": seed, "run_dir": str(result.run_dir), "results": rows}
+    result = train(load_recipe(recipe_path, overrides), overwrite=True, progress=progress)
+    merged_dir = result.run_dir / "merged" / "zh+en"
+    log("merging zh (q_proj) and en (v_proj) into one model")
+    merge_report = merge(result.run_dir, list(MERGED), out_dir=merged_dir, overwrite=True, echo=log)
+    log("evaluating base, adapters and the merged model")
+    evaluation = evaluate_run(result.run_dir, merged=[merged_dir], log=log,
+                              generation={"max_new_tokens": 24, "batch_size": 40, "cross": False})
+    _, html = write_report(result.run_dir)
+    summary = {"seed": seed, "run_dir": str(result.run_dir), "report": str(html),
+               "merged": {"dir": str(merged_dir), "adapters": ["zh", "en"], "verification": _verification(merge_report)},
+               "results": demo_rows(evaluation, result.adapters, merged_label=_merged_label(evaluation))}
     atomic_write_json(result.run_dir / "demo_results.json", summary)
     return summary
 
 
-def split_exact_match(adapter_set: AdapterSet, adapter: str | None, spec, data_name: str, rows: list[dict],
-                     max_new_tokens: int = 24) -> float:
-    """Share of test rows whose greedy answer passes the demo task's checker."""
-    tokenizer = adapter_set.tokenizer
-    template = chat_template_for(tokenizer, spec.template)
-    prompts = [prompt_text(tokenizer, to_messages(r, "alpaca", {}, spec.system), template) for r in rows]
-    adapter_set.use(adapter)
-    with adapter_set.active_model() as model:
-        predictions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=25)
-    return sum(check_answer(data_name, r, p) for r, p in zip(rows, predictions)) / len(rows)
+def demo_rows(evaluation: dict, adapters: dict[str, dict], merged_label: str | None) -> list[dict]:
+    """Per dataset: base vs its own adapter (and the merged model where it holds that adapter)."""
+    metrics = evaluation["metrics"]
+    rows = []
+    for name, meta in adapters.items():
+        base, own = metrics["base"][name], metrics[name][name]
+        merged = metrics[merged_label][name] if merged_label and name in MERGED else None
+        rows.append({
+            "dataset": name, "target_modules": meta["config"]["target_modules"],
+            "trainable_params": meta["trainable_params"], "wall_time_s": meta["wall_time_s"],
+            "heldout_loss_base": base["loss"], "heldout_loss_adapter": own["loss"],
+            "exact_match_base": base.get("exact_match"), "exact_match_adapter": own.get("exact_match"),
+            "heldout_loss_merged": merged["loss"] if merged else None,
+            "exact_match_merged": merged.get("exact_match") if merged else None,
+        })
+    return rows
+
+
+def _merged_label(evaluation: dict) -> str | None:
+    return next((r["name"] for r in evaluation["rows"] if r["kind"] == "merged"), None)
+
+
+def _verification(report: dict) -> dict:
+    return {**report["verification"], "heldout": report.get("heldout")}
 
 
 def targets_met(row: dict) -> dict[str, bool]:
     """The demo's promises per dataset: loss at least 30% below base, exact match +20 points."""
     base, adapted = row["heldout_loss_base"], row["heldout_loss_adapter"]
-    loss_ok = not math.isnan(adapted) and adapted <= 0.7 * base
-    return {"loss_-30%": loss_ok, "exact_match_+20pt": row["exact_match_adapter"] - row["exact_match_base"] >= 0.2}
+    loss_ok = adapted is not None and not math.isnan(adapted) and adapted <= 0.7 * base
+    em_ok = None not in (row["exact_match_base"], row["exact_match_adapter"]) and \
+        row["exact_match_adapter"] - row["exact_match_base"] >= 0.2
+    return {"loss_-30%": loss_ok, "exact_match_+20pt": em_ok}

@@ -24,7 +24,7 @@ import torch
 from .atomic import atomic_write_json
 from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages
 from .data.render import chat_template_for, prompt_text
-from .errors import DataError, LoraplexError, RecipeError
+from .errors import DataError, LoraplexError
 from .train.batching import PackedCollator, answer_loss_sum
 
 EVAL_FILE = "eval.json"
@@ -116,10 +116,15 @@ def known_checkers(recipe) -> dict[str, Checker]:
     from .data.demo import check_answer
     from .demo import DEMO_ADAPTERS, demo_recipe
 
-    demo_test_files = {d["name"]: [d["test_path"]] for d in demo_recipe()["datasets"]}
+    demo_test_files = {d["name"]: d["test_path"] for d in demo_recipe()["datasets"]}
+
+    def is_demo(spec) -> bool:  # resolved recipes hold absolute paths: compare the tail
+        files = spec.files("test_path")
+        return spec.name in demo_test_files and len(files) == 1 and \
+            Path(files[0]).as_posix().endswith(demo_test_files[spec.name])
+
     return {spec.name: functools.partial(check_answer, DEMO_ADAPTERS[spec.name][0])
-            for spec in recipe.datasets
-            if spec.name in demo_test_files and spec.files("test_path") == demo_test_files[spec.name]}
+            for spec in recipe.datasets if is_demo(spec)}
 
 
 # --------------------------------------------------------------------------- test splits
@@ -177,6 +182,7 @@ class GenerationSettings:
     batch_size: int = 16
     max_examples: int | None = 200  # the first test rows per dataset (None: all)
     samples: int = 3  # generations per dataset kept in eval.json for the report
+    cross: bool = True  # also generate with each adapter on the other datasets' test splits
 
 
 @dataclass
@@ -197,7 +203,9 @@ class _MatrixBuilder:
         self.metrics: dict[str, dict[str, dict]] = {}
         self.samples: dict[str, dict[str, list[str]]] = {}  # row -> column -> first predictions
 
-    def add_row(self, label: str, model) -> None:
+    def add_row(self, label: str, model, own: str | None = None) -> None:
+        """`own`: the adapter's dataset; without `settings.cross` it generates only on that test split."""
+        own_keys = {c.test_key for c in self.columns if c.name == own}
         heldout: dict[str, dict] = {}
         predictions: dict[str, list[str]] = {}
         row, kept = {}, {}
@@ -205,7 +213,8 @@ class _MatrixBuilder:
             if col.heldout_key not in heldout:
                 heldout[col.heldout_key] = heldout_metrics(model, col.heldout)
             cell = dict(heldout[col.heldout_key])
-            if col.test is not None and col.test.prompts:
+            generates = self.settings.cross or own is None or col.test_key in own_keys
+            if col.test is not None and col.test.prompts and generates:
                 if col.test_key not in predictions:
                     predictions[col.test_key] = generate(model, self.tokenizer, col.test.prompts,
                                                          self.settings.max_new_tokens, self.settings.batch_size)
@@ -224,7 +233,8 @@ class _MatrixBuilder:
                 continue
             n = min(self.settings.samples, len(col.test.prompts))
             out[col.name] = [{"question": col.test.questions[i], "reference": col.test.references[i],
-                              "outputs": {label: kept[col.name][i] for label, kept in self.samples.items()}}
+                              "outputs": {label: kept[col.name][i] for label, kept in self.samples.items()
+                                          if col.name in kept}}
                              for i in range(n)]
         return out
 
@@ -234,23 +244,14 @@ def _content_key(*parts: Any) -> str:
 
 
 def open_run(run_dir: Path):
-    """The run's resolved recipe as a Workspace. Relative data paths are tried from the run folder, then
-    from the current folder (where `loraplex train` was started, in the usual layout)."""
-    import yaml
-
+    """The run's resolved recipe (absolute paths) as a Workspace."""
     from .pipeline import open_recipe
 
     resolved = Path(run_dir) / "recipe.resolved.yaml"
     if not resolved.is_file():
         raise LoraplexError(f"{run_dir} is not a loraplex run (no recipe.resolved.yaml); "
                             "pass a folder written by `loraplex train`, e.g. runs/<run>")
-    try:
-        return open_recipe(resolved)
-    except RecipeError as from_run_dir:
-        try:
-            return open_recipe(yaml.safe_load(resolved.read_text(encoding="utf-8")))
-        except RecipeError:
-            raise from_run_dir from None
+    return open_recipe(resolved)
 
 
 def _to_accelerator(model):
@@ -287,7 +288,7 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
         log(f"evaluating {name or base_row}")
         adapter_set.use(name)
         with adapter_set.active_model() as model:
-            builder.add_row(name or base_row, model)
+            builder.add_row(name or base_row, model, own=name)
         if name:
             rows.append({"name": name, "kind": "adapter", "dataset": name, "path": str(adapter_dirs[name])})
     del adapter_set

@@ -46,16 +46,23 @@ def demo_table(summary: dict) -> Table:
     from .demo import targets_met
 
     table = Table(title="demo: base vs adapter on each dataset's own held-out and test data", title_justify="left")
-    for col in ("dataset", "target modules", "held-out loss base → adapter", "exact match base → adapter",
-                "targets (loss -30%, EM +20pt)"):
+    for col in ("dataset", "target modules", "held-out loss base → adapter (merged)",
+                "exact match base → adapter (merged)", "loss -30% / EM +20pt"):
         table.add_column(col, justify="left" if col in ("dataset", "target modules") else "right")
     for row in summary["results"]:
         targets = row["target_modules"] if isinstance(row["target_modules"], str) else ",".join(row["target_modules"])
-        met = targets_met(row)
-        marks = " ".join("[green]yes[/]" if ok else "[red]no[/]" for ok in met.values())
-        table.add_row(row["dataset"], targets, f"{row['heldout_loss_base']:.3f} → {row['heldout_loss_adapter']:.3f}",
-                      f"{row['exact_match_base']:.0%} → {row['exact_match_adapter']:.0%}", marks)
+        marks = " / ".join("[green]yes[/]" if ok else "[red]no[/]" for ok in targets_met(row).values())
+        merged_loss = f" ({row['heldout_loss_merged']:.3f})" if row["heldout_loss_merged"] is not None else ""
+        merged_em = f" ({row['exact_match_merged']:.0%})" if row["exact_match_merged"] is not None else ""
+        table.add_row(row["dataset"], targets,
+                      f"{row['heldout_loss_base']:.3f} → {row['heldout_loss_adapter']:.3f}{merged_loss}",
+                      f"{_percent(row['exact_match_base'])} → {_percent(row['exact_match_adapter'])}{merged_em}", marks)
     return table
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
 
 
 def eval_table(result: dict) -> Table:

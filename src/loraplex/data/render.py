@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
+
 IGNORE_INDEX = -100
 
 FALLBACK_TEMPLATES = {
@@ -51,8 +53,13 @@ class Encoded:
 def render_segments(tokenizer, messages: list[dict[str, str]], template: str) -> list[tuple[str, bool]]:
     """Split the rendered conversation into (text, trained) segments; raise ValueError if impossible."""
     def render(msgs, generation_prompt):
-        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except TemplateError as exc:  # raise_exception() in the template, a syntax error, a sandbox violation
+            reason = f"{type(exc).__name__}: {str(exc).rstrip('.')}"
+            raise ValueError(f"the chat template refused this conversation ({reason}); fix the row, or set "
+                             "template: chatml (or llama3) for this dataset") from None
 
     segments: list[tuple[str, bool]] = []
     done = ""

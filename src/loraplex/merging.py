@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -557,7 +555,6 @@ def heldout_splits(plan: MergePlan) -> dict:
     raw["model"] = {**(raw.get("model") or {}), "path": plan.base.location, "gguf_file": None}
     in_recipe = {d.get("name") for d in raw.get("datasets") or []}
     names = [n for n in plan.adapters if n in in_recipe]
-    _absolute_data_paths(raw, plan.run_dir, names)
     prepared = open_recipe(load_recipe(raw), only=names).prepare() if names else {}
     splits: dict = {n: "not a dataset of the run's recipe" for n in plan.adapters if n not in in_recipe}
     for name in names:
@@ -569,37 +566,6 @@ def heldout_splits(plan: MergePlan) -> dict:
         else:
             splits[name] = data.val
     return splits
-
-
-def _absolute_data_paths(raw: dict, run_dir: Path, names: list[str]) -> None:
-    """Resolve the recipe's relative data paths in place.
-
-    recipe.resolved.yaml keeps data paths relative to the original recipe's folder, which it does not
-    record. The run folder is <recipe folder>/<output_dir>/<run_name> when output_dir is relative; the
-    current folder is the other candidate.
-    """
-    entries = [d for d in raw.get("datasets") or [] if d.get("name") in names]
-    files = [f for d in entries for which in ("path", "val_path", "test_path") for f in _files(d.get(which))]
-    relative = [f for f in files if not Path(f).expanduser().is_absolute()]
-    if not relative:
-        return
-    output_dir = Path(raw.get("output_dir") or "runs")
-    candidates = [Path.cwd()]
-    if not output_dir.is_absolute() and ".." not in output_dir.parts:
-        candidates.insert(0, run_dir.resolve().parents[len(output_dir.parts)])
-    folder = next((c for c in candidates if all((c / f).is_file() for f in relative)), None)
-    if folder is None:
-        raise LoraplexError(f"the run's data files ({', '.join(relative[:3])}) are relative to the recipe's folder, "
-                            f"and are not under {' or '.join(map(str, candidates))}; run the merge from the recipe's "
-                            "folder")
-    for entry in entries:
-        for which in ("path", "val_path", "test_path"):
-            if entry.get(which):
-                entry[which] = [str(folder / Path(f).expanduser()) for f in _files(entry[which])]
-
-
-def _files(value: str | list[str] | None) -> list[str]:
-    return [] if not value else [value] if isinstance(value, str) else list(value)
 
 
 # --------------------------------------------------------------------------- rendering (rich)
@@ -658,13 +624,3 @@ def _heldout_table(heldout: dict) -> list:
         table.add_row(name, f"{row['base']:.4f}", f"{row['adapter']:.4f}", f"{row['merged']:.4f}", kept)
     return ([table] if table.row_count else []) + [Text(line) for line in skipped]
 
-
-class _CallableModule(types.ModuleType):
-    """`loraplex.merge` is both this module and the API function: importing the submodule rebinds the
-    package attribute to the module, so the module calls `merge` itself."""
-
-    def __call__(self, *args, **kwargs):
-        return merge(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,53 @@
+"""`loraplex demo` end to end on a tiny random model (the real demo runs in `make demo`)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from loraplex.cli import app
+from loraplex.demo import DEMO_ADAPTERS, demo_recipe, run_demo, targets_met
+from loraplex.recipe import load_recipe
+
+SMALL = {"n_train": 16, "n_val": 4, "n_test": 4}
+
+
+def test_demo_recipe_puts_each_language_on_its_modules(tmp_path):
+    recipe = demo_recipe(seed=3)
+    targets = {d["name"]: d["target_modules"] for d in recipe["datasets"]}
+    assert targets == {"zh": ["q_proj"], "en": ["v_proj"], "ja": ["v_proj"], "zh_all": "all-linear"}
+    assert recipe["defaults"]["train"]["seed"] == 3
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
+    out = tmp_path / "demo"
+    overrides = [f"model.path={tiny_model_dir}", "defaults.train.max_steps=2", "defaults.lora.r=2"]
+    summary = run_demo(out, seed=1, overrides=overrides, sizes=SMALL, progress=False)
+    run_dir = out
+    assert {r["dataset"] for r in summary["results"]} == set(DEMO_ADAPTERS)
+    for row in summary["results"]:
+        assert row["heldout_loss_base"] > 0 and row["heldout_loss_adapter"] > 0
+        assert 0.0 <= row["exact_match_base"] <= 1.0 and 0.0 <= row["exact_match_adapter"] <= 1.0
+        assert set(targets_met(row)) == {"loss_-30%", "exact_match_+20pt"}
+    merged = {r["dataset"]: r for r in summary["results"] if r["heldout_loss_merged"] is not None}
+    assert set(merged) == {"zh", "en"}
+    assert (run_dir / "merged" / "zh+en" / "model.safetensors").is_file()
+    assert (run_dir / "report.html").is_file() and (run_dir / "eval.json").is_file()
+    saved = json.loads((run_dir / "demo_results.json").read_text(encoding="utf-8"))
+    assert saved["results"] == json.loads(json.dumps(summary["results"]))
+    # the recipe written into the run folder is a valid recipe with the generated data beside it
+    recipe = load_recipe(out / "demo.yaml")
+    assert recipe.resolve(recipe.dataset("ja").files("test_path")[0]).is_file()
+
+
+@pytest.mark.slow
+def test_demo_cli_prints_the_table(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("loraplex.demo.DEMO_SIZES", SMALL)
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), f"model.path={tiny_model_dir}",
+                                      "defaults.train.max_steps=1"])
+    assert result.exit_code == 0, result.output
+    for name in DEMO_ADAPTERS:
+        assert name in result.output
+    assert "merged zh+en" in result.output and "report:" in result.output
