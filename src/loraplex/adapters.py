@@ -15,7 +15,12 @@ ADAPTER_META = "loraplex.json"
 
 def adapter_metadata(adapter_dir: Path) -> dict:
     path = Path(adapter_dir) / ADAPTER_META
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} is unreadable ({exc}); the adapter folder is damaged: train it again") from None
 
 
 class AdapterSet:
