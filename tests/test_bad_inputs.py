@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -27,19 +26,6 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 BAD_ROWS_FIX = "fix these rows, or set on_bad_rows: skip for dataset 'd' to skip them (they are counted)"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~10x faster than contended threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _wide_console(monkeypatch):
-    monkeypatch.setattr(cli.console, "_width", 10_000)  # one problem per line, no wrapping inside paths
-    monkeypatch.delenv("LORAPLEX_DEBUG", raising=False)
 
 
 def write_gguf(path: Path, arch: str) -> Path:

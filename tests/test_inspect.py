@@ -13,7 +13,7 @@ import loraplex
 from loraplex.cli import app
 from loraplex.errors import LoraplexError
 from loraplex.inspect_adapter import inspect_adapter
-from test_merge import _one_thread, direct_delta, flat, make_adapter  # noqa: F401 - fixture used by pytest
+from test_merge import direct_delta, flat, make_adapter
 
 runner = CliRunner()
 

@@ -32,19 +32,6 @@ ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w
         for w in ["apple", "river", "stone", "cloud", "amber", "pilot"] * 8]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~10x faster than contended threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _wide_console(monkeypatch):
-    monkeypatch.setattr(cli.console, "_width", 10_000)
-    monkeypatch.delenv("LORAPLEX_DEBUG", raising=False)
 
 
 def recipe_dict(tmp: Path, model_dir: Path, **train) -> dict:

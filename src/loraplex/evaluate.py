@@ -7,6 +7,8 @@ equals the numbers recorded at training time.
 columns are the recipe's datasets. Each cell holds the held-out loss, perplexity and token accuracy,
 and, where the dataset has a test split, exact match and chrF of greedy answers. The base is loaded
 once and the adapters are switched on it; two columns over the same data are computed once per row.
+The base is loaded in full precision, QLoRA runs included (their adapters are ordinary LoRA weights);
+`base_precision="quantized"` loads it as the recipe's `model.quantization` instead. eval.json says which.
 """
 from __future__ import annotations
 
@@ -255,15 +257,25 @@ def open_run(run_dir: Path):
 
 
 def _to_accelerator(model):
+    from .quantize import is_quantized
+
+    if is_quantized(model):  # loaded onto the accelerator already; bitsandbytes models refuse .to()
+        return model
     return model.to("cuda") if torch.cuda.is_available() else model  # where training ran
 
 
+BASE_PRECISIONS = ("full", "quantized")
+
+
 def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: GenerationSettings | dict | None = None,
-                 checkers: dict[str, Checker] | None = None, log: Callable[[str], None] | None = None) -> dict:
+                 checkers: dict[str, Checker] | None = None, log: Callable[[str], None] | None = None,
+                 base_precision: str = "full") -> dict:
     """The eval matrix of a run: (base, each adapter, each merged folder) x (each dataset); saved as eval.json.
 
     `checkers` maps dataset names to task checkers for exact match (default: `known_checkers`);
-    other datasets use stripped string equality.
+    other datasets use stripped string equality. `base_precision`: "full" (default) loads the base in full
+    precision for the base and adapter rows, "quantized" as the recipe's `model.quantization` (merged
+    folders are always full precision).
     """
     from .adapters import load
     from .models import load_model, pick_dtype, resolve_base
@@ -282,7 +294,9 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
                              ws.tokenizer, settings)
     base_row = "base" if "base" not in adapter_dirs else "base model"
     rows = [{"name": base_row, "kind": "base"}]
-    adapter_set = load(ws.base, adapter_dirs, dtype=ws.recipe.model.dtype)
+    adapter_set = load(ws.base, adapter_dirs, dtype=ws.recipe.model.dtype,
+                       quantization=_quantization(ws.recipe.model, base_precision))
+    precision = adapter_set.base_precision
     _to_accelerator(adapter_set.model)
     for name in [None, *adapter_dirs]:
         log(f"evaluating {name or base_row}")
@@ -300,6 +314,8 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
         rows.append({"name": label, "kind": "merged", "path": ref.location})
     result = {
         "run": run_dir.resolve().name, "base_model": ws.base.name, "rows": rows,
+        "base_precision": base_precision, "base_loaded_as": precision,
+        "trained_on": _quantization_trained(adapter_dirs) or "full",
         "columns": [{"name": c.name, "heldout_examples": len(c.heldout) if c.heldout is not None else 0,
                      "test_examples": len(c.test.prompts) if c.test else 0,
                      "exact_match": "task checker" if c.checker else "stripped string equality"}
@@ -309,6 +325,26 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
     }
     atomic_write_json(run_dir / EVAL_FILE, result)
     return result
+
+
+def _quantization(model_spec, base_precision: str):
+    """The recipe's `model:` block when the base is to be loaded quantized, else None."""
+    if base_precision not in BASE_PRECISIONS:
+        raise LoraplexError(f"base_precision: '{base_precision}' is not one of {', '.join(BASE_PRECISIONS)}")
+    if base_precision == "full":
+        return None
+    if model_spec.quantization is None:
+        raise LoraplexError("base_precision 'quantized': the run's recipe loads the base in full precision "
+                            "(no model.quantization); evaluate with base_precision 'full'")
+    return model_spec
+
+
+def _quantization_trained(adapter_dirs: dict[str, Path]) -> str | None:
+    """How the base was quantized while the adapters trained ('; '-joined when they differ), else None."""
+    from .adapters import adapter_metadata
+
+    found = {adapter_metadata(path).get("quantization") for path in adapter_dirs.values()} - {None}
+    return "; ".join(sorted(found)) or None
 
 
 def _columns(ws, settings: GenerationSettings, checkers: dict[str, Checker]) -> list[_Column]:

@@ -1,11 +1,13 @@
 """`loraplex merge`: adapters of a run merged into their base, written as a standalone model, verified.
 
 W' = W + Σᵢ wᵢ·scalingᵢ·Bᵢ@Aᵢ, scaling = lora_alpha/r (lora_alpha/√r with rsLoRA), computed in float32 on
-a fresh load of the pristine base (the cached base folder is only read). Adapters on disjoint modules add
-exactly; on a shared module the weighted sum is still exact (it is what PEFT's `cat` computes), while
-PEFT's `linear`/`ties`/`dare_linear` combine the A's and the B's separately (cross terms Bᵢ@Aⱼ, pruning)
-and are not. DoRA adapters go through PEFT's `merge_and_unload` (W' = m·(W + ΔW)/‖W + ΔW‖ per row), and
-only on modules no other adapter touches, since DoRA's row norms do not add.
+a fresh full-precision load of the pristine base (the cached base folder is only read). Adapters trained on a
+4-bit base (QLoRA) merge here too, never into quantized weights, and the report says so. Adapters on
+disjoint modules add exactly; on a shared module the weighted sum is still exact (it is what PEFT's `cat`
+computes), while PEFT's `linear`/`ties`/`dare_linear` combine the A's and the B's separately (cross terms
+Bᵢ@Aⱼ, pruning) and are not. DoRA adapters go through PEFT's `merge_and_unload`
+(W' = m·(W + ΔW)/‖W + ΔW‖ per row), and only on modules no other adapter touches, since DoRA's row norms
+do not add.
 
 Every merge is verified and the numbers saved in `merge_report.json`: the saved weights against the
 formula, the saved model's logits against base+adapters (PEFT, all adapters active at once), and per
@@ -83,7 +85,8 @@ def merge(run_dir: str | Path, adapters: str | list[str], weights: str | list[fl
     plan = plan_merge(run_dir, adapters, weights, method, dtype, density)
     out_dir = _claim_out_dir(Path(out_dir), plan, overwrite)
     pairs = interference(plan)
-    for line in interference_lines(plan, pairs) + [plan.note]:
+    precision = precision_note(plan)
+    for line in interference_lines(plan, pairs) + [plan.note] + ([precision] if precision else []):
         echo(line)
     reference = reference_model(plan, seed)
     tokenizer, template, template_note = _tokenizer(plan)
@@ -92,7 +95,8 @@ def merge(run_dir: str | Path, adapters: str | list[str], weights: str | list[fl
         merged = load_model(BaseModelRef(str(tmp), out_dir.name), torch.float32, device=_device())
         report = _verify(plan, reference, merged, _probe_ids(tokenizer, template), tmp)
         report.update(method_note=plan.note, interference=pairs, notes=[template_note] if template_note else [],
-                      out_dir=str(out_dir))
+                      out_dir=str(out_dir), base_precision="full", precision_note=precision,
+                      trained_on_quantized_base=_quantized(plan))
         report["heldout"] = heldout_report(plan, reference, merged)
         atomic_write_json(tmp / REPORT_NAME, report)
     return report
@@ -178,6 +182,21 @@ def _problems(plan: MergePlan) -> list[str]:
                             "weight row by its norm, so the changes do not add; merge them separately")
             break
     return problems
+
+
+def _quantized(plan: MergePlan) -> dict[str, str]:
+    """adapter -> how its base was quantized while it trained (QLoRA adapters only)."""
+    return {name: a.meta["quantization"] for name, a in plan.adapters.items() if a.meta.get("quantization")}
+
+
+def precision_note(plan: MergePlan) -> str | None:
+    """Adapters trained on a 4/8-bit base merge into the full-precision weights, never into quantized ones."""
+    quantized = _quantized(plan)
+    if not quantized:
+        return None
+    kinds = "; ".join(sorted(set(quantized.values())))
+    return (f"{', '.join(quantized)} trained on a quantized base ({kinds}): merged onto the full-precision base "
+            f"weights ({plan.base.location}, computed in float32, saved as {plan.dtype}), not into quantized weights")
 
 
 def _method_note(plan: MergePlan) -> str:

@@ -150,8 +150,12 @@ def load_tokenizer(ref: BaseModelRef, trust_remote_code: bool = False):
 
 
 def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               device: str | torch.device | None = None, *, allow_pickle: bool = False):
-    """Weights are read from safetensors only; pickled `.bin` weights (which can run code) need allow_pickle."""
+               device: str | torch.device | None = None, *, allow_pickle: bool = False, quantization_config=None):
+    """Weights are read from safetensors only; pickled `.bin` weights (which can run code) need allow_pickle.
+
+    With a `quantization_config` (see `loraplex.quantize.quantization_config`) the linear layers are quantized
+    while loading, straight onto the accelerator (CUDA where there is one, else the CPU); `device` is ignored.
+    """
     from transformers import AutoModelForCausalLM
 
     folder = Path(ref.location)
@@ -162,12 +166,27 @@ def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, trust_remo
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" on every load is noise around loraplex's bars
+    quantized = {}
+    if quantization_config is not None:
+        from .quantize import accelerator
+
+        quantized = {"quantization_config": quantization_config, "device_map": {"": accelerator()}}
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=None if allow_pickle else True)
+                                                     use_safetensors=None if allow_pickle else True, **quantized)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the model {ref.name} from {ref.location}: {exc}") from None
-    if device is not None:
+    except (ImportError, RuntimeError) as exc:
+        if not quantized:
+            raise
+        from .quantize import platform_error
+
+        raise platform_error(quantization_config, exc) from None
+    if quantized and quantized["device_map"][""] == "cpu":
+        from .quantize import copy_out_of_checkpoint_file
+
+        copy_out_of_checkpoint_file(model)
+    if device is not None and not quantized:
         model.to(device)
     return model
 

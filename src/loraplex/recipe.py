@@ -36,6 +36,18 @@ class ModelSpec(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype; 'auto' = bfloat16 where the CPU/GPU supports it, else float32")
     trust_remote_code: bool = Field(False, description="allow model code from the model's repository")
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        None, description="load the base quantized through bitsandbytes for training (4bit = QLoRA); adapters "
+        "stay full precision and load onto the full-precision base too")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (quantization: 4bit)")
+    double_quant: bool = Field(True, description="quantize the 4-bit blocks' absmax values too (quantization: 4bit)")
+    gradient_checkpointing: bool | None = Field(
+        None, description="recompute activations in the backward pass; default: on with quantization, else off")
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _none_means_off(cls, value):
+        return None if isinstance(value, str) and value.lower() in ("none", "") else value
 
 
 class LoraSettings(_Strict):
@@ -62,6 +74,12 @@ class TrainSettings(_Strict):
     logging_steps: int = Field(5, gt=0)
     save_steps: int = Field(50, gt=0, description="checkpoint every N optimizer steps (for --resume)")
     packing: bool = Field(True, description="padding-free packing of each batch (else padded batches)")
+    packed_attention: Literal["per_sequence", "masked"] = Field(
+        "per_sequence", description="with sdpa attention, a packed row attends per sequence through SDPA's causal "
+        "kernel ('per_sequence'), or through one block-diagonal mask over the whole row ('masked', slower)")
+    micro_batch_tokens: int | None = Field(
+        None, gt=0, description="most tokens in one forward/backward pass: a larger packed batch runs as several "
+        "passes of whole sequences whose gradients add up to the same step (lower = less memory)")
 
 
 class DatasetSpec(_Strict):

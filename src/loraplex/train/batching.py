@@ -1,21 +1,30 @@
 """Batches and the answer-only loss.
 
 Padding-free packing: a batch of sequences becomes one row `[1, total_tokens]` whose position ids
-restart at 0 for each sequence; transformers turns such position ids into a block-diagonal causal mask,
-so no token attends across sequences and no compute is spent on padding. The padded collator is kept
-for comparison (`train.packing: false`).
+restart at 0 for each sequence, so no compute is spent on padding and the linear layers see one large
+matrix. With `sdpa` attention, transformers would turn such position ids into a dense block-diagonal
+mask over the whole row: attention work grows with (Σ Tᵢ)² instead of Σ Tᵢ², and SDPA's masked path
+is several times slower than its causal kernel on CPU (benchmarks/train_speed.py). `answer_loss_sum`
+therefore runs SDPA's causal kernel on each sequence of a packed row (`packed_attention`);
+flash-attention implementations handle packed rows themselves and are left alone. The padded collator
+is kept for comparison (`train.packing: false`).
 
-The loss runs the LM head only on positions that have a label (the prompt's positions have none),
-which saves the vocabulary projection for most tokens of an SFT batch.
+The loss runs the LM head only on positions that have a label (the prompt's positions have none), in
+chunks: each chunk's logits and their gradient are computed and freed before the next, so the
+`[answer_tokens, vocab]` logits never exist at once.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..data.render import IGNORE_INDEX
+
+PACKED_SDPA = "loraplex_packed_sdpa"  # the attention implementation name registered with transformers
+HEAD_CHUNK_ELEMENTS = 2**24  # logits per LM-head chunk (64 MiB in float32)
 
 
 @dataclass
@@ -55,30 +64,131 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
+def sequence_starts(batch: dict[str, torch.Tensor]) -> list[int] | None:
+    """Where each sequence of a packed row `[1, T]` starts (None for padded or multi-row batches)."""
+    positions = batch.get("position_ids")
+    if positions is None or positions.shape[0] != 1 or "attention_mask" in batch:
+        return None
+    starts = (positions[0] == 0).nonzero().flatten().tolist()
+    return starts if starts and starts[0] == 0 else [0] + starts
+
+
+def split_packed(batch: dict[str, torch.Tensor], max_tokens: int | None) -> list[dict[str, torch.Tensor]]:
+    """Cut a packed row into packed rows of at most `max_tokens` tokens each, keeping sequences whole.
+
+    Summed over the parts, the answer-loss sums and their gradients equal those of the whole row (every
+    sequence's first label is already masked), so the parts can run one forward/backward pass each.
+    """
+    starts = sequence_starts(batch)
+    width = batch["input_ids"].shape[1]
+    if max_tokens is None or starts is None or width <= max_tokens:
+        return [batch]
+    cuts, first = [], 0  # cuts: (first sequence, end sequence) index pairs
+    ends = starts[1:] + [width]
+    for i in range(len(starts)):
+        if ends[i] - starts[first] > max_tokens and i > first:
+            cuts.append((first, i))
+            first = i
+    cuts.append((first, len(starts)))
+    bounds = starts + [width]
+    # tensors are cut along the row; per-sequence lists (e.g. row sources) along with their sequences
+    return [{k: v[:, bounds[a]:bounds[b]] if torch.is_tensor(v) else v[a:b] if isinstance(v, list) else v
+             for k, v in batch.items()} for a, b in cuts]
+
+
+def _packed_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """SDPA's causal kernel on each sequence of a packed row: q/k/v [1, heads, T, D] -> [1, T, heads, D]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    width = query.shape[2]
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    bounds = ([] if starts and starts[0] == 0 else [0]) + starts + [width]
+    parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+             for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(parts, dim=1), None
+
+
+@contextmanager
+def packed_attention(model, batch: dict[str, torch.Tensor], enabled: bool = True):
+    """Within the block, a packed row attends per sequence instead of through a block-diagonal mask.
+
+    Applies only to `sdpa` models and packed rows of several sequences (no padding mask, no cache).
+    """
+    config = causal_lm(model).config
+    starts = sequence_starts(batch) if enabled and config._attn_implementation == "sdpa" else None
+    if starts is None or len(starts) < 2:
+        yield
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_SDPA, _packed_sdpa)  # no mask function: transformers builds no mask
+    config._attn_implementation = PACKED_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
 def causal_lm(model):
     """The causal LM inside a PeftModel (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def answer_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+def answer_loss_sum(model, batch: dict[str, torch.Tensor],
+                    per_sequence_attention: bool = True) -> tuple[torch.Tensor, int, int]:
     """Sum of next-token cross-entropy over labelled positions, their count, and correct predictions.
 
     The decoder runs on every token; the LM head only on positions whose next token has a label.
     """
     lm = causal_lm(model)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
+    with packed_attention(lm, batch, per_sequence_attention):
+        hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     picked = hidden[:, :-1][keep]  # [N, H]
-    logits = lm.get_output_embeddings()(picked).float()  # [N, V]
+    wanted = targets[keep]
+    head = lm.get_output_embeddings()
+    if any(p.requires_grad for p in head.parameters()):  # a trained head needs autograd's weight gradient
+        loss, correct = _head_loss(lm, picked, wanted)
+    else:
+        loss, correct = _ChunkedHeadLoss.apply(picked, wanted, lm)
+    return loss, int(keep.sum()), int(correct)
+
+
+def _head_loss(lm, hidden: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy sum and correct predictions of hidden states [N, H] against targets [N]."""
+    logits = lm.get_output_embeddings()(hidden).float()  # [N, V]
     scaling = getattr(lm.config, "logits_scaling", None)  # e.g. Granite divides logits
     if scaling:
         logits = logits / scaling
     cap = getattr(lm.config, "final_logit_softcapping", None)  # e.g. Gemma 2
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    wanted = targets[keep]
-    loss = F.cross_entropy(logits, wanted, reduction="sum")
-    correct = int((logits.argmax(-1) == wanted).sum())
-    return loss, int(keep.sum()), correct
+    return F.cross_entropy(logits, wanted, reduction="sum"), (logits.argmax(-1) == wanted).sum()
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """`_head_loss` over row chunks for a frozen head: the gradient w.r.t. the hidden states is computed
+    chunk by chunk in the forward pass and kept ([N, H]), so no chunk's logits outlive the chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, wanted, lm):
+        rows = max(1, HEAD_CHUNK_ELEMENTS // lm.get_output_embeddings().weight.shape[0])
+        loss, correct, grads = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.long), []
+        for start in range(0, hidden.shape[0], rows):
+            chunk = hidden[start:start + rows].detach().requires_grad_(ctx.needs_input_grad[0])
+            with torch.enable_grad():
+                part, right = _head_loss(lm, chunk, wanted[start:start + rows])
+            if ctx.needs_input_grad[0]:
+                grads.append(torch.autograd.grad(part, chunk)[0])
+            loss, correct = loss + part.detach(), correct + right
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(torch.cat(grads) if grads else torch.zeros_like(hidden))
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None

@@ -1,9 +1,10 @@
 """`loraplex train`: one LoRA adapter per dataset, every one against the pristine base.
 
-The base model is loaded once. For each dataset a PEFT LoRA is injected with that dataset's own target
-modules and settings, trained with the HF Trainer, saved, then unloaded (never merged), which restores
-the original modules. A fingerprint of every base weight is taken before training and after each
-adapter; any difference stops the run.
+The base model is loaded once (in 4 or 8 bit with `model.quantization`: QLoRA). For each dataset a PEFT
+LoRA is injected with that dataset's own target modules and settings, trained with the HF Trainer, saved,
+then unloaded (never merged), which restores the original modules. A fingerprint of every base weight
+(for a quantized base: the packed codes and their quantization state) is taken before training and after
+each adapter; any difference stops the run.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ..errors import LoraplexError
 from ..evaluate import heldout_metrics
 from ..models import base_fingerprint, load_model, pick_dtype
 from ..pipeline import Workspace, open_recipe
+from ..quantize import describe, gradient_checkpointing, prepare_for_training, quantization_config
 from ..recipe import DatasetSpec, Recipe, save_resolved
 from .trainer import make_trainer
 
@@ -51,25 +53,53 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     run_dir = ws.recipe.run_dir()
     _claim_run_dir(run_dir, ws, resume, overwrite)
     prepared = ws.prepare()
-    model = load_model(ws.base, pick_dtype(ws.recipe.model.dtype), ws.recipe.model.trust_remote_code,
-                       allow_pickle=allow_pickle)
-    if torch.cuda.is_available():
-        model.to("cuda")
-    pristine = base_fingerprint(model)
+    model, base_record = load_base(ws, allow_pickle)
+    dtype = pick_dtype(ws.recipe.model.dtype)
+    pristine = base_record.get("quantized_base_fingerprint", base_record["base_fingerprint"])  # the weights in memory
     result = RunResult(run_dir)
     for spec in ws.selected():
         adapter_dir = run_dir / "adapters" / spec.name
         if is_complete(adapter_dir) and resume:
             result.adapters[spec.name] = json.loads((adapter_dir / ADAPTER_META).read_text(encoding="utf-8"))
             continue
-        meta = train_adapter(model, spec, prepared[spec.name], ws, run_dir, pristine, resume, progress)
-        after = base_fingerprint(model)
+        meta = train_adapter(model, spec, prepared[spec.name], ws, run_dir, pristine, resume, progress,
+                             base_record=base_record)
+        after = base_fingerprint(model, dtype)
         if after != pristine:
             raise LoraplexError(f"the base weights changed while training '{spec.name}' (fingerprint {pristine} -> "
                                 f"{after}); the adapter was saved, but later adapters would not train on the "
                                 "pristine base. This is a bug: please report it")
         result.adapters[spec.name] = meta
     return result
+
+
+def load_base(ws: Workspace, allow_pickle: bool = False) -> tuple[torch.nn.Module, dict]:
+    """The base to train on (quantized if the recipe says so, prepared for training) and what each adapter records.
+
+    `base_fingerprint` is always that of the full-precision weights, so every adapter, QLoRA included, loads
+    onto the full-precision base; a quantized base is fingerprinted from a full-precision load first (freed
+    before the quantized load), and the quantized weights' own fingerprint (packed codes and quantization
+    state) is `quantized_base_fingerprint`. Fingerprints hash floating weights in the recipe's dtype, so
+    prepare_model_for_kbit_training's float32 upcast of the non-quantized weights does not change them.
+    """
+    spec = ws.recipe.model
+    dtype = pick_dtype(spec.dtype)
+    config = quantization_config(spec)  # checks that bitsandbytes runs here before anything is loaded
+    record: dict = {"dtype": str(dtype).replace("torch.", "")}
+    if config is not None:
+        full = load_model(ws.base, dtype, spec.trust_remote_code, allow_pickle=allow_pickle)
+        record["base_fingerprint"] = base_fingerprint(full, dtype)
+        del full
+    model = load_model(ws.base, dtype, spec.trust_remote_code, allow_pickle=allow_pickle, quantization_config=config)
+    if torch.cuda.is_available() and config is None:
+        model.to("cuda")  # a quantized base is loaded onto the GPU directly
+    model = prepare_for_training(model, spec)
+    fingerprint = base_fingerprint(model, dtype)
+    record.setdefault("base_fingerprint", fingerprint)
+    if config is not None:
+        record.update(quantization=describe(spec), quantized_base_fingerprint=fingerprint)
+    record["gradient_checkpointing"] = gradient_checkpointing(spec)
+    return model, record
 
 
 def _claim_run_dir(run_dir: Path, ws: Workspace, resume: bool, overwrite: bool) -> None:
@@ -120,12 +150,19 @@ def lora_config(spec: DatasetSpec):
 def parameter_counts(peft_model) -> tuple[int, int]:
     """(trainable, total) of this one adapter on its base; LoRA weights counted once."""
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in peft_model.parameters())
+    total = sum(_unpacked_numel(p) for p in peft_model.parameters())
     return trainable, total
 
 
+def _unpacked_numel(param: torch.Tensor) -> int:
+    """A bitsandbytes 4-bit weight packs two values per byte; its quant_state keeps the original shape."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return torch.Size(shape).numel() if shape is not None else param.numel()
+
+
 def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace, run_dir: Path,
-                  pristine: str, resume: bool, progress: bool) -> dict:
+                  pristine: str, resume: bool, progress: bool, base_record: dict | None = None) -> dict:
+    """`base_record` (from `load_base`): the base's fingerprints, dtype and quantization, saved in loraplex.json."""
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
 
@@ -145,7 +182,8 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     adapter_dir = run_dir / "adapters" / spec.name
     meta = {
         "name": spec.name, "base_model": ws.base.name, "base_model_location": ws.base.location,
-        "base_fingerprint": pristine, "recipe_fingerprint": ws.recipe.fingerprint(),
+        **(base_record or {"base_fingerprint": pristine, "dtype": str(model.dtype).replace("torch.", "")}),
+        "recipe_fingerprint": ws.recipe.fingerprint(),
         "dataset_fingerprint": data.fingerprint, "dataset_files": spec.files("path"),
         "config": spec.model_dump(mode="json"),
         "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
@@ -154,7 +192,7 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
         "heldout_token_accuracy_base": base_val["token_accuracy"],
         "heldout_token_accuracy": adapter_val["token_accuracy"], "heldout_tokens": adapter_val["tokens"],
         "tokens_trained": stats.tokens, "wall_time_s": wall, "tokens_per_s": stats.tokens / max(stats.seconds, 1e-9),
-        "peak_memory_mb": _peak_memory_mb(), "dtype": str(model.dtype).replace("torch.", ""),
+        "peak_memory_mb": _peak_memory_mb(),
     }
     with atomic_dir(adapter_dir) as tmp:
         peft_model.save_pretrained(tmp)

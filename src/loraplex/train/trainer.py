@@ -5,6 +5,7 @@ from transformers' Trainer; loraplex only supplies the batches, the loss and the
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from transformers.trainer_callback import PrinterCallback
 from ..data.prepare import PreparedDataset
 from ..errors import LoraplexError
 from ..recipe import DatasetSpec
-from .batching import PackedCollator, PaddedCollator, answer_loss_sum, real_tokens
+from .batching import IGNORE_INDEX, PackedCollator, PaddedCollator, answer_loss_sum, real_tokens, split_packed
 
 
 @dataclass
@@ -32,16 +33,37 @@ SOURCES_KEY = "loraplex_sources"  # a batch key the model never sees; compute_lo
 
 
 class AdapterTrainer(Trainer):
-    """Trainer whose loss covers answer tokens only and skips the LM head on unlabelled positions."""
+    """Trainer whose loss covers answer tokens only and skips the LM head on unlabelled positions.
 
-    def __init__(self, *args, stats: TrainStats, **kwargs):
+    A packed batch longer than `micro_batch_tokens` runs as several forward/backward passes (whole
+    sequences each); every pass divides by the answer tokens of the whole batch, so the gradients add up
+    to those of one pass.
+    """
+
+    def __init__(self, *args, stats: TrainStats, micro_batch_tokens: int | None = None,
+                 per_sequence_attention: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.stats = stats
+        self.micro_batch_tokens = micro_batch_tokens
+        self.per_sequence_attention = per_sequence_attention
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        parts = split_packed(inputs, self.micro_batch_tokens)
+        if len(parts) == 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if num_items_in_batch is None:
+            num_items_in_batch = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        losses = []
+        for i, part in enumerate(parts):  # gradients sync (multi-process) only after the last pass
+            sync = contextlib.nullcontext() if i == len(parts) - 1 else self.accelerator.no_sync(model)
+            with sync:
+                losses.append(super().training_step(model, part, num_items_in_batch))
+        return torch.stack(losses).sum()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sources = inputs.pop(SOURCES_KEY, [])
-        loss_sum, count, _ = answer_loss_sum(model, inputs)
+        loss_sum, count, _ = answer_loss_sum(model, inputs, self.per_sequence_attention)
         self.stats.tokens += real_tokens(inputs)
         denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
         loss = loss_sum / denominator
@@ -129,6 +151,8 @@ def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoin
     trainer = AdapterTrainer(
         model=peft_model, args=training_arguments(spec, checkpoint_dir, model_dtype), train_dataset=data.train,
         data_collator=WithSources(collator), callbacks=[ProgressCallback(spec.name, stats, progress)], stats=stats,
+        micro_batch_tokens=spec.train.micro_batch_tokens,
+        per_sequence_attention=spec.train.packed_attention == "per_sequence",
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the progress bar shows them
     return trainer, stats
