@@ -158,3 +158,11 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_package_function_survives_submodule_imports():
+    import loraplex
+    import loraplex.train.run  # noqa: F401
+    import loraplex.train.trainer  # noqa: F401
+
+    assert callable(loraplex.train) and loraplex.train.__module__ == "loraplex"

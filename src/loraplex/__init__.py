@@ -14,6 +14,11 @@ import warnings as _warnings
 _warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+# The subpackage loraplex.train is imported first, so that the function below, not the module, is what
+# `loraplex.train` names afterwards (a first import of a subpackage rebinds the parent's attribute).
+from . import train as _train_package  # noqa: E402,F401
+
+
 def train(recipe, overrides=None, only=None, resume=False, overwrite=False, progress=True):
     """Train one adapter per dataset of `recipe` (a YAML path, a dict or a Recipe); see `loraplex train`."""
     from .train import train as _train
