@@ -19,7 +19,8 @@ from transformers.trainer_callback import PrinterCallback
 from ..data.prepare import PreparedDataset
 from ..errors import LoraplexError
 from ..recipe import DatasetSpec
-from .batching import IGNORE_INDEX, PackedCollator, PaddedCollator, answer_loss_sum, real_tokens, split_packed
+from .batching import (IGNORE_INDEX, PackedCollator, PaddedCollator, answer_loss_sum, packed_attention, real_tokens,
+                       split_packed)
 
 
 @dataclass
@@ -51,15 +52,20 @@ class AdapterTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         parts = split_packed(inputs, self.micro_batch_tokens)
         if len(parts) == 1:
-            return super().training_step(model, inputs, num_items_in_batch)
+            return self._attended_step(model, inputs, num_items_in_batch)
         if num_items_in_batch is None:
             num_items_in_batch = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
         losses = []
         for i, part in enumerate(parts):  # gradients sync (multi-process) only after the last pass
             sync = contextlib.nullcontext() if i == len(parts) - 1 else self.accelerator.no_sync(model)
             with sync:
-                losses.append(super().training_step(model, part, num_items_in_batch))
+                losses.append(self._attended_step(model, part, num_items_in_batch))
         return torch.stack(losses).sum()
+
+    def _attended_step(self, model, inputs, num_items_in_batch):
+        # the backward pass too: gradient checkpointing recomputes the forward there, with the same attention
+        with packed_attention(model, inputs, self.per_sequence_attention):
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sources = inputs.pop(SOURCES_KEY, [])
