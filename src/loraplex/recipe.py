@@ -79,7 +79,8 @@ class TrainSettings(_Strict):
         "kernel ('per_sequence'), or through one block-diagonal mask over the whole row ('masked', slower)")
     micro_batch_tokens: int | None = Field(
         None, gt=0, description="most tokens in one forward/backward pass: a larger packed batch runs as several "
-        "passes of whole sequences whose gradients add up to the same step (lower = less memory)")
+        "passes of whole sequences whose gradients add up to the same step (lower = less memory); default: "
+        "max_seq_length on CPU, the whole batch on GPU")
 
 
 class DatasetSpec(_Strict):
