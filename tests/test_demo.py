@@ -22,10 +22,11 @@ def test_demo_recipe_puts_each_language_on_its_modules(tmp_path):
 
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
-    out = tmp_path / "demo"
+    out = tmp_path / "my-demo"  # the run folder is --out itself, whatever its name
     overrides = [f"model.path={tiny_model_dir}", "defaults.train.max_steps=2", "defaults.lora.r=2"]
     summary = run_demo(out, seed=1, overrides=overrides, sizes=SMALL, progress=False)
     run_dir = out
+    assert summary["run_dir"] == str(out) and not (tmp_path / "demo").exists()
     assert {r["dataset"] for r in summary["results"]} == set(DEMO_ADAPTERS)
     for row in summary["results"]:
         assert row["heldout_loss_base"] > 0 and row["heldout_loss_adapter"] > 0

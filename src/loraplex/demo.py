@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -18,9 +19,10 @@ import yaml
 
 from .atomic import atomic_write_json, atomic_write_text
 from .data.demo import write_demo_data
+from .errors import LoraplexError
 from .evaluate import evaluate_run
 from .merging import merge
-from .recipe import load_recipe
+from .recipe import DATASET_NAME_PATTERN, load_recipe
 from .report import write_report
 from .train import train
 
@@ -32,14 +34,15 @@ DEMO_ADAPTERS = {"zh": ("zh", ["q_proj"]), "en": ("en", ["v_proj"]), "ja": ("ja"
                  "zh_all": ("zh", "all-linear")}
 
 
-def demo_recipe(seed: int = 0) -> dict:
+def demo_recipe(seed: int = 0, run_name: str = "demo") -> dict:
+    """The demo's recipe, to be written into the run folder `<...>/<run_name>/demo.yaml`."""
     datasets = []
     for name, (data, targets) in DEMO_ADAPTERS.items():
         datasets.append({"name": name, "path": f"data/{data}/train.jsonl", "val_path": f"data/{data}/val.jsonl",
                          "test_path": f"data/{data}/test.jsonl", "target_modules": targets})
     return {
         "model": {"path": "default", "dtype": "auto"},
-        "run_name": "demo", "output_dir": "..",
+        "run_name": run_name, "output_dir": "..",  # the run folder is the recipe's own folder
         "defaults": {
             "system": DEMO_SYSTEM, "max_seq_length": 128,
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
@@ -58,12 +61,15 @@ def run_demo(out_dir: Path = Path("runs/demo"), seed: int = 0, overrides: list[s
     `overrides` are dotted recipe overrides (`model.path=...`, `defaults.train.max_steps=2`).
     """
     log = log or (lambda message: None)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser().resolve()
+    if not re.match(DATASET_NAME_PATTERN, out_dir.name):
+        raise LoraplexError(f"--out {out_dir}: the run folder's name becomes the run name and may hold only "
+                            "letters, digits, '_', '.' and '-' (not starting with one of the last three)")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_demo_data(out_dir / "data", seed=seed, **(sizes or DEMO_SIZES))
     recipe_path = out_dir / "demo.yaml"
     atomic_write_text(recipe_path, "# written by `loraplex demo`\n" +
-                      yaml.safe_dump(demo_recipe(seed), sort_keys=False, allow_unicode=True))
+                      yaml.safe_dump(demo_recipe(seed, out_dir.name), sort_keys=False, allow_unicode=True))
     result = train(load_recipe(recipe_path, overrides), overwrite=True, progress=progress)
     merged_dir = result.run_dir / "merged" / "zh+en"
     log("merging zh (q_proj) and en (v_proj) into one model")

@@ -80,7 +80,7 @@ class TrainSettings(_Strict):
     micro_batch_tokens: int | None = Field(
         None, gt=0, description="most tokens in one forward/backward pass: a larger packed batch runs as several "
         "passes of whole sequences whose gradients add up to the same step (lower = less memory); default: "
-        "max_seq_length on CPU, the whole batch on GPU")
+        "max(max_seq_length, 1024) on CPU, the whole batch on GPU")
 
 
 class DatasetSpec(_Strict):
@@ -150,7 +150,7 @@ class Recipe(_Strict):
         return p if p.is_absolute() else (self.base_dir / p)
 
     def run_dir(self) -> Path:
-        return self.resolve(self.output_dir) / (self.run_name or "run")
+        return (self.resolve(self.output_dir) / (self.run_name or "run")).resolve()
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe (defaults already merged into each dataset)."""
