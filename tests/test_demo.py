@@ -52,3 +52,10 @@ def test_demo_cli_prints_the_table(tiny_model_dir, tmp_path, monkeypatch):
     for name in DEMO_ADAPTERS:
         assert name in result.output
     assert "merged zh+en" in result.output and "report:" in result.output
+    out = " ".join(result.output.split())  # the console wraps long lines
+    assert f"run folder: {(tmp_path / 'd').resolve()}" in out
+    # how much of each adapter's held-out gain the merged model keeps, as merge_report.json has it
+    heldout = json.loads((tmp_path / "d" / "merged" / "zh+en" / "merge_report.json").read_text())["heldout"]
+    for name, row in heldout["datasets"].items():
+        kept = f"{row['kept']:.0%}" if row["kept"] is not None else "n/a"
+        assert f"{name} {kept}" in out
