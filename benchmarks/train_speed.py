@@ -161,6 +161,7 @@ def loraplex_trainer(args, variant: str, data, out_dir: str):
                   "loraplex-one-pass": whole_batch, "loraplex-mb1024": {"micro_batch_tokens": 1024},
                   "loraplex-padded": {"packing": False}, "loraplex-grouped": {"packing": False}}.get(variant, {}))
     spec = DatasetSpec(name="bench", path="unused", target_modules=LORA["target_modules"],
+                       max_seq_length=args.max_seq_length,
                        lora={"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"]}, train=train)
     model = build_model(args, pick_dtype("auto"))
     set_seed(SEED)

@@ -80,7 +80,7 @@ class TrainSettings(_Strict):
     micro_batch_tokens: int | None = Field(
         None, gt=0, description="most tokens in one forward/backward pass: a larger packed batch runs as several "
         "passes of whole sequences whose gradients add up to the same step (lower = less memory); default: "
-        "max(max_seq_length, 1024) on CPU, the whole batch on GPU")
+        "max(max_seq_length, 512) on CPU, the whole batch on GPU")
 
 
 class DatasetSpec(_Strict):
