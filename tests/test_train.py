@@ -59,7 +59,7 @@ def test_base_is_untouched_and_recorded(trained, tiny_model_dir):
         assert meta["base_fingerprint"] == fresh
 
 
-def test_loss_decreases_and_metadata_is_complete(trained):
+def test_loss_decreases_and_metadata_is_complete(trained, tiny_model_dir):
     _, result = trained
     for name, meta in result.adapters.items():
         curve = [p["loss"] for p in meta["train_loss_curve"]]
@@ -74,6 +74,11 @@ def test_loss_decreases_and_metadata_is_complete(trained):
     # q_proj (64 -> 64) and v_proj (64 -> 32 with 2 KV heads) give different counts: 2 layers x r x (in + out)
     assert result.adapters["a"]["trainable_params"] == 2 * 4 * (64 + 64)
     assert result.adapters["b"]["trainable_params"] == 2 * 4 * (64 + 32)
+    # "% of base": against the base's own parameters, counted on a fresh copy of it
+    base_params = sum(p.numel() for p in load_model(resolve_base(str(tiny_model_dir))).parameters())
+    for meta in result.adapters.values():
+        assert meta["total_params"] - meta["trainable_params"] == base_params
+        assert meta["trainable_percent_of_base"] == pytest.approx(100 * meta["trainable_params"] / base_params)
 
 
 def test_reload_gives_identical_logits(trained, tiny_model_dir):

@@ -20,7 +20,7 @@ from .adapters import adapter_metadata
 from .atomic import atomic_dir, atomic_write_text
 from .errors import LoraplexError
 from .evaluate import EVAL_FILE, GenerationSettings, evaluate_run, load_eval
-from .tables import _count
+from .tables import _count, percent_of_base
 from .train import is_complete
 
 ASSETS = "report-assets"
@@ -116,16 +116,12 @@ def _num(value: float | None, fmt: str = ".3f") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
-def _percent_of_base(meta: dict) -> float:
-    return 100 * meta["trainable_params"] / max(meta["total_params"] - meta["trainable_params"], 1)
-
-
 def recipe_section(data: RunData) -> Section:
     rows = []
     for spec in data.recipe["datasets"]:
         meta = data.adapters.get(spec["name"])
         files = spec["path"] if isinstance(spec["path"], str) else ", ".join(spec["path"])
-        trainable = f"{_count(meta['trainable_params'])} ({_percent_of_base(meta):.3f}%)" if meta else "not trained"
+        trainable = f"{_count(meta['trainable_params'])} ({percent_of_base(meta):.3f}%)" if meta else "not trained"
         rows.append([spec["name"], files, _targets(spec["target_modules"]), str(spec["lora"]["r"]),
                      f"{spec['lora']['alpha']:g}", f"{spec['train']['lr']:g}", _length(spec["train"]), trainable])
     table = Table(["dataset", "data", "target modules", "r", "alpha", "lr", "length", "trainable params (% of base)"],
@@ -250,7 +246,7 @@ def _comparison_table(data: RunData, files: str, specs: list[dict]) -> Table:
         gain = None if base is None or cell.get("loss") is None else base - cell["loss"]
         em = "-" if cell.get("exact_match") is None else f"{cell['exact_match']:.0%}"
         rows.append([spec["name"], _targets(spec["target_modules"]), f"{spec['lora']['r']}/{spec['lora']['alpha']:g}",
-                     f"{_count(meta['trainable_params'])} ({_percent_of_base(meta):.3f}%)", _num(cell.get("loss")),
+                     f"{_count(meta['trainable_params'])} ({percent_of_base(meta):.3f}%)", _num(cell.get("loss")),
                      _num(gain), em, f"{meta['wall_time_s']:.0f}s"])
     return Table(["entry", "target modules", "r/alpha", "trainable params (% of base)", "held-out loss",
                   "gain over base", "exact match", "wall time"], rows, "comparison", caption=f"data: {files}")

@@ -25,6 +25,11 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
+def percent_of_base(meta: dict) -> float:
+    """Trainable parameters as a percentage of the base model's own (total minus the adapter's)."""
+    return 100 * meta["trainable_params"] / max(meta["total_params"] - meta["trainable_params"], 1)
+
+
 def train_table(adapters: dict[str, dict]) -> Table:
     table = Table(title="adapters", title_justify="left")
     for col in ("dataset", "target modules", "r/alpha", "trainable (% of base)", "train loss first → last",
@@ -36,7 +41,7 @@ def train_table(adapters: dict[str, dict]) -> Table:
         curve = m["train_loss_curve"]
         losses = f"{curve[0]['loss']:.3f} → {curve[-1]['loss']:.3f}" if curve else "-"
         table.add_row(name, targets, f"{cfg['lora']['r']}/{cfg['lora']['alpha']:g}",
-                      f"{_count(m['trainable_params'])} ({m['trainable_percent']:.3f}%)", losses,
+                      f"{_count(m['trainable_params'])} ({percent_of_base(m):.3f}%)", losses,
                       f"{m['heldout_loss_base']:.3f} → {m['heldout_loss']:.3f}", f"{m['tokens_per_s']:,.0f}",
                       f"{m['wall_time_s']:.0f}s")
     return table

@@ -25,6 +25,7 @@ from ..models import base_fingerprint, load_model, pick_dtype
 from ..pipeline import Workspace, open_recipe
 from ..quantize import describe, gradient_checkpointing, prepare_for_training, quantization_config
 from ..recipe import DatasetSpec, Recipe, save_resolved
+from ..tables import percent_of_base
 from .trainer import make_trainer
 
 ADAPTER_META = "loraplex.json"
@@ -186,7 +187,8 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
         "recipe_fingerprint": ws.recipe.fingerprint(),
         "dataset_fingerprint": data.fingerprint, "dataset_files": spec.files("path"),
         "config": spec.model_dump(mode="json"),
-        "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
+        "trainable_params": trainable, "total_params": total,
+        "trainable_percent_of_base": percent_of_base({"trainable_params": trainable, "total_params": total}),
         "train_loss_curve": stats.loss_curve, "steps": trainer.state.global_step,
         "heldout_loss_base": base_val["loss"], "heldout_loss": adapter_val["loss"],
         "heldout_token_accuracy_base": base_val["token_accuracy"],
