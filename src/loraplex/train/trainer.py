@@ -154,10 +154,10 @@ CPU_MIN_PASS_TOKENS = 512  # below this, CPU matmuls are too small to run at ful
 
 
 def micro_batch_tokens(spec: DatasetSpec) -> int | None:
-    """Tokens per forward/backward pass. On a GPU the whole batch. On CPU at most
-    max(max_seq_length, 512): at max_seq_length 512 a pass of 512 tokens trains as fast as one pass over the
-    whole packed batch at about 40% of its peak memory (benchmarks/train_speed.py), while passes of 128 tokens
-    (the demo's max_seq_length) ran at 160 tokens/s against 213 for 512-token and 215 for 1024-token passes."""
+    """Tokens per forward/backward pass. On a GPU the whole batch. On CPU at most max(max_seq_length, 512)
+    (benchmarks/README.md): at max_seq_length 512, batches of 4 as 512-token passes ran at 1.10x the float32
+    notebook baseline with 0.94x its peak RSS, one whole-batch pass at 1.11x with 1.17x; on the demo data,
+    128-token passes ran at 160 tokens/s against 213 for 512-token and 215 for 1024-token passes."""
     if spec.train.micro_batch_tokens is not None:
         return spec.train.micro_batch_tokens
     return None if torch.cuda.is_available() else max(spec.max_seq_length, CPU_MIN_PASS_TOKENS)
