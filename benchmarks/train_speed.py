@@ -12,8 +12,8 @@ turns step by step (round robin), so load from other processes on the machine fa
 Configurations (`--configs`, comma-separated; `--levers` adds the lever variants):
   baseline-bf16  HF Trainer + PEFT, batch 1, bf16=True (on a CPU: autocast to bf16), the model's own loss
   loraplex       loraplex.train.trainer.make_trainer with the recipe defaults (only batch_size/max_steps set):
-                 packed rows of at most max(max_seq_length, 512) tokens per pass (on CPU), per-sequence attention, LM head on
-                 answer positions only, in chunks
+                 packed rows of at most max(max_seq_length, 512) tokens per pass (on CPU), per-sequence
+                 attention, LM head on answer positions only, in chunks
   baseline-fp32  the baseline with bf16=False
   levers:        loraplex-masked (the whole batch in one packed row with transformers' block-diagonal mask:
                  loraplex's path before this benchmark), loraplex-seq (one sequence per pass: batch 1 x B
