@@ -69,7 +69,6 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
-
 def eval_table(result: dict) -> Table:
     """The eval matrix: a row per model, a column per dataset; the diagonal (an adapter on its own data) bold."""
     table = Table(title=f"eval: held-out loss (token accuracy); exact match, chrF on test prompts — run "

@@ -64,13 +64,18 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
+def _starts(positions: torch.Tensor) -> list[int]:
+    """Where each sequence starts in one row of position ids (restarting at 0); the row's start is one."""
+    starts = (positions == 0).nonzero().flatten().tolist()
+    return starts if starts and starts[0] == 0 else [0] + starts
+
+
 def sequence_starts(batch: dict[str, torch.Tensor]) -> list[int] | None:
     """Where each sequence of a packed row `[1, T]` starts (None for padded or multi-row batches)."""
     positions = batch.get("position_ids")
     if positions is None or positions.shape[0] != 1 or "attention_mask" in batch:
         return None
-    starts = (positions[0] == 0).nonzero().flatten().tolist()
-    return starts if starts and starts[0] == 0 else [0] + starts
+    return _starts(positions[0])
 
 
 def split_packed(batch: dict[str, torch.Tensor], max_tokens: int | None) -> list[dict[str, torch.Tensor]]:
@@ -100,9 +105,7 @@ def _packed_sdpa(module, query, key, value, attention_mask, position_ids=None, *
     """SDPA's causal kernel on each sequence of a packed row: q/k/v [1, heads, T, D] -> [1, T, heads, D]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    width = query.shape[2]
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-    bounds = ([] if starts and starts[0] == 0 else [0]) + starts + [width]
+    bounds = _starts(position_ids[0]) + [query.shape[2]]
     parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
              for a, b in zip(bounds, bounds[1:])]
     return torch.cat(parts, dim=1), None
