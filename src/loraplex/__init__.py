@@ -9,7 +9,12 @@ _os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 _os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 _os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import logging as _logging
 import warnings as _warnings
+
+# peft imports bitsandbytes whenever it is installed (plain LoRA too), and on AVX512 CPUs bitsandbytes then logs
+# that an optional kernels package is missing; its own warnings are not the user's business
+_logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
 
 _warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -17,6 +22,7 @@ _warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", cate
 # The subpackage loraplex.train is imported first, so that the function below, not the module, is what
 # `loraplex.train` names afterwards (a first import of a subpackage rebinds the parent's attribute).
 from . import train as _train_package  # noqa: E402,F401
+from . import adapters  # noqa: E402,F401  (loraplex.adapters.load after a plain `import loraplex`)
 
 
 def train(recipe, overrides=None, only=None, resume=False, overwrite=False, progress=True):

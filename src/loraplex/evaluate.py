@@ -300,9 +300,7 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
     _to_accelerator(adapter_set.model)
     for name in [None, *adapter_dirs]:
         log(f"evaluating {name or base_row}")
-        adapter_set.use(name)
-        with adapter_set.active_model() as model:
-            builder.add_row(name or base_row, model, own=name)
+        builder.add_row(name or base_row, adapter_set.use(name).model, own=name)
         if name:
             rows.append({"name": name, "kind": "adapter", "dataset": name, "path": str(adapter_dirs[name])})
     del adapter_set
@@ -341,7 +339,7 @@ def _quantization(model_spec, base_precision: str):
 
 def _quantization_trained(adapter_dirs: dict[str, Path]) -> str | None:
     """How the base was quantized while the adapters trained ('; '-joined when they differ), else None."""
-    from .adapters import adapter_metadata
+    from .run import adapter_metadata
 
     found = {adapter_metadata(path).get("quantization") for path in adapter_dirs.values()} - {None}
     return "; ".join(sorted(found)) or None

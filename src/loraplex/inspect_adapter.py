@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_metadata
 from .errors import LoraplexError, ModelError
-from .models import BaseModelRef, base_fingerprint, load_model, pick_dtype, resolve_base
+from .models import BaseModelRef, base_fingerprint, load_model, resolve_base
+from .run import adapter_metadata, base_problem, trained_dtype
 from .recipe import unknown_name_message
 
 PEFT_PREFIX = "base_model.model."
@@ -87,10 +87,6 @@ class AdapterWeights:
         targets = self.config.get("target_modules")
         return targets if isinstance(targets, str) else sorted(targets or [])
 
-    @property
-    def trained_dtype(self) -> str:
-        return self.meta.get("dtype") or "float32"
-
     def base_ref(self) -> BaseModelRef:
         return resolve_base(self.meta.get("base_model_location") or "default")
 
@@ -148,16 +144,6 @@ def read_adapter(adapter_dir: str | Path) -> AdapterWeights:
                           sum(t.numel() for t in tensors.values()))
 
 
-def fingerprint_problem(adapter: AdapterWeights, base: BaseModelRef, fingerprint: str) -> str | None:
-    """The refusal message when the adapter recorded another base than the one loaded, else None."""
-    recorded = adapter.meta.get("base_fingerprint")
-    if not recorded or recorded == fingerprint:
-        return None
-    return (f"adapter '{adapter.name}' ({adapter.adapter_dir}) was trained on {adapter.meta.get('base_model', '?')} "
-            f"(base fingerprint {recorded}), but the base loaded from {base.location} is {base.name} "
-            f"(fingerprint {fingerprint}); use the base it was trained on")
-
-
 def select_modules(adapter: AdapterWeights, layer: int | None, module: str | None) -> list[LoraModule]:
     selected = list(adapter.modules.values())
     if module is not None:
@@ -179,8 +165,9 @@ def inspect_adapter(adapter_dir: str | Path, layer: int | None = None, module: s
     adapter = read_adapter(adapter_dir)
     selected = select_modules(adapter, layer, module)
     base = adapter.base_ref()
-    model = load_model(base, pick_dtype(adapter.trained_dtype))
-    warning = fingerprint_problem(adapter, base, base_fingerprint(model))
+    dtype = trained_dtype(adapter.meta)
+    model = load_model(base, dtype)
+    warning = base_problem(adapter.name, adapter.adapter_dir, adapter.meta, base, base_fingerprint(model, dtype))
     weights = {m.name: _base_weight(model, m.name) for m in selected}
     cfg = adapter.config
     report = {

@@ -24,10 +24,11 @@ from typing import Callable
 import torch
 
 from .atomic import _umask, atomic_dir, atomic_write_json
-from .errors import LoraplexError, ModelError
+from .errors import LoraplexError
 from .evaluate import heldout_metrics
-from .inspect_adapter import AdapterWeights, fingerprint_problem, read_adapter
-from .models import BaseModelRef, base_fingerprint, base_state_items, load_model, pick_dtype
+from .inspect_adapter import AdapterWeights, read_adapter
+from .models import BaseModelRef, base_state_items, load_model, pick_dtype
+from .run import check_base
 from .recipe import unknown_name_message
 
 METHODS = ("auto", "sum", "cat", "linear", "ties", "dare_linear")
@@ -284,7 +285,7 @@ def reference_model(plan: MergePlan, seed: int = 0):
     from peft import PeftModel
 
     model = load_model(plan.base, torch.float32)
-    check_fingerprints(plan, model)
+    check_base(model, plan.base, {name: a.adapter_dir for name, a in plan.adapters.items()})  # in their dtypes
     peft_model = None
     for name, adapter in plan.adapters.items():
         if peft_model is None:
@@ -296,18 +297,6 @@ def reference_model(plan: MergePlan, seed: int = 0):
     if _device():
         peft_model.to(_device())
     return peft_model.eval()
-
-
-def check_fingerprints(plan: MergePlan, model) -> None:
-    """Refuse adapters whose recorded base fingerprint differs from the base loaded (in their training dtype)."""
-    problems = []
-    for dtype in sorted({a.trained_dtype for a in plan.adapters.values()}):
-        probe = model if dtype == "float32" else load_model(plan.base, pick_dtype(dtype))
-        fingerprint = base_fingerprint(probe)
-        problems += [p for a in plan.adapters.values() if a.trained_dtype == dtype
-                     and (p := fingerprint_problem(a, plan.base, fingerprint))]
-    if problems:
-        raise ModelError(problems, title="adapters trained on another base")
 
 
 def _add_combined(peft_model, plan: MergePlan, seed: int) -> None:

@@ -183,9 +183,10 @@ def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, trust_remo
 
         raise platform_error(quantization_config, exc) from None
     if quantized and quantized["device_map"][""] == "cpu":
-        from .quantize import copy_out_of_checkpoint_file
+        from .quantize import copy_out_of_checkpoint_file, keep_one_layout
 
         copy_out_of_checkpoint_file(model)
+        keep_one_layout(model)
     if device is not None and not quantized:
         model.to(device)
     return model

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data.prepare import PreparedDataset, prepare_all
+from .data.render import template_problems
 from .errors import RecipeError
 from .models import BaseModelRef, check_recipe_modules, load_tokenizer, meta_model, resolve_base
 from .recipe import Recipe, load_recipe, unknown_name_message
@@ -36,6 +37,9 @@ def open_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
     model = recipe.model
     base = resolve_base(model.path, model.gguf_file, recipe.base_dir, model.trust_remote_code)
     tokenizer = load_tokenizer(base, model.trust_remote_code)
+    problems = template_problems(recipe.datasets, tokenizer, base.name)
+    if problems:
+        raise RecipeError(problems, title="recipe does not fit the tokenizer")
     check_recipe_modules(recipe, meta_model(base, model.trust_remote_code))
     return Workspace(recipe, base, tokenizer, list(only) if only else None)
 

@@ -161,6 +161,23 @@ def prepare_for_training(model: nn.Module, spec: ModelSpec) -> nn.Module:
     return model
 
 
+def keep_one_layout(model: nn.Module) -> int:
+    """Keep every 4-bit layer in the layout it trains in; returns how many layers were switched off the CPU repack.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a `Linear4bit` on its first forward in eval mode without
+    gradients (held-out loss, generation) into an inference layout: absmax rounded to bfloat16 and double
+    quantization undone, so the weights de-quantize to other values (the base "changes"), and a later training
+    forward runs a kernel with no backward. With the repack off, training, evaluation and the fingerprints
+    all see the same weights on every CPU.
+    """
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
 def copy_out_of_checkpoint_file(model: nn.Module) -> None:
     """Copy the full-precision weights of a model quantized on the CPU out of the memory-mapped checkpoint.
 

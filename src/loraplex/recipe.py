@@ -139,6 +139,12 @@ class Recipe(_Strict):
     # where relative paths are resolved from (the recipe file's folder); not part of the recipe
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _path_shorthand(cls, value):
+        """`model: default` or `model: meta-llama/Meta-Llama-3-8B-Instruct` means `model: {path: ...}`."""
+        return {"path": value} if isinstance(value, str) else value
+
     def dataset(self, name: str) -> DatasetSpec:
         for spec in self.datasets:
             if spec.name == name:
@@ -172,6 +178,8 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -
     else:
         path = Path(source)
         raw, base_dir, stem = _read_yaml(path), path.resolve().parent, path.stem
+    if isinstance(raw.get("model"), str):  # the shorthand, before overrides such as model.dtype=... reach into it
+        raw["model"] = {"path": raw["model"]}
     problems: list[str] = []
     for item in overrides or []:
         try:

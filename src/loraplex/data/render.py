@@ -29,6 +29,9 @@ FALLBACK_TEMPLATES = {
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     ),
 }
+# what each fallback template needs the tokenizer to hold as single (special) tokens
+TEMPLATE_MARKERS = {"chatml": ("<|im_start|>", "<|im_end|>"),
+                    "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
 END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
 
@@ -37,6 +40,34 @@ def chat_template_for(tokenizer, name: str | None = None) -> str:
     if name:
         return FALLBACK_TEMPLATES[name]
     return tokenizer.chat_template or FALLBACK_TEMPLATES["chatml"]
+
+
+def missing_markers(tokenizer, name: str) -> list[str]:
+    """The fallback template's turn markers that the tokenizer would split into several ordinary tokens."""
+    return [m for m in TEMPLATE_MARKERS[name] if len(tokenizer(m, add_special_tokens=False)["input_ids"]) != 1]
+
+
+def template_problems(datasets: list, tokenizer, model_name: str) -> list[str]:
+    """One line per dataset whose fallback template's markers are not tokens of this tokenizer.
+
+    Such a marker would become several ordinary tokens that the adapter is trained to write, and generation
+    would never see the end-of-turn token it stops on.
+    """
+    problems = []
+    for spec in datasets:
+        name = spec.template or (None if tokenizer.chat_template else "chatml")
+        missing = missing_markers(tokenizer, name) if name else []
+        if not missing:
+            continue
+        chosen = (f"template: {name}" if spec.template else
+                  f"the tokenizer has no chat template, and the {name} fallback")
+        problems.append(f"datasets[{spec.name}]: {chosen} marks turns with {', '.join(missing)}, which the tokenizer "
+                        f"of {model_name} does not hold as tokens (each would be split into ordinary tokens and "
+                        "trained on); use the template whose special tokens this tokenizer has"
+                        + (", or remove template: to use the tokenizer's own chat template"
+                           if spec.template and tokenizer.chat_template else
+                           ", or a base model whose tokenizer has a chat template"))
+    return problems
 
 
 @dataclass

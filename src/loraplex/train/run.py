@@ -26,7 +26,7 @@ from ..pipeline import Workspace, open_recipe
 from ..quantize import describe, gradient_checkpointing, prepare_for_training, quantization_config
 from ..recipe import DatasetSpec, Recipe, save_resolved
 from ..tables import percent_of_base
-from .trainer import make_trainer
+from .trainer import TrainStats, loss_curve, make_trainer
 
 ADAPTER_META = "loraplex.json"
 RUN_META = "run.json"
@@ -172,11 +172,13 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     peft_model = get_peft_model(model, lora_config(spec))
     trainable, total = parameter_counts(peft_model)
     checkpoint_dir = run_dir / "checkpoints" / spec.name
-    trainer, stats = make_trainer(peft_model, spec, data, checkpoint_dir, model_dtype=model.dtype, progress=progress)
-    started = time.perf_counter()
     last = _last_checkpoint(checkpoint_dir) if resume else None
+    earlier = TrainStats.at(last)  # tokens and seconds before the checkpoint a resumed run starts from
+    trainer, stats = make_trainer(peft_model, spec, data, checkpoint_dir, progress=progress,
+                                  stats=TrainStats(earlier.tokens, earlier.seconds))
+    started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(last) if last else None)
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - started + earlier.seconds
     adapter_val = heldout_metrics(peft_model, data.val)
     probe = _probe_batch(data, peft_model)
     expected_logits = _logits(peft_model, probe)
@@ -189,7 +191,7 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
         "config": spec.model_dump(mode="json"),
         "trainable_params": trainable, "total_params": total,
         "trainable_percent_of_base": percent_of_base({"trainable_params": trainable, "total_params": total}),
-        "train_loss_curve": stats.loss_curve, "steps": trainer.state.global_step,
+        "train_loss_curve": loss_curve(trainer.state), "steps": trainer.state.global_step,
         "heldout_loss_base": base_val["loss"], "heldout_loss": adapter_val["loss"],
         "heldout_token_accuracy_base": base_val["token_accuracy"],
         "heldout_token_accuracy": adapter_val["token_accuracy"], "heldout_tokens": adapter_val["tokens"],

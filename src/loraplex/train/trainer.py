@@ -6,16 +6,19 @@ from transformers' Trainer; loraplex only supplies the batches, the loss and the
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..atomic import atomic_write_json
 from ..data.prepare import PreparedDataset
 from ..errors import LoraplexError
 from ..recipe import DatasetSpec
@@ -23,11 +26,29 @@ from .batching import (IGNORE_INDEX, PackedCollator, PaddedCollator, answer_loss
                        split_packed)
 
 
+PROGRESS_FILE = "loraplex_progress.json"  # TrainStats in each checkpoint folder
+
+
 @dataclass
 class TrainStats:
-    tokens: int = 0  # real (non-padding) tokens seen
-    seconds: float = 0.0  # time inside optimizer steps
-    loss_curve: list[dict] = field(default_factory=list)  # [{"step", "loss"}]
+    """Real (non-padding) tokens trained on and seconds spent in optimizer steps, kept with each checkpoint."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def save(self, checkpoint: Path) -> None:
+        atomic_write_json(checkpoint / PROGRESS_FILE, asdict(self))
+
+    @classmethod
+    def at(cls, checkpoint: Path | None) -> "TrainStats":
+        """The counts when `checkpoint` was written (zero without one, or for a checkpoint that lacks them)."""
+        path = checkpoint / PROGRESS_FILE if checkpoint else None
+        return cls(**json.loads(path.read_text(encoding="utf-8"))) if path and path.is_file() else cls()
+
+
+def loss_curve(state) -> list[dict]:
+    """[{"step", "loss"}] from the Trainer's log history (restored from the checkpoint on resume)."""
+    return [{"step": e["step"], "loss": float(e["loss"])} for e in state.log_history if "loss" in e and "step" in e]
 
 
 SOURCES_KEY = "loraplex_sources"  # a batch key the model never sees; compute_loss pops it
@@ -47,7 +68,10 @@ class AdapterTrainer(Trainer):
         self.stats = stats
         self.micro_batch_tokens = micro_batch_tokens
         self.per_sequence_attention = per_sequence_attention
-        self.loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
+        # compute_loss takes `num_items_in_batch` whatever the model's forward accepts: have the Trainer count the
+        # answer tokens of the whole accumulated batch for every model class. The loss then counts as scaled for
+        # gradient accumulation exactly when that count was given (the Trainer's own rule).
+        self.model_accepts_loss_kwargs = True
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         parts = split_packed(inputs, self.micro_batch_tokens)
@@ -97,6 +121,7 @@ class ProgressCallback(TrainerCallback):
     def __init__(self, name: str, stats: TrainStats, enabled: bool):
         self.name, self.stats, self.enabled = name, stats, enabled
         self.bar = None
+        self.last_loss: float | None = None
         self._step_started = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -113,16 +138,21 @@ class ProgressCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self.stats.loss_curve.append({"step": state.global_step, "loss": float(logs["loss"])})
+            self.last_loss = float(logs["loss"])
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if checkpoint.is_dir() and state.is_world_process_zero:
+            self.stats.save(checkpoint)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bar.close()
 
     def _last_loss(self) -> str:
-        return f"{self.stats.loss_curve[-1]['loss']:.4f}" if self.stats.loss_curve else "-"
+        return f"{self.last_loss:.4f}" if self.last_loss is not None else "-"
 
 
-def training_arguments(spec: DatasetSpec, checkpoint_dir: Path, model_dtype: torch.dtype) -> TrainingArguments:
+def training_arguments(spec: DatasetSpec, checkpoint_dir: Path) -> TrainingArguments:
     t = spec.train
     on_gpu = torch.cuda.is_available()
     return TrainingArguments(
@@ -164,11 +194,12 @@ def micro_batch_tokens(spec: DatasetSpec) -> int | None:
 
 
 def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoint_dir: Path,
-                 model_dtype: torch.dtype, progress: bool = True) -> tuple[AdapterTrainer, TrainStats]:
-    stats = TrainStats()
+                 progress: bool = True, stats: TrainStats | None = None) -> tuple[AdapterTrainer, TrainStats]:
+    """`stats`: the counts to continue from (those of the checkpoint a resumed run starts at)."""
+    stats = stats or TrainStats()
     collator = PackedCollator() if spec.train.packing else PaddedCollator(peft_model.config.pad_token_id or 0)
     trainer = AdapterTrainer(
-        model=peft_model, args=training_arguments(spec, checkpoint_dir, model_dtype), train_dataset=data.train,
+        model=peft_model, args=training_arguments(spec, checkpoint_dir), train_dataset=data.train,
         data_collator=WithSources(collator), callbacks=[ProgressCallback(spec.name, stats, progress)], stats=stats,
         micro_batch_tokens=micro_batch_tokens(spec), per_sequence_attention=spec.train.packed_attention == "per_sequence",
     )

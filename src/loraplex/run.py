@@ -1,0 +1,130 @@
+"""The run folder: its file names, the adapters' metadata, and the check that a base is the one they trained on.
+
+```
+runs/<run>/
+  run.json                 the recipe's fingerprint and the base model's name
+  recipe.resolved.yaml     the recipe with defaults merged and absolute paths: the run reopens from it
+  adapters/<name>/         a PEFT adapter (adapter_config.json, adapter_model.safetensors) and loraplex.json,
+                           written last: an adapter folder without it is incomplete
+  checkpoints/<name>/      Trainer checkpoints while an adapter trains (removed once it is saved)
+  eval.json, report.md, report.html, merged/<name>/
+```
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+from .models import BaseModelRef, base_fingerprint, load_model, pick_dtype
+from .quantize import quantization_config
+
+ADAPTER_META = "loraplex.json"
+RUN_META = "run.json"
+RESOLVED_RECIPE = "recipe.resolved.yaml"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+EVAL_FILE = "eval.json"
+
+
+def adapter_dir(run_dir: str | Path, name: str) -> Path:
+    return Path(run_dir) / "adapters" / name
+
+
+def checkpoint_dir(run_dir: str | Path, name: str) -> Path:
+    return Path(run_dir) / "checkpoints" / name
+
+
+def is_complete(folder: Path) -> bool:
+    """An adapter folder counts only when its metadata (written last, atomically) and weights are there."""
+    return (Path(folder) / ADAPTER_META).is_file() and (Path(folder) / ADAPTER_WEIGHTS).is_file()
+
+
+def complete_adapters(run_dir: str | Path) -> list[str]:
+    """Names of the run's finished adapters, sorted."""
+    root = Path(run_dir) / "adapters"
+    return sorted(p.name for p in root.glob("*") if is_complete(p)) if root.is_dir() else []
+
+
+def adapter_metadata(folder: Path) -> dict:
+    """loraplex.json of an adapter folder ({} for an adapter loraplex did not train)."""
+    path = Path(folder) / ADAPTER_META
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} is unreadable ({exc}); the adapter folder is damaged: train it again") from None
+
+
+# --------------------------------------------------------------------------- is this the adapter's base?
+
+# a weight loaded in the first dtype and cast to the second is bit-identical to one loaded in the second
+_EXACT_DOWNCASTS = {(torch.float32, torch.bfloat16), (torch.float32, torch.float16)}
+
+
+def trained_dtype(meta: dict) -> torch.dtype:
+    """The dtype the adapter's base weights were held in while it trained (float32 when not recorded)."""
+    found = getattr(torch, str(meta.get("dtype") or "float32"), None)
+    return found if isinstance(found, torch.dtype) else torch.float32
+
+
+def loaded_dtype(model) -> torch.dtype:
+    """The dtype of the model's floating base weights as loaded."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def fingerprint_as_trained(model, ref: BaseModelRef, dtype: torch.dtype, quantization=None) -> str:
+    """The fingerprint of `model`'s base weights as an adapter trained in `dtype` recorded it.
+
+    Fingerprints hash floating weights in the training dtype. A base loaded more precisely is cast down (exact:
+    the training load cast the same checkpoint the same way); one loaded less precisely cannot be cast up to
+    what training saw, so the base is read again from `ref` in `dtype`. `quantization` (a recipe's `model:`
+    block) means `model` is quantized: its codes depend on the dtype it was quantized from, so it is
+    compared only when quantized from `dtype`, and read again otherwise.
+    """
+    loaded = loaded_dtype(model) if quantization is None else pick_dtype(quantization.dtype)
+    if loaded == dtype or (quantization is None and (loaded, dtype) in _EXACT_DOWNCASTS):
+        return base_fingerprint(model, dtype)
+    if quantization is None:
+        return base_fingerprint(load_model(ref, dtype), dtype)
+    spec = quantization.model_copy(update={"dtype": str(dtype).replace("torch.", "")})
+    return base_fingerprint(load_model(ref, dtype, quantization_config=quantization_config(spec)), dtype)
+
+
+def base_problem(name: str, folder: Path, meta: dict, ref: BaseModelRef, fingerprint: str,
+                 quantized_as: str | None = None) -> str | None:
+    """The one refusal message: the adapter recorded another base than the one loaded (None if it did not)."""
+    key = "quantized_base_fingerprint" if quantized_as else "base_fingerprint"
+    recorded = meta.get(key)  # a plain LoRA adapter records no quantized base: nothing to compare on a 4-bit load
+    if not recorded or recorded == fingerprint:
+        return None
+    trained_on = meta.get("base_model", "another model")
+    loaded = ref.name
+    if quantized_as:
+        trained_on += f" quantized as {meta.get('quantization', '?')}"
+        loaded += f" quantized as {quantized_as}"
+    return (f"adapter '{name}' ({folder}) was trained on {trained_on} (base fingerprint {recorded}), but the base "
+            f"loaded from {ref.location} is {loaded} (fingerprint {fingerprint}); load it with the base it was "
+            "trained on")
+
+
+def check_base(model, ref: BaseModelRef, adapters: dict[str, Path], quantization=None,
+               quantized_as: str | None = None) -> None:
+    """Refuse adapters whose recorded base differs from `model` (all of them at once, one line each).
+
+    Each adapter is compared in its own training dtype, whatever dtype `model` was loaded in.
+    """
+    problems, fingerprints = [], {}
+    for name, folder in adapters.items():
+        meta = adapter_metadata(Path(folder))
+        dtype = trained_dtype(meta)
+        if dtype not in fingerprints:
+            fingerprints[dtype] = fingerprint_as_trained(model, ref, dtype, quantization)
+        problem = base_problem(name, Path(folder), meta, ref, fingerprints[dtype], quantized_as)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ModelError(problems, title="adapters trained on another base" if len(problems) > 1 else None)
