@@ -24,22 +24,25 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def make_byte_tokenizer(chat_template: str | None = CHATML_TEMPLATE) -> PreTrainedTokenizerFast:
+def make_byte_tokenizer(chat_template: str | None = CHATML_TEMPLATE,
+                        extra_special_tokens: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend)
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:], "eos_token": "<|im_end|>",
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:] + list(extra_special_tokens),
+                            "eos_token": "<|im_end|>",
                             "pad_token": "<|endoftext|>", "bos_token": "<|endoftext|>"})
     if chat_template is not None:
         tok.chat_template = chat_template
     return tok
 
 
-def make_tiny_model_dir(path: Path, seed: int = 0, chat_template: str | None = CHATML_TEMPLATE) -> Path:
-    tok = make_byte_tokenizer(chat_template)
+def make_tiny_model_dir(path: Path, seed: int = 0, chat_template: str | None = CHATML_TEMPLATE,
+                        extra_special_tokens: tuple[str, ...] = ()) -> Path:
+    tok = make_byte_tokenizer(chat_template, extra_special_tokens)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -55,17 +55,23 @@ def qlora_recipe_stub(model_dir: Path, **model) -> dict:
             "datasets": [{"name": "a", "path": str(Path(__file__))}]}  # any existing file: only model: is used
 
 
-@pytest.fixture(scope="module")
-def qlora_run(tiny_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["cpu-repack-hardware-off", "cpu-repack-hardware-on"])
+def qlora_run(request, tiny_model_dir, tmp_path_factory):
+    """Trained as if the CPU had AVX512-BF16 (bitsandbytes' repack to its inference layout armed on every 4-bit
+    layer) and as if it had not, whatever this CPU has; the tests that use the run see the same machine."""
     from loraplex.train import train
 
     tmp = tmp_path_factory.mktemp("qlora")
     os.environ["LORAPLEX_HOME"] = str(tmp / "home")
     if BNB_PROBLEM is not None:
         pytest.skip(f"bitsandbytes cannot run 4-bit here: {BNB_PROBLEM}")
+    import bitsandbytes.nn.modules
+
     # one attention path for forward and recomputation; the default path with checkpointing has its own test
     masked = {"packed_attention": "masked"} if "packed_attention" in TrainSettings.model_fields else {}
-    return train(qlora_recipe(tmp, tiny_model_dir, masked), progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: request.param)
+        yield train(qlora_recipe(tmp, tiny_model_dir, masked), progress=False)
 
 
 # --------------------------------------------------------------------------- recipe and platform errors
@@ -246,3 +252,42 @@ def test_eval_records_the_base_precision(qlora_run):
     assert quantized["base_precision"] == "quantized" and quantized["base_loaded_as"].startswith("4bit nf4")
     # on the base it trained on, the diagonal is the held-out loss recorded at training time
     assert quantized["metrics"]["a"]["a"]["loss"] == pytest.approx(qlora_run.adapters["a"]["heldout_loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- bitsandbytes' CPU repack
+
+
+def _eval_forward(model) -> None:
+    with torch.no_grad():
+        model.eval()(input_ids=torch.tensor([list(range(3, 30))]))
+
+
+@needs_bnb
+@pytest.mark.parametrize("hardware", [False, True], ids=["avx512bf16-off", "avx512bf16-on"])
+def test_four_bit_layers_keep_their_training_layout_through_evaluation(hardware, tiny_model_dir, monkeypatch):
+    """Held-out loss and generation run the layers in eval mode without gradients, where bitsandbytes would
+    repack them on an AVX512-BF16 CPU; loraplex's loads keep them as training sees them, on every CPU."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: hardware)
+    model = load_model(resolve_base(str(tiny_model_dir)), quantization_config=quantized_config(tiny_model_dir))
+    layers = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    before = base_fingerprint(model)
+    _eval_forward(model)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert base_fingerprint(model) == before
+
+
+@needs_bnb
+@pytest.mark.skipif(not quantize.cpu_repack_hardware(), reason="needs a CPU with AVX512-BF16: bitsandbytes repacks "
+                    "4-bit layers into its inference layout only there")
+def test_left_armed_the_cpu_repack_changes_the_base(tiny_model_dir):
+    """Why loraplex disarms it: on this CPU the repack rounds absmax to bfloat16, so the weights move."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, device_map={"": "cpu"},
+                                                 quantization_config=quantized_config(tiny_model_dir))
+    before = base_fingerprint(model)
+    _eval_forward(model)
+    assert base_fingerprint(model) != before

@@ -34,9 +34,9 @@ ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w
 
 
 
-def recipe_dict(tmp: Path, model_dir: Path, **train) -> dict:
+def recipe_dict(tmp: Path, model_dir: Path, dtype: str = "float32", **train) -> dict:
     write_jsonl(tmp / "a.jsonl", ROWS)
-    return {"model": {"path": str(model_dir), "dtype": "float32"}, "output_dir": str(tmp / "runs"), "run_name": "t",
+    return {"model": {"path": str(model_dir), "dtype": dtype}, "output_dir": str(tmp / "runs"), "run_name": "t",
             "defaults": {"train": {"epochs": 4, "lr": 3e-2, "batch_size": 8, "save_steps": 4, "logging_steps": 1,
                                    **train}, "lora": {"r": 4, "alpha": 8}},
             "datasets": [{"name": "a", "path": str(tmp / "a.jsonl"), "target_modules": ["q_proj"]}]}
@@ -254,8 +254,8 @@ raise SystemExit("not killed")
 KILL_POINTS = ["checkpoint-4", "checkpoint-8", "adapter-write"]
 
 
-@pytest.fixture(scope="module")
-def killed_runs(tmp_path_factory, tiny_model_dir):
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])  # forced: the same on every CPU
+def killed_runs(request, tmp_path_factory, tiny_model_dir):
     """The uninterrupted reference run, and one run killed at each point (the three in parallel)."""
     from loraplex.train import train
 
@@ -264,11 +264,11 @@ def killed_runs(tmp_path_factory, tiny_model_dir):
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     recipes, procs = {}, {}
     for point in KILL_POINTS:
-        recipes[point] = recipe_dict(tmp_path_factory.mktemp(point), tiny_model_dir, max_steps=24)
+        recipes[point] = recipe_dict(tmp_path_factory.mktemp(point), tiny_model_dir, request.param, max_steps=24)
         procs[point] = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, json.dumps(recipes[point]), point],
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     reference_dir = tmp_path_factory.mktemp("reference")
-    raw = recipe_dict(reference_dir, tiny_model_dir, max_steps=24)
+    raw = recipe_dict(reference_dir, tiny_model_dir, request.param, max_steps=24)
     before = set(reference_dir.rglob("*"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORAPLEX_HOME", str(home))
@@ -324,6 +324,13 @@ def test_resume_after_kill_matches_the_uninterrupted_run(point, killed_runs):
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-4)
+    # what the summary and the report show covers the whole run, not only the part after the resume
+    ours, theirs = resumed.adapters["a"], reference.adapters["a"]
+    assert [p["step"] for p in ours["train_loss_curve"]] == [p["step"] for p in theirs["train_loss_curve"]]
+    assert ours["train_loss_curve"][0]["step"] == 1 and len(ours["train_loss_curve"]) == 24
+    torch.testing.assert_close(torch.tensor([p["loss"] for p in ours["train_loss_curve"]]),
+                               torch.tensor([p["loss"] for p in theirs["train_loss_curve"]]), atol=1e-4, rtol=1e-4)
+    assert ours["tokens_trained"] == theirs["tokens_trained"] > 0
 
 
 def test_data_cache_without_its_marker_is_rebuilt(tmp_path, tiny_tokenizer):

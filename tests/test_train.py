@@ -23,23 +23,23 @@ ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w
         for w in ["apple", "river", "stone", "cloud", "amber", "pilot"] * 8]
 
 
-def make_recipe(tmp_path: Path, model_dir: Path, **train_overrides) -> dict:
+def make_recipe(tmp_path: Path, model_dir: Path, dtype: str = "float32", **train_overrides) -> dict:
     write_jsonl(tmp_path / "a.jsonl", ROWS)
     write_jsonl(tmp_path / "b.jsonl", list(reversed(ROWS)))
     train_cfg = {"epochs": 4, "lr": 3e-2, "batch_size": 8, "save_steps": 4, "logging_steps": 1, **train_overrides}
     return {
-        "model": {"path": str(model_dir), "dtype": "float32"}, "output_dir": str(tmp_path / "runs"), "run_name": "t",
+        "model": {"path": str(model_dir), "dtype": dtype}, "output_dir": str(tmp_path / "runs"), "run_name": "t",
         "defaults": {"train": train_cfg, "lora": {"r": 4, "alpha": 8}},
         "datasets": [{"name": "a", "path": str(tmp_path / "a.jsonl"), "target_modules": ["q_proj"]},
                      {"name": "b", "path": str(tmp_path / "b.jsonl"), "target_modules": ["v_proj"]}],
     }
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])  # forced: the same on every CPU
+def trained(request, tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     os.environ["LORAPLEX_HOME"] = str(tmp / "home")
-    recipe = make_recipe(tmp, tiny_model_dir)
+    recipe = make_recipe(tmp, tiny_model_dir, request.param)
     return recipe, train(recipe, progress=False)
 
 
@@ -52,11 +52,12 @@ def test_each_adapter_holds_only_its_own_modules(trained):
         assert all("base_model.model.base_model" not in k for k in keys)
 
 
-def test_base_is_untouched_and_recorded(trained, tiny_model_dir):
-    _, result = trained
-    fresh = base_fingerprint(load_model(resolve_base(str(tiny_model_dir))))
+def test_base_fingerprint_is_that_of_the_base_in_the_training_dtype(trained, tiny_model_dir):
+    recipe, result = trained
+    dtype = getattr(torch, recipe["model"]["dtype"])
+    fresh = base_fingerprint(load_model(resolve_base(str(tiny_model_dir)), dtype), dtype)
     for meta in result.adapters.values():
-        assert meta["base_fingerprint"] == fresh
+        assert meta["base_fingerprint"] == fresh and meta["dtype"] == recipe["model"]["dtype"]
 
 
 def test_loss_decreases_and_metadata_is_complete(trained, tiny_model_dir):

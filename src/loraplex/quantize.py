@@ -161,6 +161,15 @@ def prepare_for_training(model: nn.Module, spec: ModelSpec) -> nn.Module:
     return model
 
 
+def cpu_repack_hardware() -> bool:
+    """True where bitsandbytes would repack 4-bit layers for inference on the CPU (it found AVX512-BF16)."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except Exception:  # no bitsandbytes, or one that cannot load its native library here
+        return False
+    return bool(has_avx512bf16())
+
+
 def keep_one_layout(model: nn.Module) -> int:
     """Keep every 4-bit layer in the layout it trains in; returns how many layers were switched off the CPU repack.
 
