@@ -77,7 +77,7 @@ def count_cpu_seconds_in_steps(clock: dict) -> None:
     tokens per CPU-second compares configurations more steadily than tokens per wall-clock second."""
     from transformers import TrainerCallback
 
-    import loraplex.train.run as run_module
+    import loraplex.training.runner as run_module
 
     class CpuClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -124,8 +124,9 @@ def worker(name: str, data: Path, rows: int, steps: int, batch_size: int, thread
     from loraplex.adapters import load as load_adapters
     from loraplex.evaluate import heldout_metrics
     from loraplex.pipeline import open_recipe
-    from loraplex.quantize import is_quantized, weight_bytes
-    from loraplex.train.run import load_base, train_adapter
+    from loraplex.models import weight_bytes
+    from loraplex.quantize import is_quantized
+    from loraplex.training.runner import load_base, train_adapter
 
     clock = {"seconds": 0.0}
     count_cpu_seconds_in_steps(clock)

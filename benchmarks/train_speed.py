@@ -11,7 +11,7 @@ turns step by step (round robin), so load from other processes on the machine fa
 
 Configurations (`--configs`, comma-separated; `--levers` adds the lever variants):
   baseline-bf16  HF Trainer + PEFT, batch 1, bf16=True (on a CPU: autocast to bf16), the model's own loss
-  loraplex       loraplex.train.trainer.make_trainer with the recipe defaults (only batch_size/max_steps set):
+  loraplex       loraplex.training.trainer.make_trainer with the recipe defaults (only batch_size/max_steps set):
                  packed rows of at most max(max_seq_length, 512) tokens per pass (on CPU), per-sequence
                  attention, LM head on answer positions only, in chunks
   baseline-fp32  the baseline with bf16=False
@@ -151,8 +151,8 @@ def loraplex_trainer(args, variant: str, data, out_dir: str):
     from loraplex.data.prepare import PreparedDataset
     from loraplex.models import pick_dtype
     from loraplex.recipe import DatasetSpec
-    from loraplex.train.run import lora_config
-    from loraplex.train.trainer import make_trainer
+    from loraplex.training.runner import lora_config
+    from loraplex.training.trainer import make_trainer
 
     train = {"batch_size": args.batch_size, "max_steps": args.steps, "logging_steps": 1, "save_steps": 10**6}
     whole_batch = {"micro_batch_tokens": 10**9}
@@ -177,8 +177,8 @@ def loraplex_trainer(args, variant: str, data, out_dir: str):
 
 def _full_logits_loss(trainer):
     """The model's own loss (LM head on every position), still with per-sequence attention."""
-    from loraplex.train.batching import packed_attention, real_tokens
-    from loraplex.train.trainer import SOURCES_KEY
+    from loraplex.training.batching import packed_attention, real_tokens
+    from loraplex.training.trainer import SOURCES_KEY
 
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs.pop(SOURCES_KEY, None)
@@ -212,7 +212,7 @@ def child_main(conn, args, name: str) -> None:
     if name == "loraplex-1thread":
         torch.set_num_threads(1)
     if name == "loraplex-one-head-pass":
-        from loraplex.train import batching
+        from loraplex.training import batching
 
         batching.HEAD_CHUNK_ELEMENTS = 2**62  # the whole [answer tokens, vocab] logits in one chunk
     started = time.perf_counter()

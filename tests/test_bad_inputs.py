@@ -270,7 +270,7 @@ def test_output_dir_holding_another_run_is_refused(run_json, tmp_path, tiny_mode
 
 def test_adapter_from_another_base_model_is_refused(tmp_path, tiny_model_dir):
     from loraplex import adapters
-    from loraplex.train import train
+    from loraplex import train
 
     result = train(small_recipe(tmp_path, tiny_model_dir), progress=False)
     adapter_dir = result.run_dir / "adapters" / "d"

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write_jsonl
-from loraplex.evaluate import (GenerationSettings, chrf, evaluate_run, exact_match, known_checkers,
+from loraplex.data.demo import demo_checkers
+from loraplex.evaluate import (GenerationSettings, chrf, evaluate_run, exact_match,
                                load_test_split)
 
 WORDS = ["apple", "river", "stone", "cloud", "amber", "pilot"]
@@ -42,7 +43,7 @@ def make_run_recipe(tmp: Path, model_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    from loraplex.train import train
+    from loraplex import train
 
     tmp = tmp_path_factory.mktemp("eval")
     with pytest.MonkeyPatch.context() as mp:
@@ -126,7 +127,7 @@ def test_demo_entries_get_the_demo_checker(tmp_path, monkeypatch):
     raw = demo_recipe()
     raw["datasets"].append({**raw["datasets"][0], "name": "custom", "test_path": "data/en/test.jsonl"})
     recipe = load_recipe(raw)
-    checkers = known_checkers(recipe)
+    checkers = demo_checkers(recipe)
     assert set(checkers) == {"zh", "en", "ja", "zh_all"}  # 'custom' is not a demo entry: string equality
     row = {"instruction": "用中文写出这个数字：1005", "input": ""}
     assert checkers["zh"](row, f" {expected_answer('zh', row)}\n")
@@ -175,7 +176,7 @@ def test_a_run_trained_from_a_recipe_file_with_relative_paths(tiny_model_dir, tm
     """The usual layout: recipe.yaml beside data/, run folder under runs/; eval starts where train did."""
     import yaml
 
-    from loraplex.train import train
+    from loraplex import train
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()

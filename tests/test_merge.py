@@ -286,7 +286,7 @@ ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w
 def trained_run(tiny_model_dir, tmp_path_factory) -> Path:
     import os
 
-    from loraplex.train import train
+    from loraplex import train
 
     tmp = tmp_path_factory.mktemp("trained")
     os.environ["LORAPLEX_HOME"] = str(tmp / "home")

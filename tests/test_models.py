@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex import models
+from loraplex import device, models
 from loraplex.errors import ModelError, RecipeError
 from loraplex.recipe import load_recipe
 
@@ -177,15 +177,26 @@ def test_base_fingerprint_sees_dtype(tiny_model_dir):
         AutoModelForCausalLM.from_pretrained(tiny_model_dir))
 
 
+def _cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not _cpu_flags(),
+                    reason="reads the CPU's flags from /proc/cpuinfo (Linux, no GPU)")
+def test_auto_dtype_follows_the_cpu_flags():
+    """Independent of the code under test: the kernel's own list of CPU features."""
+    native = bool({"avx512_bf16", "amx_bf16", "amx_tile"} & _cpu_flags())
+    assert device.pick_dtype("auto") == (torch.bfloat16 if native else torch.float32)
+
+
 def test_pick_dtype(monkeypatch):
-    expected = torch.bfloat16 if models.bf16_supported() else torch.float32
-    assert models.pick_dtype("auto") == expected
-    monkeypatch.setattr(models, "bf16_supported", lambda: True)
-    assert models.pick_dtype("auto") == torch.bfloat16
-    monkeypatch.setattr(models, "bf16_supported", lambda: False)
-    assert models.pick_dtype("auto") == torch.float32
-    assert models.pick_dtype("float16") == torch.float16
-    assert models.pick_dtype("float32") == torch.float32
+    monkeypatch.setattr(device, "bf16_supported", lambda: True)
+    assert device.pick_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(device, "bf16_supported", lambda: False)
+    assert device.pick_dtype("auto") == torch.float32
+    assert device.pick_dtype("float16") == torch.float16
+    assert device.pick_dtype("float32") == torch.float32
 
 
 # --------------------------------------------------------------------------- embedded default (GGUF)
@@ -200,7 +211,7 @@ def test_default_model_converts_once_and_loads(monkeypatch, tmp_path):
     ref = models.resolve_base("default")
     folder = Path(ref.location)
     assert ref.name == models.DEFAULT_MODEL_NAME
-    assert folder.parent == models.loraplex_home() / "models"
+    assert folder.parent == device.loraplex_home() / "models"
     assert (folder / models.COMPLETE_MARKER).is_file()
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no leftover temp folder
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from loraplex.models import load_model, resolve_base
-from loraplex.train import batching
-from loraplex.train.batching import PackedCollator, answer_loss_sum, split_packed
+from loraplex.training import batching
+from loraplex.training.batching import PackedCollator, answer_loss_sum, split_packed
 
 LENGTHS = (7, 12, 5, 9)
 

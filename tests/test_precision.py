@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-import loraplex.models
+import loraplex.device
 from conftest import make_tiny_model_dir, write_jsonl
 from loraplex import adapters
 from loraplex.errors import LoraplexError, RecipeError
@@ -36,7 +36,7 @@ def recipe_for(tmp: Path, model_dir: Path, dtype: str = "float32", train: dict |
 
 def host(monkeypatch, bf16: bool) -> None:
     """Make `dtype: auto` pick what a CPU with (or without) native bfloat16 picks."""
-    monkeypatch.setattr(loraplex.models, "bf16_supported", lambda: bf16)
+    monkeypatch.setattr(loraplex.device, "bf16_supported", lambda: bf16)
 
 
 IDS = torch.tensor([list(range(3, 40))])
@@ -53,7 +53,7 @@ def logits(model) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_isolation_check_sees_a_base_changed_while_an_adapter_trains(dtype, tiny_model_dir, tmp_path, monkeypatch):
     """The check compares the base in memory before and after each adapter: a change of one weight stops the run."""
-    from loraplex.train import run
+    from loraplex.training import runner as run
 
     original = run.train_adapter
 
@@ -74,7 +74,7 @@ def test_isolation_check_sees_a_base_changed_while_an_adapter_trains(dtype, tiny
 @pytest.fixture(scope="module", params=[False, True], ids=["trained-on-float32-host", "trained-on-bfloat16-host"])
 def host_run(request, tiny_model_dir, tmp_path_factory):
     """A two-adapter run with `dtype: auto`, trained on a host that picks float32 or bfloat16."""
-    from loraplex.train import train
+    from loraplex import train
 
     tmp = tmp_path_factory.mktemp("host")
     with pytest.MonkeyPatch.context() as mp:
@@ -120,7 +120,7 @@ def test_run_evaluates_and_merges_on_the_other_host(host_run, tmp_path, monkeypa
 
 def test_qlora_trains_in_bfloat16_and_its_adapters_load_in_either_dtype(tiny_model_dir, tmp_path):
     from loraplex import quantize
-    from loraplex.train import train
+    from loraplex import train
 
     try:
         quantize.require_bitsandbytes("4bit")
@@ -154,8 +154,8 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(loss_kwargs
     from peft import get_peft_model
 
     from loraplex.pipeline import open_recipe
-    from loraplex.train.run import lora_config
-    from loraplex.train.trainer import make_trainer
+    from loraplex.training.runner import lora_config
+    from loraplex.training.trainer import make_trainer
 
     grads = {}
 

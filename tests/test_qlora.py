@@ -59,7 +59,7 @@ def qlora_recipe_stub(model_dir: Path, **model) -> dict:
 def qlora_run(request, tiny_model_dir, tmp_path_factory):
     """Trained as if the CPU had AVX512-BF16 (bitsandbytes' repack to its inference layout armed on every 4-bit
     layer) and as if it had not, whatever this CPU has; the tests that use the run see the same machine."""
-    from loraplex.train import train
+    from loraplex import train
 
     tmp = tmp_path_factory.mktemp("qlora")
     os.environ["LORAPLEX_HOME"] = str(tmp / "home")
@@ -152,7 +152,7 @@ def test_fingerprint_covers_packed_weights_and_quant_state(tiny_model_dir):
 
 def test_gradient_checkpointing_trains_with_the_default_attention(tiny_model_dir, tmp_path):
     """Checkpointing recomputes each layer in the backward pass: with the same attention as its forward."""
-    from loraplex.train import train
+    from loraplex import train
 
     recipe = qlora_recipe(tmp_path, tiny_model_dir, {"max_steps": 2}, quantization=None, gradient_checkpointing=True)
     result = train(recipe, only=["b"], progress=False)

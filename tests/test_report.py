@@ -23,7 +23,7 @@ BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 @pytest.fixture(scope="module")
 def report(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
-    from loraplex.train import train
+    from loraplex import train
 
     tmp = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as mp:

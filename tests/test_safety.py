@@ -59,7 +59,7 @@ def test_weights_from_safetensors_and_remote_code_only_when_the_recipe_says(trus
                                                                            monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from loraplex.train import train
+    from loraplex import train
 
     calls: dict[str, list[dict]] = {}
 
@@ -214,7 +214,7 @@ import torch
 torch.set_num_threads(1)
 from transformers import TrainerCallback
 import loraplex
-from loraplex.train import run
+from loraplex.training import runner as run
 
 recipe, point = json.loads(sys.argv[1]), sys.argv[2]
 
@@ -248,7 +248,7 @@ def write_json_or_die(path, data):
 
 
 run.make_trainer, run.atomic_write_json = make_trainer_that_dies, write_json_or_die
-run.train(recipe, progress=False)  # (loraplex.train is shadowed by the subpackage once imported)
+run.train(recipe, progress=False)
 raise SystemExit("not killed")
 """
 KILL_POINTS = ["checkpoint-4", "checkpoint-8", "adapter-write"]
@@ -257,7 +257,7 @@ KILL_POINTS = ["checkpoint-4", "checkpoint-8", "adapter-write"]
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])  # forced: the same on every CPU
 def killed_runs(request, tmp_path_factory, tiny_model_dir):
     """The uninterrupted reference run, and one run killed at each point (the three in parallel)."""
-    from loraplex.train import train
+    from loraplex import train
 
     home = tmp_path_factory.mktemp("home")
     env = {**os.environ, "LORAPLEX_HOME": str(home), "OMP_NUM_THREADS": "1",
@@ -292,8 +292,8 @@ def test_a_run_writes_only_inside_its_run_folder(killed_runs):
 
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_resume_after_kill_matches_the_uninterrupted_run(point, killed_runs):
-    from loraplex.train import train
-    from loraplex.train.run import is_complete
+    from loraplex import train
+    from loraplex.run import is_complete
 
     reference, _, recipes = killed_runs
     run_dir = Path(recipes[point]["output_dir"]) / "t"

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from conftest import write_jsonl
 from loraplex.errors import LoraplexError
 from loraplex.models import base_fingerprint, load_model, resolve_base
-from loraplex.train import train
-from loraplex.train.batching import PackedCollator, PaddedCollator, answer_loss_sum
+from loraplex import train
+from loraplex.training.batching import PackedCollator, PaddedCollator, answer_loss_sum
 
 ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w}"}
         for w in ["apple", "river", "stone", "cloud", "amber", "pilot"] * 8]
@@ -166,9 +166,10 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
 
 
-def test_package_function_survives_submodule_imports():
+def test_loraplex_train_is_the_function():
     import loraplex
-    import loraplex.train.run  # noqa: F401
-    import loraplex.train.trainer  # noqa: F401
+    import loraplex.training.runner
+    import loraplex.training.trainer  # noqa: F401
 
-    assert callable(loraplex.train) and loraplex.train.__module__ == "loraplex"
+    assert loraplex.train is loraplex.training.runner.train
+    assert "allow_pickle" in loraplex.train.__code__.co_varnames

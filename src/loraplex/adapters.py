@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import ModelError
-from .models import BaseModelRef, load_model, load_tokenizer, pick_dtype, resolve_base
+from .device import pick_dtype
+from .models import BaseModelRef, load_model, load_tokenizer, resolve_base
 from .quantize import describe, quantization_config
 from .recipe import ModelSpec
 from .run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_metadata, check_base
@@ -49,8 +50,6 @@ def load(base: str | BaseModelRef = "default", adapters: dict[str, str | Path] |
     set) loads the base quantized instead; an adapter trained on a quantized base is then checked against the
     fingerprint of the quantized weights it trained on.
     """
-    from peft import PeftModel
-
     ref = base if isinstance(base, BaseModelRef) else resolve_base(base)
     adapters = {name: Path(path) for name, path in (adapters or {}).items()}
     for name, path in adapters.items():
@@ -62,13 +61,20 @@ def load(base: str | BaseModelRef = "default", adapters: dict[str, str | Path] |
     if check_fingerprint and adapters:
         check_base(model, ref, adapters, quantization if config is not None else None,
                    precision if config is not None else None)
+    return AdapterSet(attach(model, adapters), tokenizer, ref, list(adapters), precision)
+
+
+def attach(model, adapters: dict[str, Path]):
+    """Each adapter loaded onto `model` by PEFT under its name (the first wraps the model in a PeftModel)."""
+    from peft import PeftModel
+
     peft_model = None
     for name, path in adapters.items():
         if peft_model is None:
             peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
         else:
             peft_model.load_adapter(str(path), adapter_name=name)
-    return AdapterSet(peft_model if peft_model is not None else model, tokenizer, ref, list(adapters), precision)
+    return peft_model if peft_model is not None else model
 
 
 def _check_adapter_files(name: str, path: Path, allow_pickle: bool) -> None:

@@ -59,7 +59,7 @@ def prepare(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDE
             as_json: bool = typer.Option(False, "--json", help="print the statistics as JSON")) -> None:
     """Validate the recipe, tokenize every dataset (cached) and print length statistics."""
     from .pipeline import prepare_recipe
-    from .tables import prepare_table
+    from .display import prepare_table
 
     stats = _run(prepare_recipe, recipe, overrides or [], only)
     if as_json:
@@ -78,8 +78,8 @@ def train(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
                                             "run code: only files from a source you trust)"),
           ) -> None:
     """Train one LoRA adapter per dataset, each against the untouched base model."""
-    from .tables import train_table
-    from .train import train as train_run
+    from .display import train_table
+    from .training.runner import train as train_run
 
     result = _run(train_run, recipe, overrides or [], only, resume=resume, overwrite=overwrite,
                   allow_pickle=allow_pickle)
@@ -95,7 +95,7 @@ def demo(overrides: Optional[list[str]] = OVERRIDES_ARG,
     import time
 
     from .demo import run_demo
-    from .tables import demo_table
+    from .display import demo_table
 
     started = time.perf_counter()
     summary = _run(run_demo, out, seed, overrides or [], log=lambda line: console.print(line, markup=False, highlight=False))
@@ -137,7 +137,7 @@ def eval_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/dem
                  no_generate: bool = typer.Option(False, "--no-generate", help="held-out metrics only")) -> None:
     """Evaluate the base, every adapter and merged models on every dataset's held-out and test data."""
     from .evaluate import GenerationSettings, evaluate_run
-    from .tables import eval_table
+    from .display import eval_table
 
     settings = GenerationSettings(enabled=not no_generate, max_new_tokens=max_new_tokens, max_examples=max_examples)
     result = _run(evaluate_run, run, merged or [], settings, log=lambda message: console.print(f"[dim]{message}[/]"))
@@ -161,7 +161,8 @@ def inspect_command(adapter_dir: Path = typer.Argument(..., help="adapter folder
                                                          "--layer, also the values of W, A, B, ΔW and W + ΔW"),
                     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON")) -> None:
     """Show an adapter's config and scaling, and per layer × module the norms of A, B and ΔW = scaling·B@A."""
-    from .inspect_adapter import inspect_adapter, render_inspect
+    from .display import render_inspect
+    from .inspect_adapter import inspect_adapter
 
     report = _run(inspect_adapter, adapter_dir, layer=layer, module=module)
     if as_json:
@@ -184,7 +185,8 @@ def merge_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/<r
                   density: float = typer.Option(0.5, "--density", help="ties/dare_linear: share of values kept"),
                   overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous merge in --out")) -> None:
     """Merge adapters of a run into the base: a standalone model folder, verified against the formula."""
-    from .merging import merge, render_merge
+    from .display import render_merge
+    from .merging import merge
 
     report = _run(merge, run, adapters, weights, method, out_dir=out, dtype=dtype, density=density,
                   overwrite=overwrite, echo=lambda line: stdout.print(line, markup=False, highlight=False))

@@ -18,28 +18,25 @@ from typing import Callable
 import yaml
 
 from .atomic import atomic_write_json, atomic_write_text
-from .data.demo import write_demo_data
+from .data.demo import DEMO_ADAPTERS, demo_file, write_demo_data
 from .errors import LoraplexError
 from .evaluate import evaluate_run
 from .merging import merge
 from .recipe import DATASET_NAME_PATTERN, load_recipe
 from .report import write_report
-from .train import train
+from .training.runner import train
 
 DEMO_SYSTEM = "You are a helpful assistant."
 MERGED = ("zh", "en")  # disjoint modules (q_proj, v_proj): their merge is an exact sum
 DEMO_SIZES = {"n_train": 320, "n_val": 24, "n_test": 30}  # sized for a 2-core CPU: about 2 minutes per adapter
-# dataset entry -> (demo data set, target modules)
-DEMO_ADAPTERS = {"zh": ("zh", ["q_proj"]), "en": ("en", ["v_proj"]), "ja": ("ja", ["v_proj"]),
-                 "zh_all": ("zh", "all-linear")}
 
 
 def demo_recipe(seed: int = 0, run_name: str = "demo") -> dict:
     """The demo's recipe, to be written into the run folder `<...>/<run_name>/demo.yaml`."""
     datasets = []
     for name, (data, targets) in DEMO_ADAPTERS.items():
-        datasets.append({"name": name, "path": f"data/{data}/train.jsonl", "val_path": f"data/{data}/val.jsonl",
-                         "test_path": f"data/{data}/test.jsonl", "target_modules": targets})
+        datasets.append({"name": name, "path": demo_file(data, "train"), "val_path": demo_file(data, "val"),
+                         "test_path": demo_file(data, "test"), "target_modules": targets})
     return {
         "model": {"path": "default", "dtype": "auto"},
         "run_name": run_name, "output_dir": "..",  # the run folder is the recipe's own folder

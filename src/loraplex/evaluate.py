@@ -1,6 +1,6 @@
 """Evaluation: held-out metrics on answer tokens, greedy generation metrics, and the run's eval matrix.
 
-Training reports its held-out loss through `heldout_metrics`, so the evaluation matrix's diagonal
+Training reports its held-out loss through `training.batching.heldout_metrics`, so the evaluation matrix's diagonal
 equals the numbers recorded at training time.
 
 `evaluate_run` builds the matrix: rows are the base, each trained adapter and any merged model folders;
@@ -24,37 +24,21 @@ from typing import Any, Callable
 import torch
 
 from .atomic import atomic_write_json
+from .data.demo import demo_checkers
 from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages
 from .data.render import chat_template_for, prompt_text
+from .adapters import load
+from .device import pick_dtype, to_accelerator
 from .errors import DataError, LoraplexError
-from .train.batching import PackedCollator, answer_loss_sum
+from .models import load_model, resolve_base
+from .quantize import is_quantized
+from .run import EVAL_FILE, adapter_dir, adapter_metadata, is_complete, open_run
+from .training.batching import heldout_metrics
 
-EVAL_FILE = "eval.json"
 
 # (reference, prediction) -> correct. The reference is whatever the caller lists as references:
 # the expected answer strings by default, the raw test rows for a task checker that reads them.
 Checker = Callable[[Any, str], bool]
-
-
-@torch.no_grad()
-def heldout_metrics(model, dataset, batch_size: int = 8) -> dict[str, float]:
-    """Token-weighted mean loss over every answer token of `dataset` (rows with input_ids, labels)."""
-    if dataset is None or len(dataset) == 0:
-        return {"loss": float("nan"), "perplexity": float("nan"), "token_accuracy": float("nan"), "tokens": 0}
-    was_training = model.training
-    model.eval()
-    collate = PackedCollator()
-    device = next(model.parameters()).device
-    total, count, correct = 0.0, 0, 0
-    for start in range(0, len(dataset), batch_size):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {k: v.to(device) for k, v in collate(rows).items()}
-        loss, n, right = answer_loss_sum(model, batch)
-        total, count, correct = total + float(loss), count + n, correct + right
-    model.train(was_training)
-    mean = total / max(count, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "token_accuracy": correct / max(count, 1),
-            "tokens": count}
 
 
 @torch.no_grad()
@@ -110,23 +94,6 @@ def chrf(predictions: list[str], references: list[str]) -> float:
     if not references:
         return float("nan")
     return float(CHRF().corpus_score(predictions, [references]).score)
-
-
-def known_checkers(recipe) -> dict[str, Checker]:
-    """Task checkers for data loraplex generated itself: the demo entries (same name and test file as
-    `loraplex demo` writes them) are checked with `loraplex.data.demo.check_answer` on the raw row."""
-    from .data.demo import check_answer
-    from .demo import DEMO_ADAPTERS, demo_recipe
-
-    demo_test_files = {d["name"]: d["test_path"] for d in demo_recipe()["datasets"]}
-
-    def is_demo(spec) -> bool:  # resolved recipes hold absolute paths: compare the tail
-        files = spec.files("test_path")
-        return spec.name in demo_test_files and len(files) == 1 and \
-            Path(files[0]).as_posix().endswith(demo_test_files[spec.name])
-
-    return {spec.name: functools.partial(check_answer, DEMO_ADAPTERS[spec.name][0])
-            for spec in recipe.datasets if is_demo(spec)}
 
 
 # --------------------------------------------------------------------------- test splits
@@ -245,23 +212,8 @@ def _content_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def open_run(run_dir: Path):
-    """The run's resolved recipe (absolute paths) as a Workspace."""
-    from .pipeline import open_recipe
-
-    resolved = Path(run_dir) / "recipe.resolved.yaml"
-    if not resolved.is_file():
-        raise LoraplexError(f"{run_dir} is not a loraplex run (no recipe.resolved.yaml); "
-                            "pass a folder written by `loraplex train`, e.g. runs/<run>")
-    return open_recipe(resolved)
-
-
 def _to_accelerator(model):
-    from .quantize import is_quantized
-
-    if is_quantized(model):  # loaded onto the accelerator already; bitsandbytes models refuse .to()
-        return model
-    return model.to("cuda") if torch.cuda.is_available() else model  # where training ran
+    return model if is_quantized(model) else to_accelerator(model)  # bitsandbytes models refuse .to()
 
 
 BASE_PRECISIONS = ("full", "quantized")
@@ -272,25 +224,21 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
                  base_precision: str = "full") -> dict:
     """The eval matrix of a run: (base, each adapter, each merged folder) x (each dataset); saved as eval.json.
 
-    `checkers` maps dataset names to task checkers for exact match (default: `known_checkers`);
+    `checkers` maps dataset names to task checkers for exact match (default: `loraplex.data.demo.demo_checkers`);
     other datasets use stripped string equality. `base_precision`: "full" (default) loads the base in full
     precision for the base and adapter rows, "quantized" as the recipe's `model.quantization` (merged
     folders are always full precision).
     """
-    from .adapters import load
-    from .models import load_model, pick_dtype, resolve_base
-    from .train import is_complete
-
     run_dir, log = Path(run_dir), log or (lambda message: None)
     settings = generation if isinstance(generation, GenerationSettings) else GenerationSettings(**(generation or {}))
     ws = open_run(run_dir)
-    adapter_dirs = {s.name: run_dir / "adapters" / s.name for s in ws.recipe.datasets
-                    if is_complete(run_dir / "adapters" / s.name)}
+    adapter_dirs = {s.name: adapter_dir(run_dir, s.name) for s in ws.recipe.datasets
+                    if is_complete(adapter_dir(run_dir, s.name))}
     if not adapter_dirs:
         raise LoraplexError(f"{run_dir} holds no trained adapter; run `loraplex train` first")
     merged_refs = [resolve_base(str(Path(m).resolve())) for m in merged]  # a bad folder fails before any work
     started = time.perf_counter()
-    builder = _MatrixBuilder(_columns(ws, settings, known_checkers(ws.recipe) if checkers is None else checkers),
+    builder = _MatrixBuilder(_columns(ws, settings, demo_checkers(ws.recipe) if checkers is None else checkers),
                              ws.tokenizer, settings)
     base_row = "base" if "base" not in adapter_dirs else "base model"
     rows = [{"name": base_row, "kind": "base"}]
@@ -339,8 +287,6 @@ def _quantization(model_spec, base_precision: str):
 
 def _quantization_trained(adapter_dirs: dict[str, Path]) -> str | None:
     """How the base was quantized while the adapters trained ('; '-joined when they differ), else None."""
-    from .run import adapter_metadata
-
     found = {adapter_metadata(path).get("quantization") for path in adapter_dirs.values()} - {None}
     return "; ".join(sorted(found)) or None
 

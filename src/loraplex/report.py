@@ -14,14 +14,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from .adapters import adapter_metadata
 from .atomic import atomic_dir, atomic_write_text
-from .errors import LoraplexError
-from .evaluate import EVAL_FILE, GenerationSettings, evaluate_run, load_eval
-from .tables import _count, percent_of_base
-from .train import is_complete
+from .evaluate import GenerationSettings, evaluate_run, load_eval
+from .run import ADAPTER_META, EVAL_FILE, adapter_dir, adapter_metadata, count_text, is_complete, percent_of_base, read_recipe
 
 ASSETS = "report-assets"
 
@@ -83,13 +78,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
 
 
 def load_run(run_dir: Path) -> RunData:
-    resolved = run_dir / "recipe.resolved.yaml"
-    if not resolved.is_file():
-        raise LoraplexError(f"{run_dir} is not a loraplex run (no recipe.resolved.yaml); "
-                            "pass a folder written by `loraplex train`, e.g. runs/<run>")
-    recipe = yaml.safe_load(resolved.read_text(encoding="utf-8"))
-    adapters = {d["name"]: adapter_metadata(run_dir / "adapters" / d["name"]) for d in recipe["datasets"]
-                if is_complete(run_dir / "adapters" / d["name"])}
+    recipe = read_recipe(run_dir)
+    adapters = {d["name"]: adapter_metadata(adapter_dir(run_dir, d["name"])) for d in recipe["datasets"]
+                if is_complete(adapter_dir(run_dir, d["name"]))}
     result = load_eval(run_dir)
     if result is None or _is_stale(run_dir, adapters, result):
         merged = [r["path"] for r in (result or {}).get("rows", []) if r["kind"] == "merged" and Path(r["path"]).is_dir()]
@@ -102,7 +93,7 @@ def _is_stale(run_dir: Path, adapters: dict[str, dict], result: dict) -> bool:
     evaluated = {r["name"] for r in result["rows"] if r["kind"] == "adapter"}
     eval_time = (run_dir / EVAL_FILE).stat().st_mtime
     return evaluated != set(adapters) or any(
-        (run_dir / "adapters" / name / "loraplex.json").stat().st_mtime > eval_time for name in adapters)
+        (adapter_dir(run_dir, name) / ADAPTER_META).stat().st_mtime > eval_time for name in adapters)
 
 
 # --------------------------------------------------------------------------- sections
@@ -121,7 +112,7 @@ def recipe_section(data: RunData) -> Section:
     for spec in data.recipe["datasets"]:
         meta = data.adapters.get(spec["name"])
         files = spec["path"] if isinstance(spec["path"], str) else ", ".join(spec["path"])
-        trainable = f"{_count(meta['trainable_params'])} ({percent_of_base(meta):.3f}%)" if meta else "not trained"
+        trainable = f"{count_text(meta['trainable_params'])} ({percent_of_base(meta):.3f}%)" if meta else "not trained"
         rows.append([spec["name"], files, _targets(spec["target_modules"]), str(spec["lora"]["r"]),
                      f"{spec['lora']['alpha']:g}", f"{spec['train']['lr']:g}", _length(spec["train"]), trainable])
     table = Table(["dataset", "data", "target modules", "r", "alpha", "lr", "length", "trainable params (% of base)"],
@@ -246,7 +237,7 @@ def _comparison_table(data: RunData, files: str, specs: list[dict]) -> Table:
         gain = None if base is None or cell.get("loss") is None else base - cell["loss"]
         em = "-" if cell.get("exact_match") is None else f"{cell['exact_match']:.0%}"
         rows.append([spec["name"], _targets(spec["target_modules"]), f"{spec['lora']['r']}/{spec['lora']['alpha']:g}",
-                     f"{_count(meta['trainable_params'])} ({percent_of_base(meta):.3f}%)", _num(cell.get("loss")),
+                     f"{count_text(meta['trainable_params'])} ({percent_of_base(meta):.3f}%)", _num(cell.get("loss")),
                      _num(gain), em, f"{meta['wall_time_s']:.0f}s"])
     return Table(["entry", "target modules", "r/alpha", "trainable params (% of base)", "held-out loss",
                   "gain over base", "exact match", "wall time"], rows, "comparison", caption=f"data: {files}")

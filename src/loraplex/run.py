@@ -16,9 +16,12 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 
-from .errors import ModelError
-from .models import BaseModelRef, base_fingerprint, load_model, pick_dtype
+from .errors import LoraplexError, ModelError
+from .device import pick_dtype
+from .models import BaseModelRef, base_fingerprint, load_model
+from .pipeline import Workspace, open_recipe
 from .quantize import quantization_config
 
 ADAPTER_META = "loraplex.json"
@@ -59,6 +62,36 @@ def adapter_metadata(folder: Path) -> dict:
         raise ModelError(f"{path} is unreadable ({exc}); the adapter folder is damaged: train it again") from None
 
 
+def count_text(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def percent_of_base(meta: dict) -> float:
+    """Trainable parameters as a percentage of the base model's own (total minus the adapter's)."""
+    return 100 * meta["trainable_params"] / max(meta["total_params"] - meta["trainable_params"], 1)
+
+
+def _resolved_recipe(run_dir: Path) -> Path:
+    path = Path(run_dir) / RESOLVED_RECIPE
+    if not path.is_file():
+        raise LoraplexError(f"{run_dir} is not a loraplex run (no {RESOLVED_RECIPE}); "
+                            "pass a folder written by `loraplex train`, e.g. runs/<run>")
+    return path
+
+
+def read_recipe(run_dir: str | Path) -> dict:
+    """The run's resolved recipe as written (a dict; no model or data is touched)."""
+    return yaml.safe_load(_resolved_recipe(Path(run_dir)).read_text(encoding="utf-8"))
+
+
+def open_run(run_dir: str | Path, only: list[str] | None = None) -> Workspace:
+    """The run's resolved recipe (absolute paths) with its base model and tokenizer."""
+    return open_recipe(_resolved_recipe(Path(run_dir)), only=only)
+
+
 # --------------------------------------------------------------------------- is this the adapter's base?
 
 # a weight loaded in the first dtype and cast to the second is bit-identical to one loaded in the second
@@ -92,6 +125,12 @@ def fingerprint_as_trained(model, ref: BaseModelRef, dtype: torch.dtype, quantiz
         return base_fingerprint(load_model(ref, dtype), dtype)
     spec = quantization.model_copy(update={"dtype": str(dtype).replace("torch.", "")})
     return base_fingerprint(load_model(ref, dtype, quantization_config=quantization_config(spec)), dtype)
+
+
+def base_changed_message(name: str, before: str, after: str) -> str:
+    """The isolation check's refusal: the base in memory changed while an adapter trained."""
+    return (f"the base weights changed while training '{name}' (fingerprint {before} -> {after}); the adapter was "
+            "saved, but later adapters would not train on the pristine base. This is a bug: please report it")
 
 
 def base_problem(name: str, folder: Path, meta: dict, ref: BaseModelRef, fingerprint: str,

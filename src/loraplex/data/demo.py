@@ -20,6 +20,7 @@ nothing is downloaded.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import random
@@ -29,6 +30,9 @@ from typing import Callable
 
 DEMO_DATASETS: tuple[str, ...] = ("en", "zh", "ja")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# the demo recipe's entries: adapter name -> (generated data set, target modules)
+DEMO_ADAPTERS = {"zh": ("zh", ["q_proj"]), "en": ("en", ["v_proj"]), "ja": ("ja", ["v_proj"]),
+                 "zh_all": ("zh", "all-linear")}
 
 _MAX_NUMBER = 10**12  # every number-to-words helper handles 0 <= n < 10**12
 
@@ -182,6 +186,23 @@ def expected_answer(dataset: str, row: dict) -> str:
 def check_answer(dataset: str, row: dict, prediction: str) -> bool:
     """True iff `prediction`, stripped of surrounding whitespace, is exactly the row's answer."""
     return prediction.strip() == expected_answer(dataset, row)
+
+
+def demo_file(dataset: str, split: str) -> str:
+    """Where `loraplex demo` writes a data set's split, relative to its run folder."""
+    return f"data/{dataset}/{split}.jsonl"
+
+
+def demo_checkers(recipe) -> dict[str, Callable[[dict, str], bool]]:
+    """`check_answer` for the recipe's demo entries: same name and test file as `loraplex demo` writes them
+    (resolved recipes hold absolute paths: the tail is compared)."""
+    checkers = {}
+    for spec in recipe.datasets:
+        files = spec.files("test_path")
+        data = DEMO_ADAPTERS.get(spec.name, (None,))[0]
+        if data and len(files) == 1 and Path(files[0]).as_posix().endswith(demo_file(data, "test")):
+            checkers[spec.name] = functools.partial(check_answer, data)
+    return checkers
 
 
 def _draw_value(rng: random.Random, date: bool) -> int | dt.date:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..atomic import atomic_dir, file_lock
 from ..errors import DataError
-from ..models import loraplex_home
+from ..device import loraplex_home
 from ..recipe import DatasetSpec, Recipe
 from .formats import ReadResult, read_conversations
 from .render import chat_template_for, encode

@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..atomic import atomic_write_json
 from ..data.prepare import PreparedDataset
+from ..device import on_gpu
 from ..errors import LoraplexError
 from ..recipe import DatasetSpec
 from .batching import (IGNORE_INDEX, PackedCollator, PaddedCollator, answer_loss_sum, packed_attention, real_tokens,
@@ -154,7 +155,6 @@ class ProgressCallback(TrainerCallback):
 
 def training_arguments(spec: DatasetSpec, checkpoint_dir: Path) -> TrainingArguments:
     t = spec.train
-    on_gpu = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(checkpoint_dir), per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, num_train_epochs=t.epochs,
@@ -162,7 +162,7 @@ def training_arguments(spec: DatasetSpec, checkpoint_dir: Path) -> TrainingArgum
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
         logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=1, report_to=[], disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0, use_cpu=not on_gpu,
+        dataloader_num_workers=0, use_cpu=not on_gpu(),
         # weights are already in their training dtype (bf16 where supported): no autocast on top
         bf16=False, fp16=False,
     )
@@ -190,7 +190,7 @@ def micro_batch_tokens(spec: DatasetSpec) -> int | None:
     128-token passes ran at 160 tokens/s against 213 for 512-token and 215 for 1024-token passes."""
     if spec.train.micro_batch_tokens is not None:
         return spec.train.micro_batch_tokens
-    return None if torch.cuda.is_available() else max(spec.max_seq_length, CPU_MIN_PASS_TOKENS)
+    return None if on_gpu() else max(spec.max_seq_length, CPU_MIN_PASS_TOKENS)
 
 
 def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoint_dir: Path,

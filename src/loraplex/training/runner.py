@@ -17,30 +17,25 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import attach
 from ..atomic import atomic_dir, atomic_write_json
 from ..data.prepare import PreparedDataset
+from ..device import dtype_name, on_gpu, pick_dtype, to_accelerator
 from ..errors import LoraplexError
-from ..evaluate import heldout_metrics
-from ..models import base_fingerprint, load_model, pick_dtype
+from ..models import base_fingerprint, load_model
 from ..pipeline import Workspace, open_recipe
 from ..quantize import describe, gradient_checkpointing, prepare_for_training, quantization_config
 from ..recipe import DatasetSpec, Recipe, save_resolved
-from ..tables import percent_of_base
+from ..run import (ADAPTER_META, RESOLVED_RECIPE, RUN_META, adapter_dir, adapter_metadata, base_changed_message,
+                   checkpoint_dir, is_complete, percent_of_base)
+from .batching import heldout_metrics
 from .trainer import TrainStats, loss_curve, make_trainer
-
-ADAPTER_META = "loraplex.json"
-RUN_META = "run.json"
 
 
 @dataclass
 class RunResult:
     run_dir: Path
     adapters: dict[str, dict] = field(default_factory=dict)  # name -> loraplex.json contents
-
-
-def is_complete(adapter_dir: Path) -> bool:
-    """An adapter folder counts only when its metadata (written last, atomically) is there."""
-    return (adapter_dir / ADAPTER_META).is_file() and (adapter_dir / "adapter_model.safetensors").is_file()
 
 
 def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, only: list[str] | None = None,
@@ -59,17 +54,14 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     pristine = base_record.get("quantized_base_fingerprint", base_record["base_fingerprint"])  # the weights in memory
     result = RunResult(run_dir)
     for spec in ws.selected():
-        adapter_dir = run_dir / "adapters" / spec.name
-        if is_complete(adapter_dir) and resume:
-            result.adapters[spec.name] = json.loads((adapter_dir / ADAPTER_META).read_text(encoding="utf-8"))
+        if is_complete(adapter_dir(run_dir, spec.name)) and resume:
+            result.adapters[spec.name] = adapter_metadata(adapter_dir(run_dir, spec.name))
             continue
         meta = train_adapter(model, spec, prepared[spec.name], ws, run_dir, pristine, resume, progress,
                              base_record=base_record)
         after = base_fingerprint(model, dtype)
         if after != pristine:
-            raise LoraplexError(f"the base weights changed while training '{spec.name}' (fingerprint {pristine} -> "
-                                f"{after}); the adapter was saved, but later adapters would not train on the "
-                                "pristine base. This is a bug: please report it")
+            raise LoraplexError(base_changed_message(spec.name, pristine, after))
         result.adapters[spec.name] = meta
     return result
 
@@ -86,14 +78,14 @@ def load_base(ws: Workspace, allow_pickle: bool = False) -> tuple[torch.nn.Modul
     spec = ws.recipe.model
     dtype = pick_dtype(spec.dtype)
     config = quantization_config(spec)  # checks that bitsandbytes runs here before anything is loaded
-    record: dict = {"dtype": str(dtype).replace("torch.", "")}
+    record: dict = {"dtype": dtype_name(dtype)}
     if config is not None:
         full = load_model(ws.base, dtype, spec.trust_remote_code, allow_pickle=allow_pickle)
         record["base_fingerprint"] = base_fingerprint(full, dtype)
         del full
     model = load_model(ws.base, dtype, spec.trust_remote_code, allow_pickle=allow_pickle, quantization_config=config)
-    if torch.cuda.is_available() and config is None:
-        model.to("cuda")  # a quantized base is loaded onto the GPU directly
+    if config is None:
+        model = to_accelerator(model)  # a quantized base is loaded onto the GPU directly
     model = prepare_for_training(model, spec)
     fingerprint = base_fingerprint(model, dtype)
     record.setdefault("base_fingerprint", fingerprint)
@@ -115,20 +107,18 @@ def _claim_run_dir(run_dir: Path, ws: Workspace, resume: bool, overwrite: bool) 
                                     f"{previous.get('recipe_fingerprint')} vs {fingerprint}); pass --overwrite to "
                                     "replace it, or set another run_name")
             shutil.rmtree(run_dir)
-        else:
+        elif not resume:
             for spec in ws.selected():
-                adapter_dir = run_dir / "adapters" / spec.name
-                if is_complete(adapter_dir) and not resume:
+                folder = adapter_dir(run_dir, spec.name)
+                if is_complete(folder):
                     if not overwrite:
-                        raise LoraplexError(f"adapter '{spec.name}' is already trained in {adapter_dir}; "
+                        raise LoraplexError(f"adapter '{spec.name}' is already trained in {folder}; "
                                             "pass --resume to keep it, or --overwrite to train it again")
-                    shutil.rmtree(adapter_dir)
-                    shutil.rmtree(run_dir / "checkpoints" / spec.name, ignore_errors=True)
-                if not resume:
-                    shutil.rmtree(run_dir / "checkpoints" / spec.name, ignore_errors=True)
+                    shutil.rmtree(folder)
+                shutil.rmtree(checkpoint_dir(run_dir, spec.name), ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(meta_path, {"recipe_fingerprint": fingerprint, "base_model": ws.base.name})
-    save_resolved(ws.recipe, run_dir / "recipe.resolved.yaml")
+    save_resolved(ws.recipe, run_dir / RESOLVED_RECIPE)
 
 
 def _read_run_meta(meta_path: Path) -> dict:
@@ -164,17 +154,17 @@ def _unpacked_numel(param: torch.Tensor) -> int:
 def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace, run_dir: Path,
                   pristine: str, resume: bool, progress: bool, base_record: dict | None = None) -> dict:
     """`base_record` (from `load_base`): the base's fingerprints, dtype and quantization, saved in loraplex.json."""
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
     from transformers import set_seed
 
     set_seed(spec.train.seed)
     base_val = heldout_metrics(model, data.val)
     peft_model = get_peft_model(model, lora_config(spec))
     trainable, total = parameter_counts(peft_model)
-    checkpoint_dir = run_dir / "checkpoints" / spec.name
-    last = _last_checkpoint(checkpoint_dir) if resume else None
+    checkpoints = checkpoint_dir(run_dir, spec.name)
+    last = _last_checkpoint(checkpoints) if resume else None
     earlier = TrainStats.at(last)  # tokens and seconds before the checkpoint a resumed run starts from
-    trainer, stats = make_trainer(peft_model, spec, data, checkpoint_dir, progress=progress,
+    trainer, stats = make_trainer(peft_model, spec, data, checkpoints, progress=progress,
                                   stats=TrainStats(earlier.tokens, earlier.seconds))
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(last) if last else None)
@@ -182,10 +172,10 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     adapter_val = heldout_metrics(peft_model, data.val)
     probe = _probe_batch(data, peft_model)
     expected_logits = _logits(peft_model, probe)
-    adapter_dir = run_dir / "adapters" / spec.name
+    folder = adapter_dir(run_dir, spec.name)
     meta = {
         "name": spec.name, "base_model": ws.base.name, "base_model_location": ws.base.location,
-        **(base_record or {"base_fingerprint": pristine, "dtype": str(model.dtype).replace("torch.", "")}),
+        **(base_record or {"base_fingerprint": pristine, "dtype": dtype_name(model.dtype)}),
         "recipe_fingerprint": ws.recipe.fingerprint(),
         "dataset_fingerprint": data.fingerprint, "dataset_files": spec.files("path"),
         "config": spec.model_dump(mode="json"),
@@ -198,21 +188,21 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
         "tokens_trained": stats.tokens, "wall_time_s": wall, "tokens_per_s": stats.tokens / max(stats.seconds, 1e-9),
         "peak_memory_mb": _peak_memory_mb(),
     }
-    with atomic_dir(adapter_dir) as tmp:
+    with atomic_dir(folder) as tmp:
         peft_model.save_pretrained(tmp)
         atomic_write_json(tmp / ADAPTER_META, meta)
     model = peft_model.unload()  # removes the LoRA layers without merging them
-    reloaded = PeftModel.from_pretrained(model, adapter_dir)
+    reloaded = attach(model, {spec.name: folder})
     diff = float((_logits(reloaded, probe) - expected_logits).abs().max())
     reloaded.unload()
     meta["reload_max_abs_diff"] = diff
-    atomic_write_json(adapter_dir / ADAPTER_META, meta)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    atomic_write_json(folder / ADAPTER_META, meta)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return meta
 
 
-def _last_checkpoint(checkpoint_dir: Path) -> Path | None:
-    checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+def _last_checkpoint(folder: Path) -> Path | None:
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     complete = [c for c in checkpoints if (c / "trainer_state.json").is_file()]
     return complete[-1] if complete else None
 
@@ -233,6 +223,6 @@ def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _peak_memory_mb() -> float:
-    if torch.cuda.is_available():
+    if on_gpu():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

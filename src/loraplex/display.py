@@ -1,0 +1,184 @@
+"""Everything the CLI prints as rich tables and text: prepare, train, demo, eval, inspect and merge."""
+from __future__ import annotations
+
+from rich.columns import Columns
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from .demo import targets_met
+from .merging.plan import REPORT_NAME
+from .run import count_text, percent_of_base
+
+
+
+def prepare_table(stats: list[dict]) -> Table:
+    table = Table(title="datasets (lengths in tokens)", title_justify="left")
+    for col in ("dataset", "rows (bad)", "train/val", "tokens (answer)", "p50/p90/p99/max", "trunc/drop",
+                "max_seq_length → rec."):
+        table.add_column(col, justify="left" if col == "dataset" else "right")
+    for s in stats:
+        table.add_row(f"{s['name']} [dim]{s['format']}[/]", f"{s['rows']} ({s['bad_rows']})",
+                      f"{s['train']}/{s['val']}", f"{s['total_tokens']:,} ({s['answer_tokens']:,})",
+                      f"{s['length_p50']}/{s['length_p90']}/{s['length_p99']}/{s['length_max']}",
+                      f"{s['truncated']}/{s['dropped']}", f"{s['max_seq_length']} → {s['recommended_max_seq_length']}")
+    return table
+
+
+def train_table(adapters: dict[str, dict]) -> Table:
+    table = Table(title="adapters", title_justify="left")
+    for col in ("dataset", "target modules", "r/alpha", "trainable (% of base)", "train loss first → last",
+                "held-out loss base → adapter", "tok/s", "wall"):
+        table.add_column(col, justify="left" if col in ("dataset", "target modules") else "right")
+    for name, m in adapters.items():
+        cfg = m["config"]
+        targets = cfg["target_modules"] if isinstance(cfg["target_modules"], str) else ",".join(cfg["target_modules"])
+        curve = m["train_loss_curve"]
+        losses = f"{curve[0]['loss']:.3f} → {curve[-1]['loss']:.3f}" if curve else "-"
+        table.add_row(name, targets, f"{cfg['lora']['r']}/{cfg['lora']['alpha']:g}",
+                      f"{count_text(m['trainable_params'])} ({percent_of_base(m):.3f}%)", losses,
+                      f"{m['heldout_loss_base']:.3f} → {m['heldout_loss']:.3f}", f"{m['tokens_per_s']:,.0f}",
+                      f"{m['wall_time_s']:.0f}s")
+    return table
+
+
+def demo_table(summary: dict) -> Table:
+    table = Table(title="demo: base vs adapter on each dataset's own held-out and test data", title_justify="left")
+    for col in ("dataset", "target modules", "held-out loss base → adapter (merged)",
+                "exact match base → adapter (merged)", "loss -30% / EM +20pt"):
+        table.add_column(col, justify="left" if col in ("dataset", "target modules") else "right")
+    for row in summary["results"]:
+        targets = row["target_modules"] if isinstance(row["target_modules"], str) else ",".join(row["target_modules"])
+        marks = " / ".join("[green]yes[/]" if ok else "[red]no[/]" for ok in targets_met(row).values())
+        merged_loss = f" ({row['heldout_loss_merged']:.3f})" if row["heldout_loss_merged"] is not None else ""
+        merged_em = f" ({row['exact_match_merged']:.0%})" if row["exact_match_merged"] is not None else ""
+        table.add_row(row["dataset"], targets,
+                      f"{row['heldout_loss_base']:.3f} → {row['heldout_loss_adapter']:.3f}{merged_loss}",
+                      f"{_percent(row['exact_match_base'])} → {_percent(row['exact_match_adapter'])}{merged_em}", marks)
+    return table
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def eval_table(result: dict) -> Table:
+    """The eval matrix: a row per model, a column per dataset; the diagonal (an adapter on its own data) bold."""
+    table = Table(title=f"eval: held-out loss (token accuracy); exact match, chrF on test prompts — run "
+                        f"{result['run']}", title_justify="left")
+    table.add_column("model \\ data")
+    for col in result["columns"]:
+        table.add_column(escape(col["name"]), justify="right")
+    for row in result["rows"]:
+        cells = []
+        for col in result["columns"]:
+            m = result["metrics"][row["name"]][col["name"]]
+            text = "-" if m["loss"] is None else f"{m['loss']:.3f} ({m['token_accuracy']:.0%})"
+            if m.get("exact_match") is not None:
+                text += f"\nEM {m['exact_match']:.0%} chrF {m['chrf']:.1f}"
+            cells.append(f"[bold]{text}[/]" if row.get("dataset") == col["name"] else text)
+        label = escape(row["name"]) if row["kind"] != "base" else f"[dim]{escape(row['name'])}[/]"
+        table.add_row(label, *cells)
+    return table
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def render_inspect(report: dict) -> list:
+    """Rich renderables for `loraplex inspect`: a header, the module table, the values when present."""
+    targets = report["target_modules"]
+    head = Text("\n".join([
+        f"adapter {report['name']}  ({report['adapter_dir']})",
+        f"base model: {report['base_model']}  ({report['base_model_location']})",
+        f"target modules: {targets if isinstance(targets, str) else ', '.join(targets)}",
+        f"r={report['r']}  lora_alpha={report['lora_alpha']:g}  rsLoRA={'yes' if report['use_rslora'] else 'no'}  "
+        f"DoRA={'yes' if report['use_dora'] else 'no'}  scaling = {report['scaling_formula']}",
+        f"merge: {report['merge_formula']}",
+        f"trainable parameters: {report['trainable_params']:,}",
+    ] + ([f"warning: {report['base_fingerprint_warning']}"] if report["base_fingerprint_warning"] else [])
+      + ([f"not LoRA A/B (ignored here): {', '.join(report['other_tensors'])}"] if report["other_tensors"] else [])))
+    per_module = len({m["scaling"] for m in report["modules"]}) > 1  # alpha_pattern / rank_pattern
+    scaling = "scaling" if per_module else f"{report['scaling']:.6g}"
+    table = Table(title=f"per layer × module: Frobenius norms, ΔW = {scaling}·B@A", title_justify="left")
+    for col in ("layer", "module", "A", "B", "‖A‖", "‖B‖") + (("scaling",) if per_module else ()) + (
+            "‖ΔW‖", "‖W‖", "‖ΔW‖/‖W‖"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for m in report["modules"]:
+        table.add_row("-" if m["layer"] is None else str(m["layer"]), m["module"], "×".join(map(str, m["A_shape"])),
+                      "×".join(map(str, m["B_shape"])), f"{m['A_norm']:.4g}", f"{m['B_norm']:.4g}",
+                      *([f"{m['scaling']:.4g}"] if per_module else []), f"{m['delta_norm']:.4g}",
+                      f"{m['W_norm']:.4g}", f"{m['relative_delta_norm']:.2e}")
+    out = [head, table]
+    if "values" in report:
+        out += _values_tables(report["values"])
+    return out
+
+
+def _values_tables(values: dict) -> list:
+    s = values["scaling"]
+    titles = {"W": "W (base)", "A": "A", "B": "B", "BA": "B@A (unscaled)",
+              "delta": f"ΔW = W' − W (DoRA, s={s:.6g})" if values["dora"] else f"ΔW = {s:.6g}·B@A",
+              "merged": "W' (DoRA)" if values["dora"] else f"W + ΔW = W + {s:.6g}·B@A"}
+    tables = []
+    for key, title in titles.items():
+        table = Table(title=title, show_header=False)
+        rows = values[key]
+        for _ in range(len(rows[0]) if rows else 0):
+            table.add_column(justify="right")
+        for row in rows:
+            table.add_row(*(f"{v: .3e}" for v in row))
+        tables.append(table)
+    corner = values["corner"]
+    return [Text(f"values of {values['name']}, top-left {corner}×{corner} corner:"), Columns(tables)]
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def render_merge(report: dict) -> list:
+    """Rich renderables for `loraplex merge`: adapters, verification, held-out loss kept."""
+    adapters = Table(title=f"merged adapters (method {report['method_requested']} → {report['method']}, "
+                     f"{'exact' if report['exact'] else 'NOT an exact sum'})", title_justify="left")
+    for col in ("adapter", "target modules", "r", "alpha", "rsLoRA/DoRA", "scaling", "weight"):
+        adapters.add_column(col, justify="left" if col in ("adapter", "target modules") else "right")
+    for a in report["adapters"]:
+        targets = a["target_modules"] if isinstance(a["target_modules"], str) else ",".join(a["target_modules"])
+        adapters.add_row(a["name"], targets, str(a["r"]), f"{a['lora_alpha']:g}",
+                         f"{'yes' if a['use_rslora'] else 'no'}/{'yes' if a['use_dora'] else 'no'}",
+                         a["scaling_formula"], f"{a['weight']:g}")
+    w, lg = report["verification"]["weights"], report["verification"]["logits"]
+    lines = report["notes"] + [
+        f"weights: max |W' − ({w['reference']})| = {w['max_abs_diff']:.3e} over {len(w['modules'])} modules, "
+        f"{w['max_relative']:.3e} of max|W| (tolerance {w['tolerance_relative']:g} of max(|W|, |W'|)); other weights "
+        "unchanged",
+        f"logits on {lg['prompts']} prompts: max |merged − {lg['reference']}| = {lg['max_abs_diff']:.3e} "
+        f"(tolerance {lg['tolerance']:.3e})",
+    ]
+    if not report["exact"]:
+        deviation = max(e.get("exact_sum_relative_deviation", 0.0) for e in w["modules"].values())
+        lines.append(f"deviation from the exact sum W + Σ wᵢ·scalingᵢ·Bᵢ@Aᵢ: {deviation:.3e} of max|W|")
+    out = [adapters, Text("\n".join(lines))]
+    out += _heldout_table(report["heldout"])
+    out.append(Text(f"merged model: {report['out_dir']} (report in {REPORT_NAME}; loads with "
+                    "AutoModelForCausalLM.from_pretrained, no peft needed)"))
+    return out
+
+
+def _heldout_table(heldout: dict) -> list:
+    if heldout.get("skipped"):
+        return [Text(f"held-out loss not measured: {heldout['skipped']}")]
+    table = Table(title=f"held-out loss on each adapter's own data (flag: merged keeps < {heldout['threshold']:.0%} "
+                  "of the adapter's improvement)", title_justify="left")
+    for col in ("dataset", "base", "adapter", "merged", "improvement kept"):
+        table.add_column(col, justify="left" if col == "dataset" else "right")
+    skipped = []
+    for name, row in heldout["datasets"].items():
+        if "skipped" in row:
+            skipped.append(f"{name}: held-out loss not measured: {row['skipped']}")
+            continue
+        kept = "n/a (no improvement)" if row["kept"] is None else f"{row['kept']:.0%}"
+        if row["below_threshold"]:
+            kept = f"[bold red]{kept} < {heldout['threshold']:.0%}[/]"
+        table.add_row(name, f"{row['base']:.4f}", f"{row['adapter']:.4f}", f"{row['merged']:.4f}", kept)
+    return ([table] if table.row_count else []) + [Text(line) for line in skipped]
