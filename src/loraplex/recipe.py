@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .atomic import atomic_write_text
 from .errors import RecipeError
 
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -426,8 +427,6 @@ def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
 
 def save_resolved(recipe: Recipe, path: Path) -> None:
     """Write the resolved recipe with absolute paths, so it loads from the run folder as it is."""
-    from .atomic import atomic_write_text
-
     data = recipe.to_dict()
     data["output_dir"] = str(recipe.resolve(recipe.output_dir).resolve())
     local_model = recipe.resolve(recipe.model.path)

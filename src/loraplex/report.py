@@ -16,9 +16,9 @@ from pathlib import Path
 
 from .atomic import atomic_dir, atomic_write_text
 from .evaluate import GenerationSettings, evaluate_run, load_eval
-from .run import ADAPTER_META, EVAL_FILE, adapter_dir, adapter_metadata, count_text, is_complete, percent_of_base, read_recipe
+from .run import (ADAPTER_META, EVAL_FILE, REPORT_ASSETS, REPORT_HTML, REPORT_MD, adapter_dir, adapter_metadata,
+                  count_text, is_complete, percent_of_base, read_recipe)
 
-ASSETS = "report-assets"
 
 
 @dataclass
@@ -68,10 +68,10 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
                 comparison_section(data), samples_section(data)]
     sections = [s for s in sections if s is not None]
     title = f"loraplex report: {data.eval['run']} ({data.eval['base_model']})"
-    with atomic_dir(run_dir / ASSETS) as tmp:
+    with atomic_dir(run_dir / REPORT_ASSETS) as tmp:
         for plot in (b for s in sections for b in s.blocks if isinstance(b, Plot)):
             (tmp / f"{plot.name}.png").write_bytes(plot.png)
-    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    md_path, html_path = run_dir / REPORT_MD, run_dir / REPORT_HTML
     atomic_write_text(md_path, render_markdown(title, sections))
     atomic_write_text(html_path, render_html(title, sections))
     return md_path, html_path
@@ -291,7 +291,7 @@ def render_markdown(title: str, sections: list[Section]) -> str:
         lines += [f"## {section.title}", ""] + ([section.text, ""] if section.text else [])
         for block in section.blocks:
             if isinstance(block, Plot):
-                lines += [f"![{block.alt}]({ASSETS}/{block.name}.png)", ""]
+                lines += [f"![{block.alt}]({REPORT_ASSETS}/{block.name}.png)", ""]
                 continue
             cell = lambda t: t.replace("|", "\\|").replace("\n", "<br>")  # noqa: E731
             lines += [f"*{block.caption}*", ""] if block.caption else []

@@ -30,10 +30,17 @@ RESOLVED_RECIPE = "recipe.resolved.yaml"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 EVAL_FILE = "eval.json"
+REPORT_MD, REPORT_HTML, REPORT_ASSETS = "report.md", "report.html", "report-assets"
+DEMO_RECIPE, DEMO_RESULTS = "demo.yaml", "demo_results.json"  # `loraplex demo` writes these too
 
 
 def adapter_dir(run_dir: str | Path, name: str) -> Path:
     return Path(run_dir) / "adapters" / name
+
+
+def merged_dir(run_dir: str | Path, name: str) -> Path:
+    """Where `loraplex demo` puts a merged model of the run (`loraplex merge` writes wherever --out says)."""
+    return Path(run_dir) / "merged" / name
 
 
 def checkpoint_dir(run_dir: str | Path, name: str) -> Path:
