@@ -5,8 +5,10 @@ base) adapter through its public API, `loraplex.train(recipe, progress=False)`. 
 
   isolation  loraplex.train raises if the base weights change while an adapter trains; passing means it
              returned, with the base's fingerprint unchanged
-  loss       the last logged training loss is below the first
-  held-out   the held-out loss with the adapter is below the base's
+  loss       the last logged training loss is below the first. Every step trains on the same batch (the
+             first rows of the data file): on fresh batches a pretrained model's loss moves more from batch to
+             batch than a few steps lower it, so only the same examples make "last < first" a real test
+  held-out   the loss on the next rows of the file is lower with the adapter than with the base alone
 
 A notebook-style HF Trainer + PEFT run (bf16=True, batch 1 x gradient accumulation, the model's own loss)
 trains the same LoRA/QLoRA on the same model, data file and number of optimizer steps. For both, tokens/s
@@ -24,8 +26,9 @@ beside the checkout if present, else generated alpaca rows.
     bash benchmarks/gpu_check.sh --dry-run       # CPU, seconds: a tiny Llama (hidden 64, 2 layers), 2 steps
 
 The run writes under a temporary folder that is removed at the end; LORAPLEX_HOME points into it unless the
-caller set it (set it to reuse the converted default model between runs). The last line is
-`gpu_check: N passed, M failed`; the exit status is 1 if any check failed.
+caller set it (set it to reuse the converted default model between runs). A configuration still running when
+--time-limit (GPU: 450 s for the whole run) is reached is stopped and fails, so the summary always comes in
+time. The last line is `gpu_check: N passed, M failed`; the exit status is 1 if any check failed.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -66,14 +70,15 @@ class Plan:
     steps: int
     batch_size: int
     max_seq_length: int
-    rows: int  # first rows of the data file; loraplex holds out 10% of them
+    heldout_rows: int  # the rows after the training batch
     lr: float
     time_limit_s: float  # for the whole run: a configuration past it is stopped and fails
 
 
-# lr 1e-3 (not the usual 2e-4): a few steps must move a random-init 8B-shaped model's loss measurably
-GPU_PLAN = Plan(steps=10, batch_size=4, max_seq_length=512, rows=400, lr=1e-3, time_limit_s=450)
-DRY_PLAN = Plan(steps=2, batch_size=2, max_seq_length=128, rows=40, lr=1e-3, time_limit_s=300)
+# lr 1e-3 (not the usual 2e-4): a few steps must move a random-init 8B-shaped model's loss measurably. No warmup:
+# its first step would run at lr 0, and the dry run's second loss would equal its first.
+GPU_PLAN = Plan(steps=10, batch_size=8, max_seq_length=512, heldout_rows=64, lr=1e-3, time_limit_s=450)
+DRY_PLAN = Plan(steps=2, batch_size=2, max_seq_length=128, heldout_rows=8, lr=1e-3, time_limit_s=300)
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,8 @@ class Job:
     label: str  # the model's name in the report
     method: str  # "LoRA" or "QLoRA"
     trainer: str  # "loraplex" or "baseline"
-    data: str
+    train_file: str  # one batch of rows
+    heldout_file: str
     work: str
     plan: Plan
 
@@ -103,11 +109,12 @@ def build_recipe(job: Job) -> dict:
     p = job.plan
     return {
         "model": model, "run_name": job.name, "output_dir": str(Path(job.work) / "runs"),
-        "defaults": {"max_seq_length": p.max_seq_length, "max_samples": p.rows,
+        "defaults": {"max_seq_length": p.max_seq_length,
                      "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"]},
-                     "train": {"max_steps": p.steps, "batch_size": p.batch_size, "lr": p.lr, "seed": SEED,
-                               "logging_steps": 1, "save_steps": 10**6}},
-        "datasets": [{"name": DATASET, "path": job.data, "target_modules": LORA["target_modules"]}],
+                     "train": {"max_steps": p.steps, "batch_size": p.batch_size, "lr": p.lr, "warmup_ratio": 0,
+                               "seed": SEED, "logging_steps": 1, "save_steps": 10**6}},
+        "datasets": [{"name": DATASET, "path": job.train_file, "val_path": job.heldout_file,
+                      "target_modules": LORA["target_modules"]}],
     }
 
 
@@ -116,8 +123,8 @@ def build_recipe(job: Job) -> dict:
 
 def run_loraplex(job: Job) -> dict:
     meta = loraplex.train(build_recipe(job), progress=False).adapters[DATASET]
-    keys = ("train_loss_curve", "heldout_loss_base", "heldout_loss", "tokens_per_s", "peak_memory_mb",
-            "base_fingerprint", "quantized_base_fingerprint", "steps", "base_model_location")
+    keys = ("train_loss_curve", "heldout_loss_base", "heldout_loss", "tokens_trained", "tokens_per_s",
+            "peak_memory_mb", "base_fingerprint", "quantized_base_fingerprint", "steps")
     return {k: meta.get(k) for k in keys}
 
 
@@ -153,7 +160,7 @@ def run_baseline(job: Job) -> dict:
     args = TrainingArguments(
         output_dir=str(Path(job.work) / "runs" / job.name), per_device_train_batch_size=1,
         gradient_accumulation_steps=p.batch_size, max_steps=p.steps, learning_rate=p.lr, lr_scheduler_type="cosine",
-        warmup_steps=0.03, seed=SEED, logging_steps=1, logging_first_step=True, save_strategy="no", report_to=[],
+        warmup_steps=0, seed=SEED, logging_steps=1, logging_first_step=True, save_strategy="no", report_to=[],
         disable_tqdm=True, bf16=True, use_cpu=device == "cpu")
     trainer = Trainer(model=model, args=args, train_dataset=notebook_dataset(job, tokenizer),
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
@@ -169,15 +176,15 @@ def run_baseline(job: Job) -> dict:
     trainer.training_step = counting_step
     trainer.train()
     curve = [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
-    return {"train_loss_curve": curve, "steps": trainer.state.global_step,
+    return {"train_loss_curve": curve, "steps": trainer.state.global_step, "tokens_trained": clock.tokens,
             "tokens_per_s": clock.tokens / max(clock.seconds, 1e-9), "peak_memory_mb": peak_memory_mb()}
 
 
 def notebook_dataset(job: Job, tokenizer):
-    """The data file's first rows through the chat template, labels = input ids (the model's own loss)."""
+    """The training rows through the chat template, labels = input ids (the model's own loss)."""
     import datasets
 
-    rows = json.loads(Path(job.data).read_text(encoding="utf-8"))[:job.plan.rows]
+    rows = json.loads(Path(job.train_file).read_text(encoding="utf-8"))
     encoded = []
     for row in rows:
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
@@ -256,19 +263,26 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def data_file(work: Path, rows: int) -> Path:
-    """The real alpaca demo file beside the checkout, else generated alpaca rows (learnable: sums)."""
+def source_rows() -> tuple[list[dict], str]:
+    """The real alpaca demo rows beside the checkout, else generated alpaca rows (learnable: sums)."""
     if SHARED_DATA.is_file():
-        return SHARED_DATA
+        return json.loads(SHARED_DATA.read_text(encoding="utf-8")), str(SHARED_DATA)
     rng = random.Random(SEED)
-    generated = []
-    for _ in range(max(rows, 300)):
+    rows = []
+    for _ in range(300):
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-        generated.append({"instruction": "Add the two numbers.", "input": f"{a} and {b}",
-                          "output": f"{a} + {b} = {a + b}. The sum of {a} and {b} is {a + b}."})
-    path = work / "alpaca_generated.json"
-    path.write_text(json.dumps(generated), encoding="utf-8")
-    return path
+        rows.append({"instruction": "Add the two numbers.", "input": f"{a} and {b}",
+                     "output": f"{a} + {b} = {a + b}. The sum of {a} and {b} is {a + b}."})
+    return rows, "generated alpaca rows"
+
+
+def split_data(work: Path, plan: Plan) -> tuple[Path, Path, str]:
+    """(training file: one batch of rows, held-out file: the rows after it, where they came from)."""
+    rows, source = source_rows()
+    train, heldout = work / "train.json", work / "heldout.json"
+    train.write_text(json.dumps(rows[:plan.batch_size]), encoding="utf-8")
+    heldout.write_text(json.dumps(rows[plan.batch_size:plan.batch_size + plan.heldout_rows]), encoding="utf-8")
+    return train, heldout, source
 
 
 def build_random_llama(folder: Path, shape: dict) -> None:
@@ -324,11 +338,11 @@ class Check:
 
 def run_job(job: Job, timeout: float) -> Outcome:
     """The configuration in a fresh interpreter; its output goes to a log, whose tail is shown if it fails."""
+    if timeout <= 0:
+        return Outcome(job, None, "not run: the run's time limit was reached (--time-limit)", 0.0)
     work = Path(job.work)
     job_file, out, log = (work / f"{job.name}{suffix}" for suffix in (".job.json", ".result.json", ".log"))
     job_file.write_text(json.dumps({"job": asdict(job), "out": str(out)}), encoding="utf-8")
-    if timeout <= 0:
-        return Outcome(job, None, "not run: the run's time limit was reached (--time-limit)", 0.0)
     started = time.monotonic()
     with log.open("w", encoding="utf-8") as sink:
         try:
@@ -354,7 +368,7 @@ def checks_of(outcome: Outcome) -> list[Check]:
                       f"{r['steps']} steps" if ok else outcome.error)]
     if r is None:
         return [Check("FAIL", f"{where} {what}", outcome.error) for what in ("isolation", "loss falls", "held-out")]
-    curve = r["train_loss_curve"]
+    curve = r["train_loss_curve"] or [{"step": None, "loss": None}]
     first, last = curve[0]["loss"], curve[-1]["loss"]
     base, adapted = r["heldout_loss_base"], r["heldout_loss"]
     quantized = f", 4-bit base {r['quantized_base_fingerprint']}" if r.get("quantized_base_fingerprint") else ""
@@ -362,28 +376,29 @@ def checks_of(outcome: Outcome) -> list[Check]:
         Check("PASS", f"{where} isolation", f"base fingerprint {r['base_fingerprint']}{quantized} unchanged "
               "after training (loraplex.train's check)"),
         Check("PASS" if len(curve) > 1 and last < first else "FAIL", f"{where} loss falls",
-              f"{first:.4f} -> {last:.4f} (steps {curve[0]['step']} -> {curve[-1]['step']})"),
+              f"{_num(first)} -> {_num(last)} (steps {curve[0]['step']} -> {curve[-1]['step']})"),
         Check("PASS" if base is not None and adapted is not None and adapted < base else "FAIL",
               f"{where} held-out", f"base {_num(base)} -> adapter {_num(adapted)}"),
     ]
 
 
-def _num(value: float | None, spec: str = ".4f") -> str:
+def _num(value: float | int | None, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
 def print_table(outcomes: list[Outcome], on_gpu: bool) -> None:
     memory = "peak GPU MB" if on_gpu else "peak RSS MB"
-    header = (f"{'model':<26}{'method':<7}{'trainer':<10}{'steps':>6}{'loss first':>12}{'last':>9}"
-              f"{'held-out base':>15}{'adapter':>9}{'tokens/s':>11}{memory:>13}{'wall s':>8}")
+    header = (f"{'model':<22}{'method':<7}{'trainer':<10}{'steps':>6}{'loss first':>12}{'last':>9}"
+              f"{'held-out base':>15}{'adapter':>9}{'tokens':>9}{'tokens/s':>10}{memory:>13}{'wall s':>8}")
     print("\n" + header + "\n" + "-" * len(header))
     for o in outcomes:
         r, j = o.result or {}, o.job
         curve = r.get("train_loss_curve") or [{}]
-        print(f"{j.label:<26}{j.method:<7}{j.trainer:<10}{r.get('steps', '-'):>6}"
+        print(f"{j.label:<22}{j.method:<7}{j.trainer:<10}{r.get('steps', '-'):>6}"
               f"{_num(curve[0].get('loss')):>12}{_num(curve[-1].get('loss')):>9}"
               f"{_num(r.get('heldout_loss_base')):>15}{_num(r.get('heldout_loss')):>9}"
-              f"{_num(r.get('tokens_per_s'), ',.0f'):>11}{_num(r.get('peak_memory_mb'), ',.0f'):>13}{o.seconds:>8.0f}")
+              f"{_num(r.get('tokens_trained'), ',d'):>9}{_num(r.get('tokens_per_s'), ',.0f'):>10}"
+              f"{_num(r.get('peak_memory_mb'), ',.0f'):>13}{o.seconds:>8.0f}")
     for o in outcomes:
         base = next((b for b in outcomes if b.job.trainer == "baseline" and b.job.label == o.job.label
                      and b.job.method == o.job.method), None)
@@ -397,24 +412,31 @@ def print_table(outcomes: list[Outcome], on_gpu: bool) -> None:
 # --------------------------------------------------------------------------- parent: the run
 
 
-def plan_jobs(args, plan: Plan, work: Path, data: Path) -> tuple[list[Job], list[Check]]:
-    """The configurations to run, building the random Llama first; QLoRA skipped (dry run) or failed (GPU)."""
-    models = []
-    if not args.dry_run or args.with_default_model:
-        models.append(("default", "smollm2-135m (default)"))
+def plan_jobs(args, plan: Plan, work: Path, train: Path, heldout: Path) -> tuple[list[Job], list[Check]]:
+    """The configurations to run, building the random Llama first; QLoRA skipped (dry run) or failed (GPU).
+
+    The Llama comes first: it is the slow, uncertain part, and what the time limit cuts should be the small model.
+    """
+    models, checks = [], []
     shape = {**(TINY if args.dry_run else LLAMA3_8B), **({"num_hidden_layers": args.layers} if args.layers else {})}
     label = f"{'tiny-llama' if args.dry_run else 'llama3-8b-shape'}-{shape['num_hidden_layers']}L"
     started = time.monotonic()
-    build_random_llama(work / label, shape)
-    print(f"built {label} (random init, hidden {shape['hidden_size']}, vocab {shape['vocab_size']}) in "
-          f"{time.monotonic() - started:.0f} s", flush=True)
-    models.append((str(work / label), label))
-    methods, checks = ["LoRA", "QLoRA"], []
+    try:
+        build_random_llama(work / label, shape)
+        models.append((str(work / label), label))
+        print(f"built {label} (random init, hidden {shape['hidden_size']}, vocab {shape['vocab_size']}) in "
+              f"{time.monotonic() - started:.0f} s", flush=True)
+    except Exception as exc:  # whatever breaks, the run goes on with the other model and ends with its summary
+        traceback.print_exc()
+        checks.append(Check("FAIL", f"build {label}", f"{type(exc).__name__}: {exc}"))
+    if not args.dry_run or args.with_default_model:
+        models.append(("default", "smollm2-135m"))
+    methods = ["LoRA", "QLoRA"]
     reason = qlora_skip_reason()
     if reason:
         methods = ["LoRA"]
         checks.append(Check("SKIP" if args.dry_run else "FAIL", "QLoRA", reason))
-    jobs = [Job(path, name, method, trainer, str(data), str(work), plan)
+    jobs = [Job(path, name, method, trainer, str(train), str(heldout), str(work), plan)
             for path, name in models for method in methods for trainer in ("loraplex", "baseline")]
     return jobs, checks
 
@@ -431,12 +453,13 @@ def run(args) -> list[Check]:
         return [Check("FAIL", "CUDA GPU", "none found; on a CPU run `bash benchmarks/gpu_check.sh --dry-run`")]
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work = Path(tmp)
-        os.environ.setdefault("LORAPLEX_HOME", str(work / "loraplex-home"))
-        data = data_file(work, plan.rows)
-        print(f"{'dry run on the CPU' if args.dry_run else 'GPU run'}: {plan.steps} steps x {plan.batch_size} "
-              f"sequences of <= {plan.max_seq_length} tokens, lr {plan.lr}, bf16, first {plan.rows} rows of {data}; "
-              f"LORAPLEX_HOME={os.environ['LORAPLEX_HOME']}", flush=True)
-        jobs, checks = plan_jobs(args, plan, work, data)
+        if not os.environ.get("LORAPLEX_HOME"):  # loraplex reads an empty value as unset: the user's cache
+            os.environ["LORAPLEX_HOME"] = str(work / "loraplex-home")
+        train, heldout, source = split_data(work, plan)
+        print(f"{'dry run on the CPU' if args.dry_run else 'GPU run'}: {plan.steps} steps, each on the same "
+              f"{plan.batch_size} rows (<= {plan.max_seq_length} tokens each), lr {plan.lr}, bf16; {plan.heldout_rows} "
+              f"held-out rows; data: {source}; LORAPLEX_HOME={os.environ['LORAPLEX_HOME']}", flush=True)
+        jobs, checks = plan_jobs(args, plan, work, train, heldout)
         outcomes = []
         for i, job in enumerate(jobs, 1):
             print(f"[{i}/{len(jobs)}] {job.label} {job.method} {job.trainer} ...", flush=True)
@@ -445,6 +468,7 @@ def run(args) -> list[Check]:
                   f"({outcome.seconds:.0f} s)", flush=True)
             outcomes.append(outcome)
         print_table(outcomes, torch.cuda.is_available())
+    print(f"total {time.monotonic() - started:.0f} s (--time-limit {plan.time_limit_s:.0f})")
     return checks + [c for o in outcomes for c in checks_of(o)]
 
 

@@ -76,15 +76,24 @@ def train(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
           overwrite: bool = typer.Option(False, "--overwrite", help="replace adapters or a run already in the run folder"),
           allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also read pickled .bin weights (they can "
                                             "run code: only files from a source you trust)"),
+          nproc: int = typer.Option(1, "--nproc", min=1, help="train with N processes on this machine (data "
+                                    "parallel; each step's batch_size is split over them)"),
           ) -> None:
     """Train one LoRA adapter per dataset, each against the untouched base model."""
     from .display import train_table
+    from .training.distributed import is_main, launch, launched
     from .training.runner import train as train_run
 
+    if nproc > 1 and not launched():
+        args = [str(recipe), *(overrides or []), *(f"--only={name}" for name in only or []),
+                *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else []),
+                *(["--allow-pickle"] if allow_pickle else [])]
+        raise typer.Exit(_run(launch, nproc, ["train", *args]))
     result = _run(train_run, recipe, overrides or [], only, resume=resume, overwrite=overwrite,
                   allow_pickle=allow_pickle)
-    stdout.print(train_table(result.adapters))
-    stdout.print(f"adapters in {result.run_dir / 'adapters'}")
+    if is_main():
+        stdout.print(train_table(result.adapters))
+        stdout.print(f"adapters in {result.run_dir / 'adapters'}")
 
 
 @app.command()

@@ -1,6 +1,8 @@
 """Everything the CLI prints as rich tables and text: prepare, train, demo, eval, inspect and merge."""
 from __future__ import annotations
 
+import math
+
 from rich.columns import Columns
 from rich.markup import escape
 from rich.table import Table
@@ -13,32 +15,46 @@ from .run import count_text, percent_of_base
 
 
 def prepare_table(stats: list[dict]) -> Table:
+    """One row per dataset; related numbers share a column, one per line, so the table fits 80 columns."""
     table = Table(title="datasets (lengths in tokens)", title_justify="left")
-    for col in ("dataset", "rows (bad)", "train/val", "tokens (answer)", "p50/p90/p99/max", "trunc/drop",
-                "max_seq_length → rec."):
-        table.add_column(col, justify="left" if col == "dataset" else "right")
+    table.add_column("dataset\nformat", overflow="fold")
+    for col in ("rows (bad)\ntrain/val", "tokens\n(answer)", "length\np50/p90/p99/max",
+                "max_seq_length\n→ recommended\ntrunc/drop"):
+        table.add_column(col, justify="right", overflow="fold")
     for s in stats:
-        table.add_row(f"{s['name']} [dim]{s['format']}[/]", f"{s['rows']} ({s['bad_rows']})",
-                      f"{s['train']}/{s['val']}", f"{s['total_tokens']:,} ({s['answer_tokens']:,})",
+        table.add_row(f"{s['name']}\n[dim]{s['format']}[/]", f"{s['rows']} ({s['bad_rows']})\n{s['train']}/{s['val']}",
+                      f"{s['total_tokens']:,}\n({s['answer_tokens']:,})",
                       f"{s['length_p50']}/{s['length_p90']}/{s['length_p99']}/{s['length_max']}",
-                      f"{s['truncated']}/{s['dropped']}", f"{s['max_seq_length']} → {s['recommended_max_seq_length']}")
+                      f"{s['max_seq_length']}\n→ {s['recommended_max_seq_length']}\n{s['truncated']}/{s['dropped']}")
     return table
 
 
 def train_table(adapters: dict[str, dict]) -> Table:
-    table = Table(title="adapters", title_justify="left")
-    for col in ("dataset", "target modules", "r/alpha", "trainable (% of base)", "train loss first → last",
-                "held-out loss base → adapter", "tok/s", "wall"):
-        table.add_column(col, justify="left" if col in ("dataset", "target modules") else "right")
+    """One row per adapter; fits 80 columns. Without a held-out split the held-out loss is '–' (not NaN)."""
+    table = Table(title="adapters", title_justify="left", caption_justify="left")
+    table.add_column("dataset\ntarget modules", overflow="fold")
+    for col in ("r/alpha\ntrainable\n(% of base)", "train loss\nfirst → last", "held-out loss\nbase → adapter",
+                "tok/s\nwall"):
+        table.add_column(col, justify="right", overflow="fold")
+    unmeasured = []
     for name, m in adapters.items():
         cfg = m["config"]
-        targets = cfg["target_modules"] if isinstance(cfg["target_modules"], str) else ",".join(cfg["target_modules"])
+        targets = cfg["target_modules"] if isinstance(cfg["target_modules"], str) else ", ".join(cfg["target_modules"])
         curve = m["train_loss_curve"]
-        losses = f"{curve[0]['loss']:.3f} → {curve[-1]['loss']:.3f}" if curve else "-"
-        table.add_row(name, targets, f"{cfg['lora']['r']}/{cfg['lora']['alpha']:g}",
-                      f"{count_text(m['trainable_params'])} ({percent_of_base(m):.3f}%)", losses,
-                      f"{m['heldout_loss_base']:.3f} → {m['heldout_loss']:.3f}", f"{m['tokens_per_s']:,.0f}",
-                      f"{m['wall_time_s']:.0f}s")
+        losses = f"{curve[0]['loss']:.3f} → {curve[-1]['loss']:.3f}" if curve else "–"
+        heldout = (m.get("heldout_loss_base"), m.get("heldout_loss"))
+        if any(x is None or math.isnan(x) for x in heldout):
+            unmeasured.append(name)
+            heldout_text = "–"
+        else:
+            heldout_text = f"{heldout[0]:.3f} → {heldout[1]:.3f}"
+        table.add_row(f"{name}\n[dim]{targets}[/]",
+                      f"{cfg['lora']['r']}/{cfg['lora']['alpha']:g}\n{count_text(m['trainable_params'])}\n"
+                      f"({percent_of_base(m):.3f}%)", losses, heldout_text,
+                      f"{m['tokens_per_s']:,.0f}\n{m['wall_time_s']:.0f}s")
+    if unmeasured:
+        table.caption = (f"–: no held-out split for {', '.join(unmeasured)}, so no held-out loss (set val_size > 0 "
+                         "or val_path to measure it)")
     return table
 
 

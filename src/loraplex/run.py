@@ -12,6 +12,7 @@ runs/<run>/
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 import yaml
 
 from .errors import LoraplexError, ModelError
-from .device import pick_dtype
+from .device import loraplex_home, pick_dtype
 from .models import BaseModelRef, base_fingerprint, load_model
 from .pipeline import Workspace, open_recipe
 from .quantize import quantization_config
@@ -50,6 +51,12 @@ def checkpoint_dir(run_dir: str | Path, name: str) -> Path:
 def is_complete(folder: Path) -> bool:
     """An adapter folder counts only when its metadata (written last, atomically) and weights are there."""
     return (Path(folder) / ADAPTER_META).is_file() and (Path(folder) / ADAPTER_WEIGHTS).is_file()
+
+
+def run_lock(run_dir: str | Path) -> Path:
+    """The lock file of a run folder, outside it (claiming a run may replace the folder)."""
+    key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+    return loraplex_home() / "locks" / f"run-{key}.lock"
 
 
 def complete_adapters(run_dir: str | Path) -> list[str]:

@@ -134,7 +134,8 @@ def packed_attention(model, batch: dict[str, torch.Tensor], enabled: bool = True
 
 
 def causal_lm(model):
-    """The causal LM inside a PeftModel (or the model itself)."""
+    """The causal LM inside a DDP wrapper and/or a PeftModel (or the model itself)."""
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -147,7 +148,10 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor],
     lm = causal_lm(model)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     with packed_attention(lm, batch, per_sequence_attention):
-        hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
+        # through the model's own forward (a DDP wrapper syncs gradients only for a forward it ran), with the
+        # LM head on one position: the final hidden states [B, T, H] go to the head below, answer positions only
+        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     picked = hidden[:, :-1][keep]  # [N, H]

@@ -8,6 +8,7 @@ each adapter; any difference stops the run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import attach
-from ..atomic import atomic_dir, atomic_write_json
+from ..atomic import atomic_dir, atomic_write_json, file_lock
 from ..data.prepare import PreparedDataset
 from ..device import dtype_name, on_gpu, pick_dtype, to_accelerator
 from ..errors import LoraplexError
@@ -27,8 +28,9 @@ from ..pipeline import Workspace, open_recipe
 from ..quantize import describe, gradient_checkpointing, prepare_for_training, quantization_config
 from ..recipe import DatasetSpec, Recipe, save_resolved
 from ..run import (ADAPTER_META, RESOLVED_RECIPE, RUN_META, adapter_dir, adapter_metadata, base_changed_message,
-                   checkpoint_dir, is_complete, percent_of_base)
+                   checkpoint_dir, is_complete, percent_of_base, run_lock)
 from .batching import heldout_metrics
+from .distributed import gather, is_main, sum_over_processes, wait_for_everyone, world_size
 from .trainer import TrainStats, loss_curve, make_trainer
 
 
@@ -47,11 +49,18 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     """
     ws = open_recipe(recipe, overrides, only)
     run_dir = ws.recipe.run_dir()
-    _claim_run_dir(run_dir, ws, resume, overwrite)
+    main = is_main()  # a launch's processes meet here, before any of them waits for the lock below
+    _claim_run_dir(run_dir, ws, resume, overwrite, write=False)  # every process refuses alike, before any change
+    wait_for_everyone()
+    if main:
+        with file_lock(run_lock(run_dir)):  # another job (e.g. `--only` another dataset) may be claiming it too
+            _claim_run_dir(run_dir, ws, resume, overwrite)
+    wait_for_everyone()
     prepared = ws.prepare()
     model, base_record = load_base(ws, allow_pickle)
     dtype = pick_dtype(ws.recipe.model.dtype)
     pristine = base_record.get("quantized_base_fingerprint", base_record["base_fingerprint"])  # the weights in memory
+    _same_everywhere(pristine)
     result = RunResult(run_dir)
     for spec in ws.selected():
         if is_complete(adapter_dir(run_dir, spec.name)) and resume:
@@ -59,11 +68,25 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
             continue
         meta = train_adapter(model, spec, prepared[spec.name], ws, run_dir, pristine, resume, progress,
                              base_record=base_record)
-        after = base_fingerprint(model, dtype)
-        if after != pristine:
-            raise LoraplexError(base_changed_message(spec.name, pristine, after))
+        after = gather(base_fingerprint(model, dtype))  # the isolation check, in every process
+        changed = [(rank, fingerprint) for rank, fingerprint in enumerate(after) if fingerprint != pristine]
+        if changed:
+            raise LoraplexError(base_changed_message(spec.name, pristine, changed[0][1])
+                                + (f" (process {changed[0][0]} of {len(after)})" if len(after) > 1 else ""))
+        meta["isolation_checked_in_processes"] = len(after)
+        if is_main():
+            atomic_write_json(adapter_dir(run_dir, spec.name) / ADAPTER_META, meta)
+        wait_for_everyone()
         result.adapters[spec.name] = meta
     return result
+
+
+def _same_everywhere(fingerprint: str) -> None:
+    """Every process must train on the same base weights."""
+    seen = gather(fingerprint)
+    if len(set(seen)) > 1:
+        raise LoraplexError(f"the training processes loaded different base weights (fingerprints {', '.join(seen)}, "
+                            "in rank order); every process must read the same model folder")
 
 
 def load_base(ws: Workspace, allow_pickle: bool = False) -> tuple[torch.nn.Module, dict]:
@@ -95,8 +118,10 @@ def load_base(ws: Workspace, allow_pickle: bool = False) -> tuple[torch.nn.Modul
     return model, record
 
 
-def _claim_run_dir(run_dir: Path, ws: Workspace, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: a folder holding another recipe's run, or finished adapters, needs a flag."""
+def _claim_run_dir(run_dir: Path, ws: Workspace, resume: bool, overwrite: bool, write: bool = True) -> None:
+    """Refuse to mix runs: a folder holding another recipe's run, or finished adapters, needs a flag.
+
+    Without `write` (the other processes of a launch) it only refuses; the main process clears and writes."""
     meta_path = run_dir / RUN_META
     fingerprint = ws.recipe.fingerprint()
     if meta_path.is_file():
@@ -106,7 +131,8 @@ def _claim_run_dir(run_dir: Path, ws: Workspace, resume: bool, overwrite: bool) 
                 raise LoraplexError(f"{run_dir} holds a run of a different recipe (fingerprint "
                                     f"{previous.get('recipe_fingerprint')} vs {fingerprint}); pass --overwrite to "
                                     "replace it, or set another run_name")
-            shutil.rmtree(run_dir)
+            if write:
+                shutil.rmtree(run_dir)
         elif not resume:
             for spec in ws.selected():
                 folder = adapter_dir(run_dir, spec.name)
@@ -114,8 +140,12 @@ def _claim_run_dir(run_dir: Path, ws: Workspace, resume: bool, overwrite: bool) 
                     if not overwrite:
                         raise LoraplexError(f"adapter '{spec.name}' is already trained in {folder}; "
                                             "pass --resume to keep it, or --overwrite to train it again")
-                    shutil.rmtree(folder)
-                shutil.rmtree(checkpoint_dir(run_dir, spec.name), ignore_errors=True)
+                    if write:
+                        shutil.rmtree(folder)
+                if write:
+                    shutil.rmtree(checkpoint_dir(run_dir, spec.name), ignore_errors=True)
+    if not write:
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(meta_path, {"recipe_fingerprint": fingerprint, "base_model": ws.base.name})
     save_resolved(ws.recipe, run_dir / RESOLVED_RECIPE)
@@ -163,12 +193,13 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     trainable, total = parameter_counts(peft_model)
     checkpoints = checkpoint_dir(run_dir, spec.name)
     last = _last_checkpoint(checkpoints) if resume else None
-    earlier = TrainStats.at(last)  # tokens and seconds before the checkpoint a resumed run starts from
-    trainer, stats = make_trainer(peft_model, spec, data, checkpoints, progress=progress,
-                                  stats=TrainStats(earlier.tokens, earlier.seconds))
+    earlier = TrainStats.at(last)  # tokens (of every process) and seconds before the checkpoint resumed from
+    trainer, stats = make_trainer(peft_model, spec, data, checkpoints, progress=progress and is_main(),
+                                  stats=TrainStats(earlier.tokens if is_main() else 0, earlier.seconds))
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     wall = time.perf_counter() - started + earlier.seconds
+    tokens = sum_over_processes(stats.tokens)
     adapter_val = heldout_metrics(peft_model, data.val)
     probe = _probe_batch(data, peft_model)
     expected_logits = _logits(peft_model, probe)
@@ -185,19 +216,23 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
         "heldout_loss_base": base_val["loss"], "heldout_loss": adapter_val["loss"],
         "heldout_token_accuracy_base": base_val["token_accuracy"],
         "heldout_token_accuracy": adapter_val["token_accuracy"], "heldout_tokens": adapter_val["tokens"],
-        "tokens_trained": stats.tokens, "wall_time_s": wall, "tokens_per_s": stats.tokens / max(stats.seconds, 1e-9),
-        "peak_memory_mb": _peak_memory_mb(),
+        "tokens_trained": tokens, "wall_time_s": wall, "tokens_per_s": tokens / max(stats.seconds, 1e-9),
+        "peak_memory_mb": _peak_memory_mb(), "processes": world_size(),
     }
-    with atomic_dir(folder) as tmp:
-        peft_model.save_pretrained(tmp)
-        atomic_write_json(tmp / ADAPTER_META, meta)
+    if is_main():
+        with atomic_dir(folder) as tmp:
+            peft_model.save_pretrained(tmp)
+            atomic_write_json(tmp / ADAPTER_META, meta)
+    wait_for_everyone()
     model = peft_model.unload()  # removes the LoRA layers without merging them
     reloaded = attach(model, {spec.name: folder})
-    diff = float((_logits(reloaded, probe) - expected_logits).abs().max())
+    meta["reload_max_abs_diff"] = float((_logits(reloaded, probe) - expected_logits).abs().max())
     reloaded.unload()
-    meta["reload_max_abs_diff"] = diff
-    atomic_write_json(folder / ADAPTER_META, meta)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    if is_main():
+        atomic_write_json(folder / ADAPTER_META, meta)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another job's checkpoints may still be in there
+            checkpoints.parent.rmdir()
     return meta
 
 

@@ -25,6 +25,7 @@ from ..errors import LoraplexError
 from ..recipe import DatasetSpec
 from .batching import (IGNORE_INDEX, PackedCollator, PaddedCollator, answer_loss_sum, packed_attention, real_tokens,
                        split_packed)
+from .distributed import sum_over_processes, world_size
 
 
 PROGRESS_FILE = "loraplex_progress.json"  # TrainStats in each checkpoint folder
@@ -73,8 +74,13 @@ class AdapterTrainer(Trainer):
         # answer tokens of the whole accumulated batch for every model class. The loss then counts as scaled for
         # gradient accumulation exactly when that count was given (the Trainer's own rule).
         self.model_accepts_loss_kwargs = True
+        self.loss_scale = 1
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        # the Trainer counts the answer tokens over every process (average_tokens_across_devices): each process's
+        # loss is its share of the global mean, and DDP's gradient average then needs a factor of num_processes
+        self.loss_scale = (self.accelerator.num_processes if num_items_in_batch is not None
+                           and self.args.average_tokens_across_devices else 1)
         parts = split_packed(inputs, self.micro_batch_tokens)
         if len(parts) == 1:
             return self._attended_step(model, inputs, num_items_in_batch)
@@ -97,7 +103,7 @@ class AdapterTrainer(Trainer):
         loss_sum, count, _ = answer_loss_sum(model, inputs, self.per_sequence_attention)
         self.stats.tokens += real_tokens(inputs)
         denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
-        loss = loss_sum / denominator
+        loss = loss_sum / denominator * self.loss_scale
         if not torch.isfinite(loss):
             raise LoraplexError(self._non_finite_message(float(loss.detach()), sources))
         return (loss, None) if return_outputs else loss
@@ -143,8 +149,9 @@ class ProgressCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        tokens = sum_over_processes(self.stats.tokens)  # every process calls this
         if checkpoint.is_dir() and state.is_world_process_zero:
-            self.stats.save(checkpoint)
+            TrainStats(tokens, self.stats.seconds).save(checkpoint)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bar.close()
@@ -156,16 +163,26 @@ class ProgressCallback(TrainerCallback):
 def training_arguments(spec: DatasetSpec, checkpoint_dir: Path) -> TrainingArguments:
     t = spec.train
     return TrainingArguments(
-        output_dir=str(checkpoint_dir), per_device_train_batch_size=t.batch_size,
+        output_dir=str(checkpoint_dir), per_device_train_batch_size=per_process_batch(spec),
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1, warmup_steps=t.warmup_ratio, lr_scheduler_type=t.scheduler,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
         logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=1, report_to=[], disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0, use_cpu=not on_gpu(),
+        dataloader_num_workers=0, use_cpu=not on_gpu(), ddp_find_unused_parameters=False,  # every LoRA weight is used
         # weights are already in their training dtype (bf16 where supported): no autocast on top
         bf16=False, fp16=False,
     )
+
+
+def per_process_batch(spec: DatasetSpec) -> int:
+    """`train.batch_size` is the batch of one optimizer micro-step over all processes: each takes its share, so a
+    recipe trains the same steps on the same rows in one process or several."""
+    processes = world_size()
+    if spec.train.batch_size % processes:
+        raise LoraplexError(f"datasets[{spec.name}].train.batch_size: {spec.train.batch_size} sequences do not split "
+                            f"evenly over {processes} processes; use a multiple of {processes}")
+    return spec.train.batch_size // processes
 
 
 @dataclass

@@ -1,0 +1,205 @@
+"""Training in several processes (torch's launcher, gloo on the CPU): the same adapters as one process with the
+same global batches, the main process alone writing, every process checking the base, failures that stop every
+process, resume across process counts, and independent jobs sharing one run folder."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from loraplex import train
+from loraplex.run import is_complete
+
+ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w}"}
+        for w in ["apple", "river", "stone", "cloud", "amber", "pilot"] * 8]  # 48 rows: 6 full batches of 8
+TESTS = Path(__file__).parent
+TIMEOUT = 300
+
+# Runs loraplex.train in each launched process; every file loraplex writes is logged with the writer's rank.
+LAUNCHED = """
+import json, os, sys
+import loraplex
+from loraplex import atomic
+from loraplex.training import runner
+
+rank = os.environ["RANK"]
+log = open(os.path.join(sys.argv[2], f"writes-{rank}.txt"), "w")
+write_text, make_dir = atomic.atomic_write_text, atomic.atomic_dir
+
+def logged_text(path, text):
+    log.write(f"{path}\\n"); log.flush()
+    return write_text(path, text)
+
+def logged_dir(path):
+    log.write(f"{path}/\\n"); log.flush()
+    return make_dir(path)
+
+atomic.atomic_write_text, runner.atomic_dir = logged_text, logged_dir
+if os.environ.get("FAIL_RANK") == rank:
+    def fail(*args, **kwargs):
+        raise loraplex.errors.LoraplexError(f"a failure made on purpose in process {rank}")
+    runner.train_adapter = fail
+loraplex.train(json.loads(sys.argv[1]), resume="--resume" in sys.argv, progress=False)
+"""
+
+
+def recipe(tmp: Path, model_dir: Path, name: str = "t", **train_settings) -> dict:
+    write_jsonl(tmp / "a.jsonl", ROWS)
+    write_jsonl(tmp / "val.jsonl", ROWS[:6])
+    settings = {"epochs": 1, "lr": 3e-2, "batch_size": 8, "logging_steps": 1, "save_steps": 100, **train_settings}
+    # LoRA dropout draws other random masks in other process counts: off, for an exact comparison
+    return {"model": {"path": str(model_dir), "dtype": "float32"}, "output_dir": str(tmp / "runs"), "run_name": name,
+            "defaults": {"train": settings, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                         "val_path": str(tmp / "val.jsonl")},
+            "datasets": [{"name": "a", "path": str(tmp / "a.jsonl"), "target_modules": ["q_proj"]},
+                         {"name": "b", "path": str(tmp / "a.jsonl"), "target_modules": ["v_proj"]}]}
+
+
+def environment(home: Path, **extra: str) -> dict:
+    return {**os.environ, "LORAPLEX_HOME": str(home), "OMP_NUM_THREADS": "1", **extra,
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
+def run(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Bounded in time; on a time-out the launcher and every process it started are killed."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"{command[:6]} did not finish in {TIMEOUT} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def launch(raw: dict, log_dir: Path, home: Path, *flags: str, **extra: str) -> subprocess.CompletedProcess:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    script = log_dir / "launched.py"
+    script.write_text(LAUNCHED, encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               json.dumps(raw), str(log_dir), *flags]
+    return run(command, environment(home, **extra))
+
+
+def assert_same_adapters(ours: Path, reference: Path) -> None:
+    for name in ("a", "b"):
+        got, want = load_file(ours / name / "adapter_model.safetensors"), load_file(reference / name / "adapter_model.safetensors")
+        assert got.keys() == want.keys()
+        assert max(float((got[k] - want[k]).abs().max()) for k in got) <= 1e-5
+        assert any(float(want[k].abs().max()) > 1e-3 for k in want if "lora_B" in k)  # B moved: a real comparison
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAPLEX_HOME", str(tmp / "home"))
+        return train(recipe(tmp, tiny_model_dir, "one"), progress=False)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_adapters_of_one(one_process, tiny_model_dir, tmp_path):
+    raw = recipe(tmp_path, tiny_model_dir, "two")
+    done = launch(raw, tmp_path / "logs", tmp_path / "home")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = Path(raw["output_dir"]) / "two"
+    assert_same_adapters(run_dir / "adapters", one_process.run_dir / "adapters")
+    for name, reference in one_process.adapters.items():
+        meta = json.loads((run_dir / "adapters" / name / "loraplex.json").read_text())
+        assert meta["processes"] == 2 and meta["isolation_checked_in_processes"] == 2
+        assert meta["steps"] == reference["steps"] == 6 and meta["tokens_trained"] == reference["tokens_trained"]
+        torch.testing.assert_close(torch.tensor([p["loss"] for p in meta["train_loss_curve"]]),
+                                   torch.tensor([p["loss"] for p in reference["train_loss_curve"]]), atol=1e-5, rtol=0)
+    writes = {rank: (tmp_path / "logs" / f"writes-{rank}.txt").read_text().split() for rank in ("0", "1")}
+    assert writes["1"] == [], writes["1"]  # the other process wrote nothing
+    assert any(line.endswith("/adapters/b/") for line in writes["0"]) and any("run.json" in w for w in writes["0"])
+
+
+@pytest.mark.slow
+def test_a_failure_in_one_process_stops_every_process(tiny_model_dir, tmp_path):
+    raw = recipe(tmp_path, tiny_model_dir)
+    done = launch(raw, tmp_path / "logs", tmp_path / "home", FAIL_RANK="1")  # returns: nothing waits forever
+    assert done.returncode != 0
+    assert "a failure made on purpose in process 1" in done.stderr
+    assert not is_complete(Path(raw["output_dir"]) / "t" / "adapters" / "a")
+
+
+@pytest.mark.slow
+def test_resume_in_two_processes_from_a_one_process_checkpoint(one_process, tiny_model_dir, tmp_path, monkeypatch):
+    """Killed after its step-2 checkpoint in one process, finished in two: the adapters of the uninterrupted run."""
+    from transformers import TrainerCallback
+
+    from loraplex.training import runner
+
+    class Interrupt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    make_trainer = runner.make_trainer
+
+    def interrupted(*args, **kwargs):
+        trainer, stats = make_trainer(*args, **kwargs)
+        trainer.add_callback(Interrupt())
+        return trainer, stats
+
+    raw = recipe(tmp_path, tiny_model_dir, "resumed", save_steps=2)
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(runner, "make_trainer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(raw, progress=False)
+    run_dir = Path(raw["output_dir"]) / "resumed"
+    assert (run_dir / "checkpoints" / "a" / "checkpoint-2").is_dir() and not is_complete(run_dir / "adapters" / "a")
+    done = launch(raw, tmp_path / "logs", tmp_path / "home", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_adapters(run_dir / "adapters", one_process.run_dir / "adapters")
+    meta = json.loads((run_dir / "adapters" / "a" / "loraplex.json").read_text())
+    assert meta["tokens_trained"] == one_process.adapters["a"]["tokens_trained"]
+    assert len(meta["train_loss_curve"]) == 6
+
+
+@pytest.mark.slow
+def test_nproc_on_the_command_line(tiny_model_dir, tmp_path):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(tmp_path, tiny_model_dir)), encoding="utf-8")
+    command = [sys.executable, "-m", "loraplex", "train", str(path), "--nproc", "2", "--only", "a"]
+    done = run(command, environment(tmp_path / "home"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("adapters in ") == 1  # one table, from the main process
+    assert is_complete(tmp_path / "runs" / "t" / "adapters" / "a") and not (tmp_path / "runs" / "t" / "adapters" / "b").exists()
+    bad = run(command + ["run_name=seven", "defaults.train.batch_size=7"], environment(tmp_path / "home"))
+    assert bad.returncode == 2
+    said = " ".join(bad.stderr.split())  # the console wraps long lines
+    assert "datasets[a].train.batch_size: 7 sequences do not split evenly over 2 processes; use a multiple of 2" in said
+    assert "training stopped in one of the 2 processes" in said
+
+
+@pytest.mark.slow
+def test_two_jobs_train_different_datasets_into_one_run_folder(tiny_model_dir, tmp_path):
+    """`--only` spreads a recipe's datasets over independent jobs (e.g. a Slurm array) writing one run folder."""
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe(tmp_path, tiny_model_dir)), encoding="utf-8")
+    jobs = [subprocess.Popen([sys.executable, "-m", "loraplex", "train", str(path), "--only", name],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(tmp_path / "home"),
+                             start_new_session=True)
+            for name in ("a", "b")]
+    for job in jobs:
+        _, err = job.communicate(timeout=TIMEOUT)
+        assert job.returncode == 0, err[-3000:]
+    run_dir = tmp_path / "runs" / "t"
+    assert is_complete(run_dir / "adapters" / "a") and is_complete(run_dir / "adapters" / "b")
+    assert json.loads((run_dir / "run.json").read_text())["recipe_fingerprint"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["adapters", "recipe.resolved.yaml", "run.json"]
