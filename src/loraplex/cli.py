@@ -222,6 +222,30 @@ def serve_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/de
          log=lambda line: console.print(line, markup=False, highlight=False))
 
 
+export_app = typer.Typer(no_args_is_help=True, help="Commands for serving a run with other software.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("vllm")
+def export_vllm_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/demo"),
+                        out: Optional[Path] = typer.Option(None, "--out", help="write the command to this file "
+                                                           "(a shell script) instead of printing it"),
+                        lora_target_modules: Optional[str] = typer.Option(
+                            None, "--lora-target-modules", help="restrict vLLM's LoRA layers to these modules, "
+                            "comma-separated (warns about adapter modules left out)")) -> None:
+    """Print the `vllm serve` command that serves the run's base with every adapter (checked against vLLM's limits)."""
+    from .export import export_vllm
+
+    targets = [t.strip() for t in lora_target_modules.split(",") if t.strip()] if lora_target_modules else None
+    export = _run(export_vllm, run, out, targets)
+    for warning in export.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    if out is None:
+        print(export.text(), end="")
+    else:
+        stdout.print(f"wrote {out}", markup=False, highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m loraplex`
     app(prog_name="loraplex")
 

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from .engine import BASE, Busy, Engine, Job
+from .playground import playground_html
 from .router import DEFAULT_THRESHOLD, Router
 
 AUTO = "auto"
@@ -164,6 +165,10 @@ def app(run_dir: str | Path, merged: tuple | list = (), api_key: str | None = No
         if router is not None:
             data.append(router.describe())
         return {"object": "list", "data": data}
+
+    @api.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse(playground_html())
 
     @api.get("/health")
     async def health():
