@@ -95,7 +95,17 @@ def eval_table(result: dict) -> Table:
             cells.append(f"[bold]{text}[/]" if row.get("dataset") == col["name"] else text)
         label = escape(row["name"]) if row["kind"] != "base" else f"[dim]{escape(row['name'])}[/]"
         table.add_row(label, *cells)
+    routing = (result.get("routing") or {}).get("datasets", {})
+    if routing:
+        table.add_row("auto: routed to its\ndataset's adapter",
+                      *(_routed(routing.get(col["name"])) for col in result["columns"]))
     return table
+
+
+def _routed(cell: dict | None) -> str:
+    if not cell or cell["accuracy"] is None:
+        return "-"
+    return f"{cell['accuracy']:.0%} of {cell['prompts']}"
 
 
 # --------------------------------------------------------------------------- inspect

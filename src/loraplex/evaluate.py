@@ -12,7 +12,6 @@ The base is loaded in full precision, QLoRA runs included (their adapters are or
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -23,15 +22,16 @@ from typing import Any, Callable
 
 import torch
 
+from .adapters import load
 from .atomic import atomic_write_json
 from .data.demo import demo_checkers
 from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages
 from .data.render import chat_template_for, prompt_text
-from .adapters import load
 from .device import pick_dtype, to_accelerator
 from .errors import DataError, LoraplexError
 from .models import load_model, resolve_base
 from .quantize import is_quantized
+from .routing import Router, mean_hidden_state
 from .run import EVAL_FILE, adapter_dir, adapter_metadata, is_complete, open_run
 from .training.batching import heldout_metrics
 
@@ -238,7 +238,8 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
         raise LoraplexError(f"{run_dir} holds no trained adapter; run `loraplex train` first")
     merged_refs = [resolve_base(str(Path(m).resolve())) for m in merged]  # a bad folder fails before any work
     started = time.perf_counter()
-    builder = _MatrixBuilder(_columns(ws, settings, demo_checkers(ws.recipe) if checkers is None else checkers),
+    prepared = ws.prepare()
+    builder = _MatrixBuilder(_columns(ws, prepared, settings, demo_checkers(ws.recipe) if checkers is None else checkers),
                              ws.tokenizer, settings)
     base_row = "base" if "base" not in adapter_dirs else "base model"
     rows = [{"name": base_row, "kind": "base"}]
@@ -251,6 +252,8 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
         builder.add_row(name or base_row, adapter_set.use(name).model, own=name)
         if name:
             rows.append({"name": name, "kind": "adapter", "dataset": name, "path": str(adapter_dirs[name])})
+    log("routing held-out prompts (model: auto)")
+    routing = routing_report(adapter_set.use(None).model, ws, prepared, adapter_dirs)
     del adapter_set
     for i, ref in enumerate(merged_refs):
         label = f"merged:{Path(ref.location).name}"
@@ -267,6 +270,7 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
                      "exact_match": "task checker" if c.checker else "stripped string equality"}
                     for c in builder.columns],
         "metrics": builder.metrics, "samples": builder.sample_table(), "generation": asdict(settings),
+        "routing": routing,
         "wall_time_s": time.perf_counter() - started,
     }
     atomic_write_json(run_dir / EVAL_FILE, result)
@@ -291,8 +295,7 @@ def _quantization_trained(adapter_dirs: dict[str, Path]) -> str | None:
     return "; ".join(sorted(found)) or None
 
 
-def _columns(ws, settings: GenerationSettings, checkers: dict[str, Checker]) -> list[_Column]:
-    prepared = ws.prepare()
+def _columns(ws, prepared: dict, settings: GenerationSettings, checkers: dict[str, Checker]) -> list[_Column]:
     columns = []
     for spec in ws.recipe.datasets:
         heldout = prepared[spec.name].val
@@ -302,6 +305,21 @@ def _columns(ws, settings: GenerationSettings, checkers: dict[str, Checker]) -> 
         test_key = _content_key(test.prompts) if test else "none"
         columns.append(_Column(spec.name, heldout, test, checkers.get(spec.name), heldout_key, test_key))
     return columns
+
+
+def routing_report(base_model, ws, prepared: dict, adapter_dirs: dict[str, Path]) -> dict:
+    """How often `model: auto` (`loraplex.routing`) sends a dataset's held-out prompts to an adapter trained on
+    that dataset's data files; `base_model`: the base as the router embeds with it (adapters off)."""
+    specs = {s.name: s for s in ws.recipe.datasets}
+    files = {name: tuple(specs[name].files("path")) for name in adapter_dirs}
+    heldout = {name: adapter_metadata(folder).get("heldout_loss") for name, folder in adapter_dirs.items()}
+    router = Router.build(lambda ids: mean_hidden_state(base_model, ids), prepared, files, heldout)
+    datasets = {}
+    for name, spec in specs.items():
+        val, right = prepared[name].val, {n for n, f in files.items() if f == tuple(spec.files("path"))}
+        if val is not None and len(val) and right:
+            datasets[name] = {**router.accuracy(val, right), "right": sorted(right)}
+    return {"threshold": router.threshold, "routes_to": sorted(router.centroids), "datasets": datasets}
 
 
 def load_eval(run_dir: str | Path) -> dict | None:

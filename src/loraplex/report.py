@@ -153,9 +153,16 @@ def matrix_section(data: RunData) -> Section:
             if row.get("dataset") == col:
                 bold.add((i, j + 1))
         rows.append(cells)
+    routing = (ev.get("routing") or {}).get("datasets", {})
+    if routing:
+        rows.append(["auto (router)"] + [f"routed to its adapter: {routing[c]['accuracy']:.0%} of {routing[c]['prompts']}"
+                                         if c in routing and routing[c]["accuracy"] is not None else "-"
+                                         for c in columns])
     text = ("Rows: the base, each adapter, merged models; columns: each dataset's held-out split (loss, perplexity "
             "and token accuracy on answer tokens) and, where the dataset has a test split, exact match and chrF "
-            "of greedy answers. Bold: an adapter on its own data.")
+            "of greedy answers. Bold: an adapter on its own data."
+            + (" Last row: how often `model: auto` (`loraplex serve`) sends the dataset's held-out prompts to an "
+               "adapter trained on that dataset." if routing else ""))
     return Section("Eval matrix", text, [Plot("eval_matrix", "held-out loss heatmap", _heatmap(data, columns)),
                                          Table(header, rows, "matrix", bold)])
 

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from .engine import BASE, Busy, Engine, Job
 from .playground import playground_html
-from .router import DEFAULT_THRESHOLD, Router
+from .router import DEFAULT_THRESHOLD, ServedRouter
 
 AUTO = "auto"
 
@@ -126,7 +126,7 @@ def app(run_dir: str | Path, merged: tuple | list = (), api_key: str | None = No
     `auto_route`: offer `model: auto` (see `loraplex.serve.router`), answering with `base` below `route_threshold`.
     """
     engine = Engine(run_dir, merged, max_batch_size=max_batch_size, max_queue=max_queue, batch_wait_s=batch_wait_s)
-    router = Router.build(engine, route_threshold) if auto_route else None
+    router = ServedRouter.build(engine, route_threshold) if auto_route else None
 
     @asynccontextmanager
     async def lifespan(_):
