@@ -133,6 +133,17 @@ def packed_attention(model, batch: dict[str, torch.Tensor], enabled: bool = True
         config._attn_implementation = "sdpa"
 
 
+@contextmanager
+def final_hidden_states(lm):
+    """Within the block, the decoder's last hidden states (after its final norm) are appended to the yielded list."""
+    captured: list[torch.Tensor] = []
+    handle = lm.base_model.register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 def causal_lm(model):
     """The causal LM inside a DDP wrapper and/or a PeftModel (or the model itself)."""
     model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -147,11 +158,11 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor],
     """
     lm = causal_lm(model)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    with packed_attention(lm, batch, per_sequence_attention):
+    with packed_attention(lm, batch, per_sequence_attention), final_hidden_states(lm) as captured:
         # through the model's own forward (a DDP wrapper syncs gradients only for a forward it ran), with the
-        # LM head on one position: the final hidden states [B, T, H] go to the head below, answer positions only
-        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1]
+        # LM head on one position: the decoder's output [B, T, H] goes to the head below, answer positions only
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    hidden = captured[0]
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     picked = hidden[:, :-1][keep]  # [N, H]
