@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,27 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 QUESTIONS = ["Repeat the word apple.", "What is two plus three?", "请重复这个词：河流。", "Name a colour.",
              "Write the date 2024-05-01 in words.", "Say hello."]
-
-
-def start(asgi):
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(asgi, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise SystemExit("the server did not start")
-        time.sleep(0.02)
-
-    def stop():
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-    return f"http://127.0.0.1:{sock.getsockname()[1]}/v1", stop
 
 
 def one_request(url: str, model: str, question: str, max_tokens: int, timeout: float) -> tuple[float, int, str | None]:
@@ -60,11 +37,11 @@ def one_request(url: str, model: str, question: str, max_tokens: int, timeout: f
 
 
 def load(run_dir: str, batch: int, args) -> dict:
-    from loraplex.serve import app
+    from loraplex.serve import app, start_in_thread
 
     asgi = app(run_dir, max_batch_size=batch, max_tokens_limit=max(args.max_tokens, 1))
     models = list(asgi.state.engine.entries)
-    url, stop = start(asgi)
+    url, stop = start_in_thread(asgi)
     try:
         one_request(url, models[0], "warm up", 2, args.timeout)
         jobs = [(models[i % len(models)], QUESTIONS[i % len(QUESTIONS)]) for i in range(args.requests)]

@@ -6,9 +6,6 @@ Greedy answers must equal the library's own greedy generation, token for token, 
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,25 +52,9 @@ def run(tiny_model_dir, tmp_path_factory):
 
 def start(asgi):
     """The real server on a free loopback port, in a daemon thread; returns (base_url, stop)."""
-    import uvicorn
+    from loraplex.serve import start_in_thread
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(asgi, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-
-    def stop():
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-
-    return f"http://127.0.0.1:{port}/v1", stop
+    return start_in_thread(asgi)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,11 @@
 """
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 from ..errors import LoraplexError
 
@@ -36,9 +40,36 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, merged
     uvicorn.run(asgi, host=host, port=port, log_level="warning")
 
 
+def start_in_thread(asgi, timeout: float = 30.0) -> tuple[str, Callable[[], None]]:
+    """Serve `asgi` on a free 127.0.0.1 port from a background thread (notebooks, tests, benchmarks).
+
+    Returns the API's base URL (`http://127.0.0.1:PORT/v1`) and a function that stops the server.
+    """
+    _needs_extra()
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(asgi, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise LoraplexError("the server did not start")
+        time.sleep(0.02)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=timeout)
+        sock.close()
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}/v1", stop
+
+
 def _model_ids(asgi) -> list[dict]:
     entries = [e.describe() for e in asgi.state.engine.entries.values()]
     return entries + ([asgi.state.router.describe()] if asgi.state.router is not None else [])
 
 
-__all__ = ["app", "serve"]
+__all__ = ["app", "serve", "start_in_thread"]
