@@ -276,6 +276,26 @@ def test_concurrent_requests_for_different_adapters_batch_and_answer_as_alone(cl
     assert stats["batches"] - before["batches"] < len(asks)  # some shared a forward pass
 
 
+def test_requests_join_a_batch_that_is_already_decoding(client, server, reference):
+    """A long request is decoding when others arrive: they join it between steps (left-padded caches), the rows
+    leave as they end, and every answer is still the one it gets alone."""
+    _, asgi = server
+    engine = asgi.state.engine
+    long_text, expected_long = PROMPTS["en"], reference("base", PROMPTS["en"], max_tokens=LIMIT)
+    late = [(name, text) for name in ("en", "zh", "base") for text in (PROMPTS["zh"], "Say one word.")]
+    expected = [reference(name, text) for name, text in late]
+    joined_before = engine.stats["joined"]
+    with ThreadPoolExecutor(len(late) + 1) as pool:
+        stream = chat(client, "base", long_text, max_tokens=LIMIT, stream=True)
+        first = next(c for c in stream if c.choices and c.choices[0].delta.content)  # decoding has begun
+        answers = list(pool.map(lambda ask: chat(client, *ask), late))
+        rest = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert first.choices[0].delta.content + rest == expected_long[0]
+    for (name, _), (text, tokens), answer in zip(late, expected, answers):
+        assert (answer.model, answer.choices[0].message.content, answer.usage.completion_tokens) == (name, text, tokens)
+    assert engine.stats["joined"] > joined_before  # some joined a batch that was already decoding
+
+
 # --------------------------------------------------------------------------- model: auto
 
 

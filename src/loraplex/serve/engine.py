@@ -59,6 +59,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     cancelled: bool = False
+    finished: bool = False  # its "done" event was sent
 
 
 class Busy(LoraplexError):
@@ -116,7 +117,7 @@ class Engine:
         # PEFT cannot mix DoRA adapters in one batch: such runs batch only requests for one adapter at a time
         self.mixed = not any(getattr(cfg, "use_dora", False) for cfg in self.adapters.model.peft_config.values())
         self.max_batch_size, self.max_queue, self.batch_wait_s = max(1, max_batch_size), max_queue, batch_wait_s
-        self.stats = {"batches": 0, "largest_batch": 0, "requests": 0}
+        self.stats = {"batches": 0, "largest_batch": 0, "requests": 0, "joined": 0}  # joined: a running batch
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self.model_lock = threading.Lock()  # one forward pass at a time on the run's model (the router uses it too)
@@ -184,54 +185,128 @@ class Engine:
             self.stats["batches"] += 1
             self.stats["requests"] += len(batch)
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-            try:
-                with self.model_lock:
-                    self._generate(batch)
-            except Exception as exc:  # noqa: BLE001  (the server keeps serving; the callers get the error)
-                for job in batch:
-                    job.emit({"type": "error", "message": f"generation failed: {type(exc).__name__}: {exc}"})
+            with self.model_lock:
+                self._generate(batch)
+
+    def _take_more(self, key: str, room: int) -> list[Job]:
+        """Waiting requests that can join the running batch (same model), while the queue's head is one of them:
+        a request for another model is never overtaken."""
+        joined: list[Job] = []
+        with self._cond:
+            while room > len(joined) and self._pending and self._group_key(self._pending[0]) == key:
+                job = self._pending.popleft()
+                if not job.cancelled:
+                    joined.append(job)
+        if joined:
+            self.stats["requests"] += len(joined)
+            self.stats["joined"] += len(joined)
+        return joined
 
     @torch.no_grad()
     def _generate(self, jobs: list[Job]) -> None:
+        """Decode `jobs` together, one forward pass per token. A row leaves the batch when its request ends, and
+        waiting requests for the same model join between steps (their prompts prefilled, the key-value caches
+        left-padded to one length), so the batch stays full while requests keep coming."""
+        entry = jobs[0].entry
+        model, key = self.models[entry.group], self._group_key(jobs[0])
+        batch = _Batch(model, entry.tokenizer, entry.group == "run" and self.mixed)
+        if entry.group == "run" and not self.mixed:
+            self.adapters.use(entry.adapter)
+        try:
+            batch.join(jobs)
+            while batch.rows:
+                batch.accept()
+                batch.step()
+                more = self._take_more(key, self.max_batch_size - len(batch.rows)) if batch.rows else []
+                if more:
+                    batch.join(more)
+                    self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch.rows))
+        except Exception as exc:  # noqa: BLE001  (the server keeps serving; every caller in the batch gets the error)
+            for job in batch.jobs:
+                if not job.finished:
+                    job.emit({"type": "error", "message": f"generation failed: {type(exc).__name__}: {exc}"})
+        finally:
+            if not self.mixed:
+                self.adapters.use(self.adapters.names[0])
+
+
+class _Batch:
+    """The rows being decoded together: their key-value cache [rows, heads, length, dim], attention mask and
+    positions, and each row's next-token logits."""
+
+    def __init__(self, model, tokenizer, mixed: bool):
+        self.model, self.tokenizer, self.mixed = model, tokenizer, mixed
+        self.device = next(model.parameters()).device
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos = _eos_ids(model, tokenizer)
+        self.cache_arg = _cache_argument(model)
+        self.rows: list[_Row] = []
+        self.jobs: list[Job] = []  # every request that joined, for errors
+        self.cache = self.mask = self.positions = self.logits = None
+
+    def _extra(self, rows: list[_Row]) -> dict:
+        return {"adapter_names": [row.job.entry.adapter or PEFT_BASE for row in rows]} if self.mixed else {}
+
+    def join(self, jobs: list[Job]) -> None:
+        """Prefill `jobs` (left-padded among themselves) and add them to the batch."""
         from transformers import DynamicCache
 
-        entry = jobs[0].entry
-        model, tokenizer = self.models[entry.group], entry.tokenizer
-        device = next(model.parameters()).device
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.jobs += jobs
+        rows = [_Row(job, self.tokenizer, self.eos) for job in jobs]
         width = max(len(job.prompt_ids) for job in jobs)
-        ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=device)
-        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs], device=device)
+        ids = torch.tensor([[self.pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs],
+                            device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        extra = {}
-        if entry.group == "run":
-            if self.mixed:
-                extra["adapter_names"] = [job.entry.adapter or PEFT_BASE for job in jobs]
-            else:
-                self.adapters.use(entry.adapter)
-        eos = _eos_ids(model, tokenizer)
-        rows = [_Row(job, tokenizer, eos) for job in jobs]
-        cache_arg = _cache_argument(model)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                    **{cache_arg: DynamicCache()}, **extra)
-        for _ in range(max(job.max_tokens for job in jobs)):
-            logits = out.logits[:, -1, :].float()
-            chosen = []
-            for i, row in enumerate(rows):
-                if not row.done:
-                    row.accept(_pick(logits[i], row.job, row.generator))
-                chosen.append(row.tokens[-1] if row.tokens else pad)
-            if all(row.done for row in rows):
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
-            out = model(input_ids=torch.tensor(chosen, device=device)[:, None], attention_mask=mask,
-                        position_ids=positions, use_cache=True, logits_to_keep=1,
-                        **{cache_arg: getattr(out, cache_arg)}, **extra)
-        for row in rows:
-            row.finish("length")
-        if not self.mixed:
-            self.adapters.use(self.adapters.names[0])
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                         **{self.cache_arg: DynamicCache()}, **self._extra(rows))
+        cache, logits = getattr(out, self.cache_arg), out.logits[:, -1, :].float()
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.positions, self.logits = rows, cache, mask, positions[:, -1:], logits
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers):  # both end at their rows' latest token
+            old.keys = torch.cat([_left_pad(old.keys, length), _left_pad(new.keys, length)])
+            old.values = torch.cat([_left_pad(old.values, length), _left_pad(new.values, length)])
+        self.mask = torch.cat([_left_pad(self.mask, length), _left_pad(mask, length)])
+        self.positions = torch.cat([self.positions, positions[:, -1:]])
+        self.logits = torch.cat([self.logits, logits])
+        self.rows += rows
+
+    def accept(self) -> None:
+        """Every row takes its next token; the rows whose request ended leave the batch."""
+        for i, row in enumerate(self.rows):
+            row.accept(_pick(self.logits[i], row.job, row.generator))
+        keep = [i for i, row in enumerate(self.rows) if not row.done]
+        if len(keep) == len(self.rows):
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        for layer in self.cache.layers:
+            layer.batch_select_indices(index)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, self.positions, self.logits = self.mask[index], self.positions[index], self.logits[index]
+
+    def step(self) -> None:
+        """One forward pass over every row's latest token."""
+        if not self.rows:
+            return
+        tokens = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.device)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.positions = self.positions + 1
+        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=self.positions, use_cache=True,
+                         logits_to_keep=1, **{self.cache_arg: self.cache}, **self._extra(self.rows))
+        self.cache, self.logits = getattr(out, self.cache_arg), out.logits[:, -1, :].float()
+
+
+def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Zeros before `tensor` along its sequence dimension (-2 for keys/values [B, H, T, D], -1 for a mask [B, T])."""
+    dim = -2 if tensor.dim() == 4 else -1
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def _cache_argument(model) -> str:
@@ -299,6 +374,7 @@ class _Row:
             text = self.tokenizer.decode([t for t in self.tokens if t not in self.eos], skip_special_tokens=True)
         if len(text) > len(self.sent) and text.startswith(self.sent):
             self.job.emit({"type": "delta", "text": text[len(self.sent):]})
+        self.job.finished = True
         self.job.emit({"type": "done", "finish_reason": reason, "text": text,
                        "usage": {"prompt_tokens": len(self.job.prompt_ids), "completion_tokens": len(self.tokens),
                                  "total_tokens": len(self.job.prompt_ids) + len(self.tokens)}})
