@@ -29,7 +29,7 @@ from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages
 from .data.render import chat_template_for, prompt_text
 from .device import pick_dtype, to_accelerator
 from .errors import DataError, LoraplexError
-from .models import load_model, resolve_base
+from .models import load_model, resolve_base, stop_token_ids
 from .quantize import is_quantized
 from .routing import Router, mean_hidden_state
 from .run import EVAL_FILE, adapter_dir, adapter_metadata, is_complete, open_run
@@ -47,7 +47,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+    eos = sorted(stop_token_ids(model, tokenizer))
     was_training = model.training
     model.eval()
     outputs: list[str] = []
@@ -56,7 +56,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
             enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(e for e in eos if e is not None),
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
                                  temperature=None, top_p=None, top_k=None)
             new = ids[:, enc["input_ids"].shape[1]:]
             outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -64,12 +64,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
         tokenizer.padding_side = side
         model.train(was_training)
     return [o.strip() for o in outputs]
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple, set)) else [value]
 
 
 def same_text(reference: str, prediction: str) -> bool:

@@ -168,6 +168,13 @@ def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, trust_remo
     return model
 
 
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The tokens that end an answer: the tokenizer's eos and every eos of the model's generation config."""
+    found = getattr(model.generation_config, "eos_token_id", None)
+    found = list(found) if isinstance(found, (list, tuple, set)) else [found]
+    return {e for e in [tokenizer.eos_token_id, *found] if e is not None}
+
+
 def meta_model(ref: BaseModelRef, trust_remote_code: bool = False) -> nn.Module:
     """The model's module tree without weights (for validating target modules, cheaply)."""
     from transformers import AutoConfig, AutoModelForCausalLM

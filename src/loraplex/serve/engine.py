@@ -22,10 +22,10 @@ from ..adapters import load
 from ..data.render import chat_template_for, prompt_text
 from ..device import pick_dtype, to_accelerator
 from ..errors import LoraplexError
-from ..models import load_model, load_tokenizer, resolve_base
+from ..models import load_model, load_tokenizer, resolve_base, stop_token_ids
+from ..routing import BASE
 from ..run import adapter_dir, adapter_metadata, complete_adapters, open_run
 
-BASE = "base"
 PEFT_BASE = "__base__"  # the base's name in PEFT's adapter_names
 
 
@@ -238,7 +238,7 @@ class _Batch:
         self.model, self.tokenizer, self.mixed = model, tokenizer, mixed
         self.device = next(model.parameters()).device
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.eos = _eos_ids(model, tokenizer)
+        self.eos = stop_token_ids(model, tokenizer)
         self.cache_arg = _cache_argument(model)
         self.rows: list[_Row] = []
         self.jobs: list[Job] = []  # every request that joined, for errors
@@ -315,12 +315,6 @@ def _cache_argument(model) -> str:
 
     forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    found = getattr(model.generation_config, "eos_token_id", None)
-    found = list(found) if isinstance(found, (list, tuple, set)) else [found]
-    return {e for e in [tokenizer.eos_token_id, *found] if e is not None}
 
 
 def _pick(logits: torch.Tensor, job: Job, generator: torch.Generator | None) -> int:
