@@ -50,8 +50,9 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     ws = open_recipe(recipe, overrides, only)
     run_dir = ws.recipe.run_dir()
     main = is_main()  # a launch's processes meet here, before any of them waits for the lock below
-    _claim_run_dir(run_dir, ws, resume, overwrite, write=False)  # every process refuses alike, before any change
-    wait_for_everyone()
+    if world_size() > 1:
+        _claim_run_dir(run_dir, ws, resume, overwrite, write=False)  # every process refuses alike, before any change
+        wait_for_everyone()
     if main:
         with file_lock(run_lock(run_dir)):  # another job (e.g. `--only` another dataset) may be claiming it too
             _claim_run_dir(run_dir, ws, resume, overwrite)
