@@ -6,6 +6,7 @@ Greedy answers must equal the library's own greedy generation, token for token, 
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -276,12 +277,22 @@ def test_concurrent_requests_for_different_adapters_batch_and_answer_as_alone(cl
     assert stats["batches"] - before["batches"] < len(asks)  # some shared a forward pass
 
 
-def test_requests_join_a_batch_that_is_already_decoding(client, server, reference):
+def test_requests_join_a_batch_that_is_already_decoding(client, server, reference, monkeypatch):
     """A long request is decoding when others arrive: they join it between steps (left-padded caches), the rows
     leave as they end, and every answer is still the one it gets alone."""
+    from loraplex.serve import engine as engine_module
+
     _, asgi = server
     engine = asgi.state.engine
     long_text, expected_long = PROMPTS["en"], reference("base", PROMPTS["en"], max_tokens=LIMIT)
+    assert expected_long[1] == LIMIT  # it decodes to the limit: the others arrive while it runs
+    step = engine_module._Batch.step
+
+    def slow_step(self):  # 48 steps of at least 20 ms: a second in which the others arrive, on any machine
+        time.sleep(0.02)
+        step(self)
+
+    monkeypatch.setattr(engine_module._Batch, "step", slow_step)
     late = [(name, text) for name in ("en", "zh", "base") for text in (PROMPTS["zh"], "Say one word.")]
     expected = [reference(name, text) for name, text in late]
     joined_before = engine.stats["joined"]
