@@ -59,8 +59,7 @@ def load(base: str | BaseModelRef = "default", adapters: dict[str, str | Path] |
     tokenizer = load_tokenizer(ref)
     precision = describe(quantization) if config is not None else "full"
     if check_fingerprint and adapters:
-        check_base(model, ref, adapters, quantization if config is not None else None,
-                   precision if config is not None else None)
+        check_base(model, ref, adapters, quantization if config is not None else None)
     return AdapterSet(attach(model, adapters), tokenizer, ref, list(adapters), precision)
 
 

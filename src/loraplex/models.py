@@ -132,11 +132,12 @@ def load_tokenizer(ref: BaseModelRef, trust_remote_code: bool = False):
 
 
 def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               device: str | torch.device | None = None, *, allow_pickle: bool = False, quantization_config=None):
+               *, allow_pickle: bool = False, quantization_config=None):
     """Weights are read from safetensors only; pickled `.bin` weights (which can run code) need allow_pickle.
 
     With a `quantization_config` (see `loraplex.quantize.quantization_config`) the linear layers are quantized
-    while loading, straight onto the accelerator (CUDA where there is one, else the CPU); `device` is ignored.
+    while loading, straight onto the accelerator (CUDA where there is one, else the CPU); without, on the CPU
+    (`device.to_accelerator` moves it).
     """
     from transformers import AutoModelForCausalLM
 
@@ -163,8 +164,6 @@ def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, trust_remo
     if quantized and quantized["device_map"][""] == "cpu":
         copy_out_of_checkpoint_file(model)
         keep_one_layout(model)
-    if device is not None and not quantized:
-        model.to(device)
     return model
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .data.render import IGNORE_INDEX
+from .training.batching import causal_lm, final_hidden_states
 
 BASE = "base"
 DEFAULT_THRESHOLD = 0.2  # centered cosine similarity below which `auto` answers with the base
@@ -78,5 +79,6 @@ def prompt_ids(input_ids: list[int], labels: list[int]) -> list[int]:
 def mean_hidden_state(model, ids: list[int], **forward) -> torch.Tensor:
     """The model's last hidden states over `ids`, mean-pooled (float32, on the CPU); `forward` goes to its call."""
     device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([ids], device=device), output_hidden_states=True, logits_to_keep=1, **forward)
-    return out.hidden_states[-1][0].float().mean(0).cpu()
+    with final_hidden_states(causal_lm(model)) as captured:
+        model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1, **forward)
+    return captured[0][0].float().mean(0).cpu()

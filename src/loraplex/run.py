@@ -20,10 +20,10 @@ import torch
 import yaml
 
 from .errors import LoraplexError, ModelError
-from .device import loraplex_home, pick_dtype
+from .device import dtype_name, loraplex_home, pick_dtype
 from .models import BaseModelRef, base_fingerprint, load_model
 from .pipeline import Workspace, open_recipe
-from .quantize import quantization_config
+from .quantize import describe, quantization_config
 
 ADAPTER_META = "loraplex.json"
 RUN_META = "run.json"
@@ -137,7 +137,7 @@ def fingerprint_as_trained(model, ref: BaseModelRef, dtype: torch.dtype, quantiz
         return base_fingerprint(model, dtype)
     if quantization is None:
         return base_fingerprint(load_model(ref, dtype), dtype)
-    spec = quantization.model_copy(update={"dtype": str(dtype).replace("torch.", "")})
+    spec = quantization.model_copy(update={"dtype": dtype_name(dtype)})
     return base_fingerprint(load_model(ref, dtype, quantization_config=quantization_config(spec)), dtype)
 
 
@@ -164,12 +164,13 @@ def base_problem(name: str, folder: Path, meta: dict, ref: BaseModelRef, fingerp
             "trained on")
 
 
-def check_base(model, ref: BaseModelRef, adapters: dict[str, Path], quantization=None,
-               quantized_as: str | None = None) -> None:
+def check_base(model, ref: BaseModelRef, adapters: dict[str, Path], quantization=None) -> None:
     """Refuse adapters whose recorded base differs from `model` (all of them at once, one line each).
 
-    Each adapter is compared in its own training dtype, whatever dtype `model` was loaded in.
+    Each adapter is compared in its own training dtype, whatever dtype `model` was loaded in. `quantization`: the
+    recipe's `model:` block `model` was quantized with (None for a full-precision base).
     """
+    quantized_as = describe(quantization) if quantization is not None else None
     problems, fingerprints = [], {}
     for name, folder in adapters.items():
         meta = adapter_metadata(Path(folder))

@@ -15,8 +15,8 @@ chunks: each chunk's logits and their gradient are computed and freed before the
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch

@@ -75,7 +75,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
             raise LoraplexError(base_changed_message(spec.name, pristine, changed[0][1])
                                 + (f" (process {changed[0][0]} of {len(after)})" if len(after) > 1 else ""))
         meta["isolation_checked_in_processes"] = len(after)
-        if is_main():
+        if main:
             atomic_write_json(adapter_dir(run_dir, spec.name) / ADAPTER_META, meta)
         wait_for_everyone()
         result.adapters[spec.name] = meta
