@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from loraplex import device, models
+from loraplex import targets as target_checks
 from loraplex.errors import ModelError, RecipeError
 from loraplex.recipe import load_recipe
 
@@ -20,7 +21,7 @@ def meta(tiny_model_dir):
 
 
 def check(meta, targets, r=8, layers=None):
-    return models.check_target_modules(meta, targets, r, layers, "datasets[zh]")
+    return target_checks.check_target_modules(meta, targets, r, layers, "datasets[zh]")
 
 
 # --------------------------------------------------------------------------- target modules
@@ -78,7 +79,7 @@ def test_layers_to_transform_out_of_range(meta):
 def test_all_linear_and_valid_lists_pass(meta):
     assert check(meta, "all-linear") == []
     assert check(meta, ["q_proj", "v_proj", "gate_proj", "down_proj"]) == []
-    assert models.linear_leaf_names(meta) == ALL_LEAVES.split(", ")
+    assert target_checks.linear_leaf_names(meta) == ALL_LEAVES.split(", ")
 
 
 def test_check_recipe_modules_lists_every_dataset(meta, tmp_path):
@@ -88,7 +89,7 @@ def test_check_recipe_modules_lists_every_dataset(meta, tmp_path):
         {"name": "en", "path": str(tmp_path / "d.json"), "target_modules": ["mlp"], "lora": {"r": 64}},
         {"name": "ok", "path": str(tmp_path / "d.json"), "target_modules": "all-linear"}]})
     with pytest.raises(RecipeError) as info:
-        models.check_recipe_modules(recipe, meta)
+        target_checks.check_recipe_modules(recipe, meta)
     problems = info.value.problems
     assert info.value.title == "recipe does not fit the base model"
     assert [p.split(":")[0] for p in problems] == ["datasets[zh].target_modules", "datasets[en].target_modules"]

@@ -27,3 +27,30 @@ class DataError(LoraplexError):
 
 class ModelError(LoraplexError):
     """The base model cannot be found, converted or loaded."""
+
+
+def friendly_validation_message(err: dict) -> str:
+    """A pydantic error as what to write instead."""
+    msg = err["msg"]
+    if err["type"] == "missing":
+        return "required; add it"
+    if err["type"] == "string_pattern_mismatch":
+        return "use letters, digits, '_', '.' or '-' (starting with a letter or digit)"
+    if err["type"] in _TYPE_FIXES:
+        return _TYPE_FIXES[err["type"]]
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+# pydantic's wording names the type; these say what to write instead
+_TYPE_FIXES = {
+    "int_parsing": "must be a whole number, e.g. 16 (no quotes)", "int_type": "must be a whole number, e.g. 16",
+    "int_from_float": "must be a whole number, e.g. 16 (no decimal part)",
+    "float_parsing": "must be a number, e.g. 3 or 2.0e-4 (no quotes)",
+    "float_type": "must be a number, e.g. 3 or 2.0e-4",
+    "finite_number": "must be a finite number, not .inf or .nan",
+    "bool_parsing": "must be true or false", "bool_type": "must be true or false",
+    "string_type": "must be text; quote it if YAML reads it as something else",
+    "list_type": "must be a list, e.g. [q_proj, v_proj]",
+    "dict_type": "must be a mapping (key: value lines)", "model_type": "must be a mapping (key: value lines)",
+    "invalid_key": "keys must be text; quote the key",
+}

