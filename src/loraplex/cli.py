@@ -80,7 +80,7 @@ def train(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
                                     "parallel; each step's batch_size is split over them)"),
           ) -> None:
     """Train one LoRA adapter per dataset, each against the untouched base model."""
-    from .display import train_table
+    from .display import select_table, train_table
     from .training.distributed import is_main, launch, launched
     from .training.runner import train as train_run
 
@@ -92,8 +92,29 @@ def train(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
     result = _run(train_run, recipe, overrides or [], only, resume=resume, overwrite=overwrite,
                   allow_pickle=allow_pickle)
     if is_main():
+        for name, meta in result.adapters.items():
+            if "selection" in meta:
+                stdout.print(select_table(name, meta["selection"]))
         stdout.print(train_table(result.adapters))
         stdout.print(f"adapters in {result.run_dir / 'adapters'}")
+
+
+@app.command()
+def select(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_ARG,
+           only: Optional[list[str]] = typer.Option(None, "--only", help="measure only this dataset (repeatable)"),
+           allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also read pickled .bin weights (they can "
+                                             "run code: only files from a source you trust)"),
+           as_json: bool = typer.Option(False, "--json", help="print the decisions as JSON")) -> None:
+    """Which modules should each dataset train? Measure it (target_modules: auto) without the full training."""
+    from .display import select_table
+    from .training.runner import select as select_run
+
+    decisions = _run(select_run, recipe, overrides or [], only, allow_pickle=allow_pickle)
+    if as_json:
+        print(json.dumps(decisions, indent=2, ensure_ascii=False))
+        return
+    for name, decision in decisions.items():
+        stdout.print(select_table(name, decision))
 
 
 @app.command()

@@ -40,6 +40,7 @@ def train_table(adapters: dict[str, dict]) -> Table:
     for name, m in adapters.items():
         cfg = m["config"]
         targets = cfg["target_modules"] if isinstance(cfg["target_modules"], str) else ", ".join(cfg["target_modules"])
+        targets += " (auto)" if "selection" in m else ""
         curve = m["train_loss_curve"]
         losses = f"{curve[0]['loss']:.3f} → {curve[-1]['loss']:.3f}" if curve else "–"
         heldout = (m.get("heldout_loss_base"), m.get("heldout_loss"))
@@ -58,6 +59,27 @@ def train_table(adapters: dict[str, dict]) -> Table:
     return table
 
 
+def select_table(name: str, decision: dict) -> Table:
+    """`target_modules: auto` for one dataset: every candidate at the budget, its probe score and trial losses."""
+    trials = decision["trials"]
+    rounds = ", ".join(f"{alive} to step {stop}" for stop, alive in trials["rounds"]) or "none"
+    table = Table(title=f"{name}: modules at a budget of {count_text(decision['budget'])} trainable parameters",
+                  title_justify="left", caption_justify="left")
+    for col in ("modules", "r", "params", "probe\nscore", "trial held-out loss\nper round"):
+        table.add_column(col, justify="left" if col == "modules" else "right", overflow="fold")
+    for c in decision["candidates"]:
+        trial = c["trial"]
+        losses = " → ".join(f"{x:.3f}" for x in trial["heldout"]) if trial else "–"
+        label = f"[bold]{c['label']} ✓[/]" if c["label"] == decision["winner"] else c["label"]
+        table.add_row(label, str(c["rank"]), count_text(c["params"]), f"{c['probe_score']:.3g}", losses)
+    spent = f"{decision['seconds']:.0f}s" + (" earlier (cached)" if decision.get("cached") else "")
+    full = decision.get("full_training_s")
+    table.caption = (f"chosen: {decision['winner']}, r={decision['r']}, alpha={decision['alpha']:g} (decided by "
+                     f"{decision['decided_by']}; trial rounds: {rounds}); selection {spent}"
+                     + (f", full training {full:.0f}s ({decision['seconds'] / full:.0%})" if full else ""))
+    return table
+
+
 def demo_table(summary: dict) -> Table:
     table = Table(title="demo: base vs adapter on each dataset's own held-out and test data", title_justify="left")
     for col in ("dataset", "target modules", "held-out loss base → adapter (merged)",
@@ -65,6 +87,7 @@ def demo_table(summary: dict) -> Table:
         table.add_column(col, justify="left" if col in ("dataset", "target modules") else "right")
     for row in summary["results"]:
         targets = row["target_modules"] if isinstance(row["target_modules"], str) else ",".join(row["target_modules"])
+        targets = f"auto: {targets}" if row.get("auto") else targets
         marks = " / ".join("[green]yes[/]" if ok else "[red]no[/]" for ok in targets_met(row).values())
         merged_loss = f" ({row['heldout_loss_merged']:.3f})" if row["heldout_loss_merged"] is not None else ""
         merged_em = f" ({row['exact_match_merged']:.0%})" if row["exact_match_merged"] is not None else ""

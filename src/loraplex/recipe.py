@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .atomic import atomic_write_text
-from .errors import RecipeError
+from .errors import RecipeError, friendly_validation_message
 
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 COLUMN_ROLES = ("instruction", "input", "output", "system", "history", "messages")
@@ -84,6 +84,21 @@ class TrainSettings(_Strict):
         "max(max_seq_length, 512) on CPU, the whole batch on GPU")
 
 
+class AutoSettings(_Strict):
+    """How `target_modules: auto` chooses the modules (a probe of every candidate, then short trials)."""
+
+    candidates: list[Union[str, list[str]]] | None = Field(
+        None, description="module sets to choose from: module names, lists of them, 'attention', 'mlp' or "
+        "'all-linear'; default: each linear module alone, attention, mlp, q_proj+v_proj and all-linear")
+    budget: int | None = Field(None, gt=0, description="trainable parameters every candidate gets (its rank is "
+                               "set to match); default: those of lora.r on q_proj and v_proj")
+    trials: int = Field(3, ge=0, description="the probe's best sets trained in short trials, besides q_proj+v_proj "
+                        "and all-linear (0: the probe alone decides)")
+    probe_batches: int = Field(2, gt=0, description="training batches the probe measures gradients on")
+    cost: float = Field(0.25, gt=0, le=1, description="the selection's share of the full training's tokens")
+    val_rows: int = Field(16, gt=0, description="held-out rows each trial is scored on")
+
+
 class DatasetSpec(_Strict):
     name: str = Field(pattern=DATASET_NAME_PATTERN, description="adapter name; letters, digits, _ . -")
     path: Union[str, list[str]] = Field(description="json / jsonl / parquet / csv file, or a list of them")
@@ -98,8 +113,10 @@ class DatasetSpec(_Strict):
     max_samples: int | None = Field(None, gt=0, description="read only the first N rows of path")
     val_size: float = Field(0.1, ge=0, lt=1, description="fraction held out when val_path is not given")
     on_bad_rows: Literal["error", "skip"] = "error"
-    target_modules: Union[list[str], Literal["all-linear"]] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"], description="module names, or 'all-linear'")
+    target_modules: Union[list[str], Literal["all-linear", "auto"]] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], description="module names, 'all-linear', or 'auto' (measured "
+        "on this dataset: see `auto`)")
+    auto: AutoSettings = Field(default_factory=AutoSettings, description="with target_modules: auto")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
 
@@ -114,7 +131,7 @@ class DatasetSpec(_Strict):
     @field_validator("target_modules", mode="before")
     @classmethod
     def _one_name(cls, value):
-        return [value] if isinstance(value, str) and value != "all-linear" else value
+        return [value] if isinstance(value, str) and value not in ("all-linear", "auto") else value
 
     @field_validator("target_modules")
     @classmethod
@@ -271,7 +288,7 @@ def _describe_validation(exc: ValidationError, raw: dict, defaults: dict) -> lis
             continue
         shown = repr(err.get("input"))
         given = "" if err["type"] == "missing" else f" (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
-        line = f"{where}: {_friendly(err)}{given}"
+        line = f"{where}: {friendly_validation_message(err)}{given}"
         if line not in lines:
             lines.append(line)
     return lines
@@ -279,32 +296,6 @@ def _describe_validation(exc: ValidationError, raw: dict, defaults: dict) -> lis
 
 def _public_fields(model: type[BaseModel]) -> list[str]:
     return [name for name, field in model.model_fields.items() if not field.exclude]
-
-
-def _friendly(err: dict) -> str:
-    msg = err["msg"]
-    if err["type"] == "missing":
-        return "required; add it"
-    if err["type"] == "string_pattern_mismatch":
-        return "use letters, digits, '_', '.' or '-' (starting with a letter or digit)"
-    if err["type"] in _TYPE_FIXES:
-        return _TYPE_FIXES[err["type"]]
-    return msg[0].lower() + msg[1:] if msg else msg
-
-
-# pydantic's wording names the type; these say what to write instead
-_TYPE_FIXES = {
-    "int_parsing": "must be a whole number, e.g. 16 (no quotes)", "int_type": "must be a whole number, e.g. 16",
-    "int_from_float": "must be a whole number, e.g. 16 (no decimal part)",
-    "float_parsing": "must be a number, e.g. 3 or 2.0e-4 (no quotes)",
-    "float_type": "must be a number, e.g. 3 or 2.0e-4",
-    "finite_number": "must be a finite number, not .inf or .nan",
-    "bool_parsing": "must be true or false", "bool_type": "must be true or false",
-    "string_type": "must be text; quote it if YAML reads it as something else",
-    "list_type": "must be a list, e.g. [q_proj, v_proj]",
-    "dict_type": "must be a mapping (key: value lines)", "model_type": "must be a mapping (key: value lines)",
-    "invalid_key": "keys must be text; quote the key",
-}
 
 
 def _loc_name(loc: list, raw: dict, defaults: dict) -> tuple[str, bool]:
@@ -327,7 +318,8 @@ def _loc_name(loc: list, raw: dict, defaults: dict) -> tuple[str, bool]:
     return ".".join(parts), False
 
 
-_UNION_TAGS = {"list[str]", "str", "literal['all-linear']", "list[int]", "int"}
+_UNION_TAGS = {"list[str]", "str", "literal['all-linear','auto']", "list[int]", "int",
+               "list[union[str,list[str]]]"}
 
 
 def _has_key(node: Any, keys: list[str]) -> bool:

@@ -27,11 +27,12 @@ from ..models import base_fingerprint, load_model
 from ..pipeline import Workspace, open_recipe
 from ..quantize import describe, gradient_checkpointing, prepare_for_training, quantization_config
 from ..recipe import DatasetSpec, Recipe, save_resolved
+from ..select import choose_modules, resolved_spec
 from ..run import (ADAPTER_META, RESOLVED_RECIPE, RUN_META, adapter_dir, adapter_metadata, base_changed_message,
                    checkpoint_dir, is_complete, percent_of_base, run_lock)
 from .batching import heldout_metrics
 from .distributed import gather, is_main, sum_over_processes, wait_for_everyone, world_size
-from .trainer import TrainStats, loss_curve, make_trainer
+from .trainer import TrainStats, loss_curve, make_trainer, micro_batch_tokens
 
 
 @dataclass
@@ -67,8 +68,14 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         if is_complete(adapter_dir(run_dir, spec.name)) and resume:
             result.adapters[spec.name] = adapter_metadata(adapter_dir(run_dir, spec.name))
             continue
-        meta = train_adapter(model, spec, prepared[spec.name], ws, run_dir, pristine, resume, progress,
-                             base_record=base_record)
+        selection = None
+        if spec.target_modules == "auto":
+            selection = gather(choose_modules(model, spec, prepared[spec.name], pristine, micro_batch_tokens(spec),
+                                              progress and main))[0]  # every process trains what the main one chose
+        meta = train_adapter(model, resolved_spec(spec, selection) if selection else spec, prepared[spec.name], ws,
+                             run_dir, pristine, resume, progress, base_record=base_record)
+        if selection:
+            meta["selection"] = {**selection, "full_training_s": meta["wall_time_s"]}
         after = gather(base_fingerprint(model, dtype))  # the isolation check, in every process
         changed = [(rank, fingerprint) for rank, fingerprint in enumerate(after) if fingerprint != pristine]
         if changed:
@@ -80,6 +87,26 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         wait_for_everyone()
         result.adapters[spec.name] = meta
     return result
+
+
+def select(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, only: list[str] | None = None,
+           progress: bool = True, allow_pickle: bool = False) -> dict[str, dict]:
+    """`loraplex select`: the `target_modules: auto` decision for each selected dataset, without training it.
+
+    Datasets whose recipe names their modules are measured too (with their `auto` settings)."""
+    ws = open_recipe(recipe, overrides, only)
+    prepared = ws.prepare()
+    model, base_record = load_base(ws, allow_pickle)
+    pristine = base_record.get("quantized_base_fingerprint", base_record["base_fingerprint"])
+    decisions = {}
+    for spec in ws.selected():
+        decisions[spec.name] = {**choose_modules(model, spec, prepared[spec.name], pristine, micro_batch_tokens(spec),
+                                                 progress), "recipe_target_modules": spec.target_modules}
+        after = base_fingerprint(model, pick_dtype(ws.recipe.model.dtype))
+        if after != pristine:
+            raise LoraplexError(f"the base weights changed while selecting modules for '{spec.name}' (fingerprint "
+                                f"{pristine} -> {after}). This is a bug: please report it")
+    return decisions
 
 
 def _same_everywhere(fingerprint: str) -> None:

@@ -1,0 +1,138 @@
+"""Stage 2 of `target_modules: auto`: short trainings of the best candidates at one parameter budget, with
+successive halving on held-out rows.
+
+All trials share one copy of the base: each candidate is a named PEFT adapter on it, trained only while it is
+the active one, with its own optimizer and learning-rate schedule (the recipe's, over the trial's length).
+Every trial sees the same batches in the same order and the same held-out rows. After each round the better
+half (by held-out loss) trains on; the last round's best wins. The adapters are unloaded at the end (never
+merged), which leaves the base as it was.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..recipe import DatasetSpec
+from ..targets import Candidate
+from ..training.batching import IGNORE_INDEX, PackedCollator, answer_loss_sum, heldout_metrics, split_packed
+
+
+@dataclass
+class Trial:
+    candidate: Candidate
+    rank: int
+    alpha: float
+    params: int = 0  # trainable parameters, counted on the model
+    steps: int = 0
+    heldout: list[float] = field(default_factory=list)  # held-out loss after each round it trained in
+    train_loss: list[float] = field(default_factory=list)  # per step
+
+
+def rounds(trials: int, horizon: int) -> list[tuple[int, int]]:
+    """Successive halving: (steps trained by the end of the round, trials training in it) per round; the last
+    round ends at `horizon`, each earlier one at half the next."""
+    count = max(1, math.ceil(math.log2(trials))) if trials > 1 else 1
+    plan, alive = [], trials
+    for r in range(count):
+        plan.append((max(r + 1, round(horizon / 2 ** (count - 1 - r))), alive))
+        alive = math.ceil(alive / 2)
+    return plan
+
+
+def step_cost(trials: int) -> float:
+    """Trial steps run in all, per step of `horizon` (the successive-halving schedule's total)."""
+    plan, done, total = rounds(trials, 2 ** 10), 0, 0
+    for stop, alive in plan:
+        total += alive * (stop - done)
+        done = stop
+    return total / 2 ** 10
+
+
+def lora_config(spec: DatasetSpec, trial: Trial):
+    from peft import LoraConfig
+
+    lora = spec.lora
+    return LoraConfig(r=trial.rank, lora_alpha=trial.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                      use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+                      target_modules=trial.candidate.target_modules(), layers_to_transform=lora.layers_to_transform,
+                      task_type="CAUSAL_LM")
+
+
+class _Batches:
+    """Step i's batch: rows of a seeded shuffle of the training split, the same for every trial."""
+
+    def __init__(self, rows, batch_size: int, seed: int):
+        self.rows, self.batch_size = rows, batch_size
+        self.order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.cache: dict[int, dict] = {}
+
+    def __call__(self, step: int) -> dict:
+        if step not in self.cache:
+            n = len(self.order)
+            picked = [self.order[(step * self.batch_size + j) % n] for j in range(self.batch_size)]
+            self.cache[step] = PackedCollator()([self.rows[i] for i in picked])
+        return self.cache[step]
+
+
+def run_trials(model, spec: DatasetSpec, train_rows, val_rows, trials: list[Trial], horizon: int,
+               micro_batch_tokens: int | None, progress: bool = True) -> list[Trial]:
+    """Train `trials` by successive halving up to `horizon` steps; returns them ordered best first."""
+    from peft import get_peft_model
+    from transformers import get_scheduler
+
+    t = spec.train
+    names = [f"trial{i}" for i in range(len(trials))]
+    torch.manual_seed(t.seed)
+    peft_model = get_peft_model(model, lora_config(spec, trials[0]), adapter_name=names[0])
+    for name, trial in zip(names[1:], trials[1:]):
+        torch.manual_seed(t.seed)
+        peft_model.add_adapter(name, lora_config(spec, trial))
+    params = {name: [p for n, p in peft_model.named_parameters() if f".{name}." in n] for name in names}
+    optimizers, schedulers = {}, {}
+    for name, trial in zip(names, trials):
+        trial.params = sum(p.numel() for p in params[name])
+        optimizers[name] = torch.optim.AdamW(params[name], lr=t.lr, weight_decay=t.weight_decay)
+        schedulers[name] = get_scheduler(t.scheduler, optimizers[name], num_warmup_steps=math.ceil(t.warmup_ratio * horizon),
+                                         num_training_steps=horizon)
+    batches = _Batches(train_rows, t.batch_size, t.seed)
+    plan = rounds(len(trials), horizon)
+    alive = list(range(len(trials)))
+    device = next(model.parameters()).device
+    bar = tqdm(total=sum(a * (s - p) for (s, a), p in zip(plan, [0] + [s for s, _ in plan[:-1]])),
+               desc=f"select {spec.name}", unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        for stop, _ in plan:
+            for k in alive:
+                name, trial = names[k], trials[k]
+                peft_model.set_adapter(name)  # the only adapter in the forward, and the only one with gradients
+                peft_model.train()
+                while trial.steps < stop:
+                    torch.manual_seed(t.seed * 100_003 + trial.steps)  # the same dropout draws for every trial
+                    trial.train_loss.append(_step(peft_model, batches(trial.steps), device, micro_batch_tokens,
+                                                  params[name], optimizers[name], t.max_grad_norm))
+                    schedulers[name].step()
+                    trial.steps += 1
+                    bar.update(1)
+                trial.heldout.append(heldout_metrics(peft_model, val_rows)["loss"])
+            alive = sorted(alive, key=lambda k: trials[k].heldout[-1])[:math.ceil(len(alive) / 2)]
+    finally:
+        bar.close()
+        peft_model.unload()  # removes every trial's layers without merging them
+    return sorted(trials, key=lambda tr: (-tr.steps, tr.heldout[-1]))
+
+
+def _step(model, batch: dict, device, micro_batch_tokens: int | None, params, optimizer, max_grad_norm: float) -> float:
+    """One optimizer step on the mean answer loss of `batch` (in passes of at most `micro_batch_tokens`)."""
+    answers = max(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), 1)
+    total = 0.0
+    for part in split_packed(batch, micro_batch_tokens):
+        loss, _, _ = answer_loss_sum(model, {k: v.to(device) for k, v in part.items()})
+        (loss / answers).backward()
+        total += float(loss.detach())
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / answers

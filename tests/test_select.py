@@ -1,0 +1,203 @@
+"""`target_modules: auto` on tiny random Llamas: the probe, matched budgets, trials, the cache, errors, the CLI."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from conftest import write_jsonl
+from loraplex import train
+from loraplex.errors import LoraplexError, RecipeError
+from loraplex.models import base_fingerprint, load_model, resolve_base
+from loraplex.select import choose
+from loraplex.select.trials import Trial, rounds, run_trials, step_cost
+from loraplex.targets import candidates, default_budget, matched_alpha, module_groups
+from loraplex.training.batching import heldout_metrics
+from loraplex.training.runner import select
+
+ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
+        for w in ["apple", "river", "stone", "cloud", "amber", "pilot", "maple", "ocean"] * 6]
+LEAVES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_recipe(tmp_path: Path, model_dir: Path, auto: dict | None = None, dtype: str = "float32",
+                targets="auto") -> dict:
+    write_jsonl(tmp_path / "a.jsonl", ROWS)
+    return {
+        "model": {"path": str(model_dir), "dtype": dtype}, "output_dir": str(tmp_path / "runs"), "run_name": "s",
+        "defaults": {"train": {"epochs": 2, "lr": 2e-2, "batch_size": 4, "save_steps": 100, "logging_steps": 1},
+                     "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "val_size": 0.25},
+        "datasets": [{"name": "a", "path": str(tmp_path / "a.jsonl"), "target_modules": targets,
+                      "auto": auto or {}}],
+    }
+
+
+def zeroed_model_dir(source: Path, target: Path, zero: set[str]) -> Path:
+    """The tiny model with the weights of the `zero` modules set to 0 in every layer."""
+    model = LlamaForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in zero:
+                module.weight.zero_()
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return target
+
+
+# With o_proj = 0 no change of q, k or v reaches the output, and with gate = up = 0 the MLP's input to down_proj
+# is 0 and no change of gate or up passes through the SiLU-times-0 product: only o_proj can change the output.
+# With v = o = 0 the attention block passes nothing and gets no gradient; with down = 0 only down_proj can.
+@pytest.mark.parametrize("only, zero", [("o_proj", {"o_proj", "gate_proj", "up_proj"}),
+                                        ("down_proj", {"v_proj", "o_proj", "down_proj"})])
+def test_the_probe_ranks_the_only_module_that_can_learn_the_task_first(tmp_path, tiny_model_dir, only, zero):
+    model_dir = zeroed_model_dir(tiny_model_dir, tmp_path / "model", zero)
+    decision = select(make_recipe(tmp_path, model_dir, {"trials": 0}), progress=False)["a"]
+    scores = {c["label"]: c["probe_score"] for c in decision["candidates"]}
+    assert decision["winner"] == only and decision["decided_by"] == "probe"
+    assert decision["candidates"][0]["label"] == only
+    for c in decision["candidates"]:
+        assert (c["probe_score"] > 0) == (only in c["modules"]), (c["label"], scores)
+
+
+def test_the_probe_is_not_fixed_on_one_answer(tmp_path, tiny_model_dir):
+    """The same probe on the untouched model gives every module type a gradient."""
+    decision = select(make_recipe(tmp_path, tiny_model_dir, {"trials": 0}), progress=False)["a"]
+    assert all(c["probe_score"] > 0 for c in decision["candidates"])
+    assert set(decision["probe"]["energy"]) == set(LEAVES)
+
+
+def test_matched_budgets_are_equal_within_one_rank_step(tiny_model_dir):
+    from loraplex.models import meta_model
+
+    meta = meta_model(resolve_base(str(tiny_model_dir)))
+    budget = default_budget(meta, 8)
+    assert budget == 8 * 2 * ((64 + 64) + (64 + 32))  # q_proj and v_proj in both layers at r=8
+    sets = candidates(meta)
+    assert [c.label for c in sets] == LEAVES + ["attention", "mlp", "q_proj+v_proj", "all-linear"]
+    for c in sets:
+        rank = c.rank_for(budget)
+        assert abs(rank * c.params_per_rank - budget) <= c.params_per_rank / 2 or rank in (1, c.max_rank), c
+    model = load_model(resolve_base(str(tiny_model_dir)))
+    from peft import LoraConfig, get_peft_model
+    for c in sets:  # the counted parameters are those the candidate's LoRA really has
+        peft = get_peft_model(load_model(resolve_base(str(tiny_model_dir))),
+                              LoraConfig(r=c.rank_for(budget), target_modules=c.target_modules()))
+        assert sum(p.numel() for p in peft.parameters() if p.requires_grad) == c.rank_for(budget) * c.params_per_rank
+    assert module_groups(model) == {"attention": LEAVES[:4], "mlp": LEAVES[4:]}
+    assert matched_alpha(16, 8, 2, False) == 4 and matched_alpha(16, 8, 2, True) == pytest.approx(8)
+
+
+def test_successive_halving_schedule():
+    assert rounds(5, 16) == [(4, 5), (8, 3), (16, 2)]
+    assert rounds(2, 10) == [(10, 2)]
+    assert rounds(4, 3) == [(2, 4), (3, 2)]
+    assert step_cost(4) == pytest.approx(4 * 0.5 + 2 * 0.5)
+
+
+def test_trials_keep_the_better_half_see_the_same_batches_and_leave_the_base_alone(tmp_path, tiny_model_dir):
+    from loraplex.pipeline import open_recipe
+
+    model_dir = zeroed_model_dir(tiny_model_dir, tmp_path / "model", {"o_proj", "gate_proj", "up_proj"})
+    ws = open_recipe(make_recipe(tmp_path, model_dir))
+    data = ws.prepare()["a"]
+    model = load_model(ws.base)
+    before = base_fingerprint(model)
+    base_loss = heldout_metrics(model, data.val)["loss"]
+    sets = {c.label: c for c in candidates(model)}
+    trials = [Trial(sets[name], 4, 8.0) for name in ("q_proj", "k_proj", "o_proj", "gate_proj")]
+    done = run_trials(model, ws.recipe.datasets[0], data.train, data.val, trials, horizon=8, micro_batch_tokens=None,
+                      progress=False)
+    assert base_fingerprint(model) == before and not any("lora" in n for n, _ in model.named_modules())
+    by_name = {t.candidate.label: t for t in done}
+    assert done[0].candidate.label == "o_proj"  # the only one that can learn
+    assert by_name["o_proj"].steps == 8 and sum(t.steps == 8 for t in done) == 2
+    assert all(t.steps == 4 for t in done if t.steps != 8)
+    first = [t.train_loss[0] for t in done]  # B = 0 before the first step: every trial's first loss is the base's
+    assert max(first) - min(first) < 1e-6
+    for name in ("q_proj", "k_proj", "gate_proj"):  # they cannot change the output: their loss stays the base's
+        assert by_name[name].heldout and all(x == pytest.approx(base_loss, abs=1e-6) for x in by_name[name].heldout)
+    assert by_name["o_proj"].heldout[-1] < base_loss - 0.1
+
+
+def test_train_with_auto_trains_the_winner_and_records_the_decision(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"cost": 1.0, "trials": 2})
+    recipe["defaults"]["train"]["epochs"] = 8  # long enough for three trials of at least MIN_TRIAL_STEPS
+    result = train(recipe, progress=False)
+    meta = result.adapters["a"]
+    decision = meta["selection"]
+    assert decision["decided_by"] == "trials" and decision["trials"]["horizon"] >= choose.MIN_TRIAL_STEPS
+    trialled = [c for c in decision["candidates"] if c["trial"]]
+    assert {"q_proj+v_proj", "all-linear"} <= {c["label"] for c in trialled} and len(trialled) >= 3
+    best = min((c for c in trialled if c["trial"]["steps"] == decision["trials"]["horizon"]),
+               key=lambda c: c["trial"]["heldout"][-1])
+    assert decision["winner"] == best["label"]
+    config = json.loads((result.run_dir / "adapters" / "a" / "adapter_config.json").read_text())
+    modules = config["target_modules"]  # PEFT writes all-linear as the full module names
+    assert {m.rsplit(".", 1)[-1] for m in ([modules] if isinstance(modules, str) else modules)} == set(best["modules"])
+    assert config["r"] == decision["r"] == best["rank"] and meta["config"]["lora"]["r"] == best["rank"]
+    assert meta["trainable_params"] == best["params"]
+    assert decision["full_training_s"] > 0 and decision["cached"] is False
+
+
+def test_a_selection_is_cached_and_reused(tmp_path, tiny_model_dir, monkeypatch):
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 1, "cost": 1.0})
+    first = select(recipe, progress=False)["a"]
+    assert first["cached"] is False and list(tmp_path.glob("**/selections/*.json"))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cached decision should have been used")
+
+    monkeypatch.setattr(choose, "probe", fail)
+    monkeypatch.setattr(choose, "run_trials", fail)
+    again = select(recipe, progress=False)["a"]
+    assert again["cached"] is True and again["winner"] == first["winner"] and again["candidates"] == first["candidates"]
+    recipe["defaults"]["lora"]["r"] = 2  # another budget: another question
+    with pytest.raises(AssertionError, match="cached decision"):
+        select(recipe, progress=False)
+
+
+@pytest.mark.parametrize("auto, message", [
+    ({"candidates": ["q_prj"]}, "'q_prj' is not a linear module of LlamaForCausalLM; did you mean 'q_proj'?"),
+    ({"candidates": []}, "auto.candidates: empty"),
+    ({"candidates": [[]]}, "an empty set"),
+    ({"trials": -1}, "auto.trials: input should be greater than or equal to 0"),
+    ({"budget": 0}, "auto.budget: input should be greater than 0"),
+    ({"cost": 1.5}, "auto.cost: input should be less than or equal to 1"),
+    ({"probes": 2}, "datasets[a].auto.probes: unknown key 'probes'; did you mean 'probe_batches'?"),
+])
+def test_bad_auto_settings_get_clear_errors(tmp_path, tiny_model_dir, auto, message):
+    with pytest.raises(RecipeError) as info:
+        select(make_recipe(tmp_path, tiny_model_dir, auto), progress=False)
+    assert message in str(info.value)
+
+
+def test_auto_without_a_held_out_split_says_how_to_get_one(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir)
+    recipe["defaults"]["val_size"] = 0
+    with pytest.raises(LoraplexError, match="set val_size > 0 or val_path"):
+        select(recipe, progress=False)
+
+
+def test_user_candidates_and_groups(tmp_path, tiny_model_dir):
+    decision = select(make_recipe(tmp_path, tiny_model_dir, {"candidates": ["q_proj+k_proj", ["v_proj"], "mlp"],
+                                                             "trials": 0}), progress=False)["a"]
+    assert {c["label"] for c in decision["candidates"]} == {"q_proj+k_proj", "v_proj", "mlp"}
+    assert decision["winner"] in {"q_proj+k_proj", "v_proj", "mlp"}
+
+
+def test_cli_select_prints_the_decision_table(tmp_path, tiny_model_dir):
+    import yaml
+    from typer.testing import CliRunner
+    from loraplex.cli import app
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(make_recipe(tmp_path, tiny_model_dir, {"trials": 0})))
+    out = CliRunner().invoke(app, ["select", str(path)])
+    assert out.exit_code == 0, out.output
+    assert "a: modules at a budget of" in out.output and "✓" in out.output and "decided by probe" in out.output
+    out = CliRunner().invoke(app, ["select", str(path), "--json"])
+    assert json.loads(out.output)["a"]["cached"] is True
