@@ -65,7 +65,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     data = load_run(run_dir)
     sections = [recipe_section(data), curves_section(data), matrix_section(data), cost_section(data),
-                comparison_section(data), samples_section(data)]
+                comparison_section(data), selection_section(data), samples_section(data)]
     sections = [s for s in sections if s is not None]
     title = f"loraplex report: {data.eval['run']} ({data.eval['base_model']})"
     with atomic_dir(run_dir / REPORT_ASSETS) as tmp:
@@ -113,8 +113,11 @@ def recipe_section(data: RunData) -> Section:
         meta = data.adapters.get(spec["name"])
         files = spec["path"] if isinstance(spec["path"], str) else ", ".join(spec["path"])
         trainable = f"{count_text(meta['trainable_params'])} ({percent_of_base(meta):.3f}%)" if meta else "not trained"
-        rows.append([spec["name"], files, _targets(spec["target_modules"]), str(spec["lora"]["r"]),
-                     f"{spec['lora']['alpha']:g}", f"{spec['train']['lr']:g}", _length(spec["train"]), trainable])
+        lora, targets = spec["lora"], _targets(spec["target_modules"])
+        if meta and "selection" in meta:  # target_modules: auto -> what it chose, at the rank matching its budget
+            lora, targets = meta["config"]["lora"], f"auto → {_targets(meta['config']['target_modules'])}"
+        rows.append([spec["name"], files, targets, str(lora["r"]), f"{lora['alpha']:g}", f"{spec['train']['lr']:g}",
+                     _length(spec["train"]), trainable])
     table = Table(["dataset", "data", "target modules", "r", "alpha", "lr", "length", "trainable params (% of base)"],
                   rows, "recipe")
     return Section("Recipe", "One adapter per dataset entry, each trained against the untouched base.", [table])
@@ -243,11 +246,64 @@ def _comparison_table(data: RunData, files: str, specs: list[dict]) -> Table:
         base = data.base_loss(spec["name"])
         gain = None if base is None or cell.get("loss") is None else base - cell["loss"]
         em = "-" if cell.get("exact_match") is None else f"{cell['exact_match']:.0%}"
-        rows.append([spec["name"], _targets(spec["target_modules"]), f"{spec['lora']['r']}/{spec['lora']['alpha']:g}",
+        config = meta["config"]  # as trained (target_modules: auto resolved)
+        rows.append([spec["name"], _targets(config["target_modules"]), f"{config['lora']['r']}/{config['lora']['alpha']:g}",
                      f"{count_text(meta['trainable_params'])} ({percent_of_base(meta):.3f}%)", _num(cell.get("loss")),
                      _num(gain), em, f"{meta['wall_time_s']:.0f}s"])
     return Table(["entry", "target modules", "r/alpha", "trainable params (% of base)", "held-out loss",
                   "gain over base", "exact match", "wall time"], rows, "comparison", caption=f"data: {files}")
+
+
+def selection_section(data: RunData) -> Section | None:
+    """`target_modules: auto`: per adapter, every candidate's probe score and trial losses, and a plot."""
+    blocks: list[Table | Plot] = []
+    for name, meta in data.adapters.items():
+        decision = meta.get("selection")
+        if not decision:
+            continue
+        rows = [[c["label"] + (" (chosen)" if c["label"] == decision["winner"] else ""), str(c["rank"]),
+                 count_text(c["params"]), f"{c['probe_score']:.4g}",
+                 " → ".join(f"{x:.3f}" for x in c["trial"]["heldout"]) if c["trial"] else "-"]
+                for c in decision["candidates"]]
+        full = decision.get("full_training_s")
+        cost = f"; selection {decision['seconds']:.0f}s" + (f" = {decision['seconds'] / full:.0%} of the full "
+                                                              f"training ({full:.0f}s)" if full else "")
+        blocks.append(Table(["modules", "r", "params", "probe score", "trial held-out loss per round"], rows,
+                            "selection", {(i, 0) for i, c in enumerate(decision["candidates"])
+                                          if c["label"] == decision["winner"]},
+                            caption=f"{name}: budget {count_text(decision['budget'])} parameters; decided by "
+                                    f"{decision['decided_by']}{cost}{' (cached decision)' if decision.get('cached') else ''}"))
+        blocks.append(_selection_plot(name, decision))
+    if not blocks:
+        return None
+    text = ("`target_modules: auto` gives every candidate module set the same number of trainable parameters "
+            "(its rank is set to match), scores each with a gradient probe on a few training batches (the norm of "
+            "the loss gradient's best approximation of the candidate's rank, over its modules), and trains the "
+            "probe's best sets and the references q_proj+v_proj and all-linear in short trials, keeping the better "
+            "half by held-out loss after each round. Trials are skipped when they do not fit in `auto.cost` of the "
+            "full training; then the probe decides.")
+    return Section("Module selection (target_modules: auto)", text, blocks)
+
+
+def _selection_plot(name: str, decision: dict) -> Plot:
+    fig, ax = _figure(6.5, 4)
+    tried = [c for c in decision["candidates"] if c["trial"]]
+    if tried:  # does the probe predict the trials?
+        for c in tried:
+            ax.scatter([c["probe_score"]], [c["trial"]["heldout"][-1]], s=40)
+            ax.annotate(_ascii(f"{c['label']} ({c['trial']['steps']} steps)"), (c["probe_score"], c["trial"]["heldout"][-1]),
+                        textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set(xlabel="probe score (higher: more of the gradient within reach)",
+               ylabel="trial held-out loss (last round)", title=f"{_ascii(name)}: probe vs trials")
+        ax.margins(x=0.25, y=0.15)
+    else:
+        labels = [c["label"] for c in decision["candidates"]][::-1]
+        colors = ["tab:orange" if label == decision["winner"] else "tab:blue" for label in labels]
+        ax.barh([_ascii(label) for label in labels], [c["probe_score"] for c in decision["candidates"]][::-1],
+                color=colors)
+        ax.set(xlabel="probe score at the matched rank", title=f"{_ascii(name)}: probe scores (no trials)")
+    ax.grid(alpha=0.3)
+    return Plot(f"selection_{name}", f"module selection for {name}", _png(fig))
 
 
 def samples_section(data: RunData) -> Section | None:
