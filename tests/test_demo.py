@@ -17,7 +17,8 @@ SMALL = {"n_train": 16, "n_val": 4, "n_test": 4}
 def test_demo_recipe_puts_each_language_on_its_modules(tmp_path):
     recipe = demo_recipe(seed=3)
     targets = {d["name"]: d["target_modules"] for d in recipe["datasets"]}
-    assert targets == {"zh": ["q_proj"], "en": ["v_proj"], "ja": ["v_proj"], "zh_all": "all-linear"}
+    assert targets == {"zh": ["q_proj"], "en": ["v_proj"], "ja": ["v_proj"], "zh_all": "all-linear",
+                       "zh_auto": "auto"}
     assert recipe["defaults"]["train"]["seed"] == 3
 
 

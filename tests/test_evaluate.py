@@ -128,7 +128,7 @@ def test_demo_entries_get_the_demo_checker(tmp_path, monkeypatch):
     raw["datasets"].append({**raw["datasets"][0], "name": "custom", "test_path": "data/en/test.jsonl"})
     recipe = load_recipe(raw)
     checkers = demo_checkers(recipe)
-    assert set(checkers) == {"zh", "en", "ja", "zh_all"}  # 'custom' is not a demo entry: string equality
+    assert set(checkers) == {"zh", "en", "ja", "zh_all", "zh_auto"}  # 'custom' is not a demo entry: string equality
     row = {"instruction": "用中文写出这个数字：1005", "input": ""}
     assert checkers["zh"](row, f" {expected_answer('zh', row)}\n")
     assert not checkers["zh"](row, expected_answer("ja", row))

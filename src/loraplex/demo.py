@@ -1,8 +1,8 @@
 """`loraplex demo`: the whole job on the embedded default model and generated data, on a CPU.
 
 1. writes three generated datasets (English, Chinese, Japanese; see loraplex.data.demo) and a recipe
-   that puts Chinese on q_proj, English and Japanese on v_proj, plus a fourth adapter on the Chinese
-   data with all-linear for comparison;
+   that puts Chinese on q_proj, English and Japanese on v_proj, plus two more adapters on the Chinese
+   data for comparison: all-linear, and `target_modules: auto` (the modules measured on the data);
 2. prepares and trains one adapter per dataset against the untouched base;
 3. merges the zh and en adapters (disjoint modules) into one standalone model, verified;
 4. evaluates base, each adapter and the merged model (held-out loss; exact match on the test split,
@@ -91,7 +91,7 @@ def demo_rows(evaluation: dict, adapters: dict[str, dict], merged_label: str | N
         base, own = metrics["base"][name], metrics[name][name]
         merged = metrics[merged_label][name] if merged_label and name in MERGED else None
         rows.append({
-            "dataset": name, "target_modules": meta["config"]["target_modules"],
+            "dataset": name, "target_modules": meta["config"]["target_modules"], "auto": "selection" in meta,
             "trainable_params": meta["trainable_params"], "wall_time_s": meta["wall_time_s"],
             "heldout_loss_base": base["loss"], "heldout_loss_adapter": own["loss"],
             "exact_match_base": base.get("exact_match"), "exact_match_adapter": own.get("exact_match"),

@@ -32,7 +32,7 @@ DEMO_DATASETS: tuple[str, ...] = ("en", "zh", "ja")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # the demo recipe's entries: adapter name -> (generated data set, target modules)
 DEMO_ADAPTERS = {"zh": ("zh", ["q_proj"]), "en": ("en", ["v_proj"]), "ja": ("ja", ["v_proj"]),
-                 "zh_all": ("zh", "all-linear")}
+                 "zh_all": ("zh", "all-linear"), "zh_auto": ("zh", "auto")}
 
 _MAX_NUMBER = 10**12  # every number-to-words helper handles 0 <= n < 10**12
 
