@@ -57,7 +57,7 @@ def test_the_probe_ranks_the_only_module_that_can_learn_the_task_first(tmp_path,
     model_dir = zeroed_model_dir(tiny_model_dir, tmp_path / "model", zero)
     decision = select(make_recipe(tmp_path, model_dir, {"trials": 0}), progress=False)["a"]
     scores = {c["label"]: c["probe_score"] for c in decision["candidates"]}
-    assert decision["winner"] == only and decision["decided_by"] == "probe"
+    assert decision["winner"] == only and decision["decided_by"] == "probe (auto.trials is 0)"
     assert decision["candidates"][0]["label"] == only
     for c in decision["candidates"]:
         assert (c["probe_score"] > 0) == (only in c["modules"]), (c["label"], scores)
@@ -201,3 +201,24 @@ def test_cli_select_prints_the_decision_table(tmp_path, tiny_model_dir):
     assert "a: modules at a budget of" in out.output and "✓" in out.output and "decided by probe" in out.output
     out = CliRunner().invoke(app, ["select", str(path), "--json"])
     assert json.loads(out.output)["a"]["cached"] is True
+
+
+@pytest.mark.parametrize("dtype, quantization", [("bfloat16", None), ("float32", "4bit"), ("bfloat16", "4bit")])
+def test_auto_in_every_precision_trains_the_winner_on_an_untouched_base(tmp_path, tiny_model_dir, dtype,
+                                                                         quantization):
+    """The probe's gradients and the trials run on a bf16 and a 4-bit base too (forced dtype: the same on every CPU)."""
+    if quantization:
+        from test_qlora import BNB_PROBLEM
+        if BNB_PROBLEM:
+            pytest.skip(f"bitsandbytes cannot run 4-bit here: {BNB_PROBLEM}")
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"cost": 1.0, "trials": 1}, dtype=dtype)
+    recipe["model"]["quantization"] = quantization
+    recipe["defaults"]["train"]["epochs"] = 8
+    meta = train(recipe, progress=False).adapters["a"]  # the isolation check after training covers the selection
+    decision = meta["selection"]
+    assert decision["decided_by"] == "trials"
+    assert all(c["probe_score"] > 0 and math.isfinite(c["probe_score"]) for c in decision["candidates"])
+    assert all(math.isfinite(x) for c in decision["candidates"] if c["trial"] for x in c["trial"]["heldout"])
+    assert meta["heldout_loss"] < meta["heldout_loss_base"] and meta["dtype"] == dtype
+    assert meta["trainable_params"] == next(c["params"] for c in decision["candidates"]
+                                            if c["label"] == decision["winner"])

@@ -65,49 +65,55 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
     budget = auto.budget or default_budget(model, lora.r, layers)
     sets = candidate_sets(model, auto.candidates, layers)
     ranks = {c.label: c.rank_for(budget) for c in sets}
+    alphas = {label: matched_alpha(lora.alpha, lora.r, rank, lora.use_rslora) for label, rank in ranks.items()}
     batches = _Batches(data.train, spec.train.batch_size, spec.train.seed)
     probe_rows = [row for b in range(auto.probe_batches) for row in _rows_of(batches, b)]
     probed = probe(model, probe_rows, spec.train.batch_size, micro_batch_tokens, max(ranks.values()))
     scores = {c.label: score(probed["energy"], c, ranks[c.label]) for c in sets}
     ranked = sorted(sets, key=lambda c: -scores[c.label])
-    trialled = _trial_sets(ranked, references(model, layers), auto.trials)
-    trials = [Trial(c, ranks[c.label], matched_alpha(lora.alpha, lora.r, ranks[c.label], lora.use_rslora))
-              for c in trialled]
-    budget_tokens = auto.cost * full_training_tokens(spec, data)
-    val = data.val.select(range(min(auto.val_rows, len(data.val))))
-    horizon, trial_seconds = 0, 0.0
-    while len(trials) > 1:  # as many of the best sets as fit, each trial at least MIN_TRIAL_STEPS long
-        horizon = _horizon(budget_tokens - PROBE_COST * probed["tokens"], len(trials), spec.train.batch_size,
-                           _mean_length(data.train), _mean_length(val) * len(val))
-        if horizon >= MIN_TRIAL_STEPS:
-            break
-        trials.pop()  # the least wanted: _trial_sets lists them in order of priority
-    if len(trials) > 1:
-        trial_started = time.perf_counter()
-        trials = run_trials(model, spec, data.train, val, trials, horizon, micro_batch_tokens, progress)
-        trial_seconds = time.perf_counter() - trial_started
-    winner = trials[0].candidate if len(trials) > 1 else ranked[0]
-    by_label = {tr.candidate.label: tr for tr in trials} if len(trials) > 1 else {}
-    rows = []
-    for c in ranked:
-        tr = by_label.get(c.label)
-        rows.append({"label": c.label, "modules": list(c.modules), "rank": ranks[c.label],
-                     "alpha": matched_alpha(lora.alpha, lora.r, ranks[c.label], lora.use_rslora),
-                     "params": tr.params if tr else ranks[c.label] * c.params_per_rank,
-                     "probe_score": scores[c.label],
-                     "trial": {"steps": tr.steps, "heldout": tr.heldout, "train_loss": tr.train_loss} if tr else None})
-    rank = ranks[winner.label]
+    trials = [Trial(c, ranks[c.label], alphas[c.label]) for c in _trial_sets(ranked, references(model, layers), auto.trials)]
+    trial_started = time.perf_counter()
+    trials, horizon, skipped = _run_trials_that_fit(model, spec, data, trials, probed["tokens"], micro_batch_tokens,
+                                                   progress)
+    trial_seconds = time.perf_counter() - trial_started
+    winner = trials[0].candidate if horizon else ranked[0]
+    by_label = {tr.candidate.label: tr for tr in trials} if horizon else {}
+    rows = [{"label": c.label, "modules": list(c.modules), "rank": ranks[c.label], "alpha": alphas[c.label],
+             "params": by_label[c.label].params if c.label in by_label else ranks[c.label] * c.params_per_rank,
+             "probe_score": scores[c.label], "trial": _trial_record(by_label.get(c.label))} for c in ranked]
     return {
-        "winner": winner.label, "target_modules": winner.target_modules(), "r": rank,
-        "alpha": matched_alpha(lora.alpha, lora.r, rank, lora.use_rslora), "budget": budget,
-        "decided_by": "trials" if by_label else "probe", "candidates": rows,
+        "winner": winner.label, "target_modules": winner.target_modules(), "r": ranks[winner.label],
+        "alpha": alphas[winner.label], "budget": budget, "candidates": rows,
+        "decided_by": "trials" if horizon else f"probe ({skipped})",
         "probe": {"batches": auto.probe_batches, "tokens": probed["tokens"], "seconds": probed["seconds"],
                   "energy": probed["energy"]},
-        "trials": {"horizon": horizon, "batch_size": spec.train.batch_size,
-                   "rounds": [list(r) for r in rounds(len(trials), horizon)] if by_label else [],
-                   "seconds": trial_seconds},
-        "seconds": time.perf_counter() - started, "budget_tokens": budget_tokens,
+        "trials": {"horizon": horizon, "batch_size": spec.train.batch_size, "seconds": trial_seconds if horizon else 0.0,
+                   "rounds": [list(r) for r in rounds(len(trials), horizon)] if horizon else []},
+        "seconds": time.perf_counter() - started, "budget_tokens": auto.cost * full_training_tokens(spec, data),
     }
+
+
+def _run_trials_that_fit(model, spec: DatasetSpec, data: PreparedDataset, trials: list[Trial], probe_tokens: int,
+                         micro_batch_tokens: int | None, progress: bool) -> tuple[list[Trial], int, str]:
+    """As many of `trials` (in order of priority) as fit in `auto.cost` with at least MIN_TRIAL_STEPS each, run.
+
+    Returns (the trials best first, their length in steps, why none ran: "" when they did)."""
+    auto = spec.auto
+    if len(trials) < 2:
+        return trials, 0, "auto.trials is 0"
+    val = data.val.select(range(min(auto.val_rows, len(data.val))))
+    tokens = auto.cost * full_training_tokens(spec, data) - PROBE_COST * probe_tokens
+    while len(trials) > 1:
+        horizon = _horizon(tokens, len(trials), spec.train.batch_size, _mean_length(data.train),
+                           _mean_length(val) * len(val))
+        if horizon >= MIN_TRIAL_STEPS:
+            return run_trials(model, spec, data.train, val, trials, horizon, micro_batch_tokens, progress), horizon, ""
+        trials = trials[:-1]  # the least wanted: _trial_sets lists them in order of priority
+    return trials, 0, f"no two trials of {MIN_TRIAL_STEPS} steps fit in auto.cost = {auto.cost:g} of the full training"
+
+
+def _trial_record(trial: Trial | None) -> dict | None:
+    return {"steps": trial.steps, "heldout": trial.heldout, "train_loss": trial.train_loss} if trial else None
 
 
 def _rows_of(batches: _Batches, step: int) -> list:

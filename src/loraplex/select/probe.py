@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from ..targets import Candidate, linear_modules
-from ..training.batching import IGNORE_INDEX, PackedCollator, answer_loss_sum, split_packed
+from ..training.batching import IGNORE_INDEX, PackedCollator, answer_loss_sum, packed_attention, split_packed
 
 SVD_OVERSAMPLING = 8  # extra directions the randomized SVD keeps for the accuracy of the top ones
 
@@ -89,8 +89,9 @@ def probe(model, rows: list[dict], batch_size: int, micro_batch_tokens: int | No
         for batch in batches:
             for part in split_packed(batch, micro_batch_tokens):
                 part = {k: v.to(device) for k, v in part.items()}
-                loss, _, _ = answer_loss_sum(model, part)
-                (loss / max(answers, 1)).backward()  # the gradient of the mean answer loss over all batches
+                with packed_attention(model, part):  # the backward too (recomputed with gradient checkpointing)
+                    loss, _, _ = answer_loss_sum(model, part)
+                    (loss / max(answers, 1)).backward()  # the gradient of the mean answer loss over all batches
                 tokens += part["input_ids"].numel()
     model.train(was_training)
     energy: dict[str, torch.Tensor] = {}

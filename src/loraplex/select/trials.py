@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from ..recipe import DatasetSpec
 from ..targets import Candidate
-from ..training.batching import IGNORE_INDEX, PackedCollator, answer_loss_sum, heldout_metrics, split_packed
+from ..training.batching import (IGNORE_INDEX, PackedCollator, answer_loss_sum, heldout_metrics, packed_attention,
+                                 split_packed)
 
 
 @dataclass
@@ -129,8 +130,10 @@ def _step(model, batch: dict, device, micro_batch_tokens: int | None, params, op
     answers = max(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), 1)
     total = 0.0
     for part in split_packed(batch, micro_batch_tokens):
-        loss, _, _ = answer_loss_sum(model, {k: v.to(device) for k, v in part.items()})
-        (loss / answers).backward()
+        part = {k: v.to(device) for k, v in part.items()}
+        with packed_attention(model, part):  # the backward too: gradient checkpointing recomputes the forward there
+            loss, _, _ = answer_loss_sum(model, part)
+            (loss / answers).backward()
         total += float(loss.detach())
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
