@@ -209,7 +209,10 @@ def merge_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/<r
                   weights: Optional[str] = typer.Option(None, "--weights", help="one weight per adapter: 1,0.5 "
                                                         "(default 1 each)"),
                   method: str = typer.Option("auto", "--method", help="auto|sum|cat: exact weighted sum of the "
-                                             "deltas; linear|ties|dare_linear: PEFT's combinations (not exact)"),
+                                             "deltas; weights-search: the exact sum at one weight per adapter "
+                                             "searched on half of each held-out split (keeps the most of the adapter "
+                                             "that keeps least); linear|ties|dare_linear: PEFT's combinations (not "
+                                             "exact)"),
                   dtype: str = typer.Option("float32", "--dtype", help="dtype of the saved weights: float32, "
                                             "bfloat16 or float16 (the merge itself runs in float32)"),
                   density: float = typer.Option(0.5, "--density", help="ties/dare_linear: share of values kept"),

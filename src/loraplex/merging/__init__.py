@@ -24,8 +24,9 @@ from ..atomic import atomic_dir, atomic_write_json
 from ..device import to_accelerator
 from ..models import BaseModelRef, load_model
 from .apply import merged_tokenizer, write_merged, reference_model
-from .plan import (REPORT_NAME, MergePlan, claim_out_dir, interference, interference_lines, plan_merge, precision_note,
+from .plan import (REPORT_NAME, SEARCH, MergePlan, claim_out_dir, interference, interference_lines, plan_merge, precision_note,
                    quantized_adapters)
+from .search import halves, search_weights
 from .verify import heldout_report, probe_ids, verify
 
 __all__ = ["MergePlan", "merge", "plan_merge"]
@@ -46,6 +47,13 @@ def merge(run_dir: str | Path, adapters: str | list[str], weights: str | list[fl
     for line in interference_lines(plan, pairs) + [plan.note] + ([precision] if precision else []):
         echo(line)
     reference = reference_model(plan, seed)
+    search = report_rows = None
+    if plan.requested == SEARCH:
+        search_rows, report_rows = halves(plan)
+        echo(f"searching one weight per adapter on {sum(len(r) for r in search_rows.values())} held-out rows "
+             f"(the other {sum(len(r) for r in report_rows.values())} are kept for the report)")
+        search = search_weights(plan, reference, search_rows)
+        echo("weights found: " + ", ".join(f"{n} {w:g}" for n, w in plan.weights.items()))
     tokenizer, template, template_note = merged_tokenizer(plan)
     with atomic_dir(out_dir) as tmp:
         write_merged(plan, reference, tokenizer, tmp)
@@ -54,6 +62,8 @@ def merge(run_dir: str | Path, adapters: str | list[str], weights: str | list[fl
         report.update(method_note=plan.note, interference=pairs, notes=[template_note] if template_note else [],
                       out_dir=str(out_dir), base_precision="full", precision_note=precision,
                       trained_on_quantized_base=quantized_adapters(plan))
-        report["heldout"] = heldout_report(plan, reference, merged)
+        report["heldout"] = heldout_report(plan, reference, merged, report_rows)
+        if search:
+            report["weights_search"] = search
         atomic_write_json(tmp / REPORT_NAME, report)
     return report

@@ -14,7 +14,8 @@ from ..models import BaseModelRef
 from ..recipe import unknown_name_message
 from ..run import adapter_dir, complete_adapters
 
-METHODS = ("auto", "sum", "cat", "linear", "ties", "dare_linear")
+SEARCH = "weights-search"  # the exact sum, at weights searched on held-out rows (merging.search)
+METHODS = ("auto", "sum", "cat", SEARCH, "linear", "ties", "dare_linear")
 PEFT_METHODS = ("linear", "ties", "dare_linear")
 DTYPES = ("float32", "bfloat16", "float16")
 REPORT_NAME = "merge_report.json"
@@ -67,8 +68,10 @@ def plan_merge(run_dir: str | Path, adapters: str | list[str], weights: str | li
         raise LoraplexError(f"--dtype: {unknown_name_message('dtype', dtype, list(DTYPES))}")
     if method in ("ties", "dare_linear") and not 0 < density <= 1:
         raise LoraplexError(f"--density: {density:g} is not a share of values to keep; use 0 < density <= 1")
+    if method == SEARCH and weights is not None:
+        raise LoraplexError(f"--weights: --method {SEARCH} chooses the weights itself; leave --weights out")
     loaded = {name: read_adapter(_adapter_dir(run_dir, name)) for name in names}
-    plan = MergePlan(run_dir, loaded, _weights(weights, names), "sum" if method in ("auto", "sum", "cat") else method,
+    plan = MergePlan(run_dir, loaded, _weights(weights, names), "sum" if method in ("auto", "sum", "cat", SEARCH) else method,
                      method, dtype, next(iter(loaded.values())).base_ref(), density=density)
     for name, adapter in loaded.items():
         for module in adapter.modules:
@@ -117,7 +120,10 @@ def _problems(plan: MergePlan) -> list[str]:
         if adapter.use_dora and plan.method != "sum":
             problems.append(f"adapter '{name}' is a DoRA adapter, which PEFT's {plan.method} cannot combine; "
                             "use --method sum")
-        if adapter.use_dora and plan.weights[name] != 1.0:
+        if adapter.use_dora and plan.requested == SEARCH:
+            problems.append(f"adapter '{name}' is a DoRA adapter: it merges at weight 1 only, so there is no weight "
+                            f"to search; use --method sum")
+        elif adapter.use_dora and plan.weights[name] != 1.0:
             problems.append(f"adapter '{name}' is a DoRA adapter: it merges at weight 1 only "
                             f"(got {plan.weights[name]:g})")
     for module in plan.shared_modules():

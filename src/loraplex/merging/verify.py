@@ -168,10 +168,10 @@ def probe_ids(tokenizer, template: str) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def heldout_report(plan: MergePlan, reference, merged) -> dict:
-    """Held-out loss of base, adapter and merged model on each adapter's own held-out split."""
+def heldout_report(plan: MergePlan, reference, merged, splits: dict | None = None) -> dict:
+    """Held-out loss of base, adapter and merged model on each adapter's own held-out split (or `splits`)."""
     try:
-        splits = heldout_splits(plan)
+        splits = splits if splits is not None else heldout_splits(plan)
     except LoraplexError as exc:
         return {"threshold": KEEP_THRESHOLD, "skipped": exc.render(), "datasets": {}}
     rows: dict[str, dict] = {}

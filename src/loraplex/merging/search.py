@@ -1,0 +1,70 @@
+"""`--method weights-search`: one weight per adapter, chosen so the merged model keeps as much as possible of the
+adapter that keeps least.
+
+Each adapter's held-out split is cut in two: even rows for the search, odd rows for the report, so the figures
+a merge reports come from rows the search never saw. On the search rows, base+adapters (every adapter active at
+its weight: the merged model, exactly, for a sum) is scored by the worst retention over the adapters,
+(base loss − merged loss) / (base loss − adapter loss), and a coordinate search over GRID keeps the best
+weights (gradient-free: only held-out losses are read).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import LoraplexError
+from ..training.batching import heldout_metrics
+from .plan import MergePlan
+from .verify import all_adapters_active, heldout_splits
+
+GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+ROUNDS = 2  # passes over the adapters
+MIN_ROWS = 4  # per held-out split: two to search on, two to report on
+
+
+def halves(plan: MergePlan) -> tuple[dict, dict]:
+    """(search rows, report rows) per adapter: the even and the odd rows of its held-out split."""
+    search, report, problems = {}, {}, []
+    for name, split in heldout_splits(plan).items():
+        if isinstance(split, str):
+            problems.append(f"{name}: {split}")
+        elif len(split) < MIN_ROWS:
+            problems.append(f"{name}: {len(split)} held-out rows; the search needs at least {MIN_ROWS}")
+        else:
+            search[name] = split.select(range(0, len(split), 2))
+            report[name] = split.select(range(1, len(split), 2))
+    if problems:
+        raise LoraplexError(problems, title="--method weights-search scores weights on each adapter's held-out split")
+    return search, report
+
+
+@torch.no_grad()
+def search_weights(plan: MergePlan, reference, search: dict) -> dict:
+    """Set `plan.weights` to the weights that maximise the worst retention on `search`; returns the record."""
+    with reference.disable_adapter():
+        base = {n: heldout_metrics(reference, rows)["loss"] for n, rows in search.items()}
+    own = {}
+    for name, rows in search.items():
+        reference.base_model.set_adapter(name, inference_mode=True)
+        own[name] = heldout_metrics(reference, rows)["loss"]
+    gains = {n: base[n] - own[n] for n in search if base[n] - own[n] > 0}
+    if not gains:
+        raise LoraplexError("--method weights-search: no adapter improves on the base on its search rows; "
+                            "there is nothing to keep")
+    seen: dict[tuple, float] = {}
+
+    def worst(weights: dict[str, float]) -> float:
+        key = tuple(weights[n] for n in plan.adapters)
+        if key not in seen:
+            plan.weights = dict(weights)
+            with all_adapters_active(reference, plan):
+                seen[key] = min((base[n] - heldout_metrics(reference, search[n])["loss"]) / gains[n] for n in gains)
+        return seen[key]
+
+    best = {n: 1.0 for n in plan.adapters}
+    start = worst(best)
+    for _ in range(ROUNDS):
+        for name in plan.adapters:
+            best = max(({**best, name: w} for w in GRID), key=worst)
+    plan.weights = best
+    return {"weights": best, "grid": list(GRID), "evaluations": len(seen), "search_rows": {n: len(r) for n, r in search.items()},
+            "worst_retention_search": {"at_weights_1": start, "found": worst(best)}}
