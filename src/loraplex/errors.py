@@ -1,6 +1,8 @@
 """Errors that reach the user as one friendly line each (the CLI prints them without a traceback)."""
 from __future__ import annotations
 
+import difflib
+
 
 class LoraplexError(Exception):
     """A user-facing error. `problems` holds one line per problem, each with its fix."""
@@ -54,3 +56,9 @@ _TYPE_FIXES = {
     "dict_type": "must be a mapping (key: value lines)", "model_type": "must be a mapping (key: value lines)",
     "invalid_key": "keys must be text; quote the key",
 }
+
+
+def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5 if len(name) <= 3 else 0.6)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown {kind} '{name}'; {hint}known: {', '.join(known) if known else '(none)'}"

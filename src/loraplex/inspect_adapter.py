@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoraplexError, ModelError
+from .errors import LoraplexError, ModelError, unknown_name_message
 from .models import BaseModelRef, base_fingerprint, load_model, resolve_base
 from .run import adapter_metadata, base_problem, trained_dtype
-from .recipe import unknown_name_message
 
 PEFT_PREFIX = "base_model.model."
 LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from .data.prepare import PreparedDataset, prepare_all
 from .data.render import template_problems
-from .errors import RecipeError
 from .models import BaseModelRef, load_tokenizer, meta_model, resolve_base
-from .recipe import Recipe, load_recipe, unknown_name_message
+from .errors import RecipeError, unknown_name_message
+from .recipe import Recipe, load_recipe
 from .targets import check_recipe_modules
 
 

@@ -8,7 +8,6 @@ Every problem is reported at once, each on one line with its fix.
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -18,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .atomic import atomic_write_text
-from .errors import RecipeError, friendly_validation_message
+from .errors import RecipeError, friendly_validation_message, unknown_name_message
+from .overrides import apply_override
 
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 COLUMN_ROLES = ("instruction", "input", "output", "system", "history", "messages")
@@ -364,57 +364,6 @@ def _check_datasets(raw: dict, base_dir: Path) -> list[str]:
                     problems.append(f"datasets[{entry.get('name')}].{which}: file {full} does not exist; "
                                     "check the path (relative paths start at the recipe's folder)")
     return problems
-
-
-# --------------------------------------------------------------------------- overrides
-
-
-def apply_override(raw: dict, item: str) -> None:
-    """Apply one `dotted.key=value` override in place; `datasets.<name>` selects an entry by name."""
-    if "=" not in item:
-        raise RecipeError(f"override '{item}' has no '='; write it as key=value, e.g. datasets.zh.lora.r=32")
-    key, _, text = item.partition("=")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-        if isinstance(value, dict) and not text.lstrip().startswith("{"):
-            value = text  # `system=Answer: briefly` is a string with a colon, not a mapping
-    except yaml.YAMLError:
-        raise RecipeError(f"override '{item}': the value is not valid YAML; check its brackets and quotes") from None
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise RecipeError(f"override '{item}' has an empty key")
-    node: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            node = _find_entry(node, part, item)
-            continue
-        if not isinstance(node, dict):
-            raise RecipeError(f"override '{item}': '{'.'.join(parts[:i])}' is not a mapping")
-        if part not in node or node[part] is None:
-            node[part] = [] if part == "datasets" else {}
-        node = node[part]
-    last = parts[-1]
-    if isinstance(node, list):
-        raise RecipeError(f"override '{item}': name a field inside the dataset, e.g. datasets.{last}.lora.r=32")
-    if not isinstance(node, dict):
-        raise RecipeError(f"override '{item}': '{'.'.join(parts[:-1])}' is not a mapping")
-    node[last] = value
-
-
-def _find_entry(entries: list, name: str, item: str) -> dict:
-    names = [e.get("name") for e in entries if isinstance(e, dict)]
-    for entry in entries:
-        if isinstance(entry, dict) and entry.get("name") == name:
-            return entry
-    if name.isdecimal() and int(name) < len(entries):
-        return entries[int(name)]
-    raise RecipeError(f"override '{item}': " + unknown_name_message("dataset", name, [n for n in names if n]))
-
-
-def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5 if len(name) <= 3 else 0.6)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"unknown {kind} '{name}'; {hint}known: {', '.join(known) if known else '(none)'}"
 
 
 def save_resolved(recipe: Recipe, path: Path) -> None:

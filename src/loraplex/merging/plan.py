@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LoraplexError
+from ..errors import LoraplexError, unknown_name_message
 from ..inspect_adapter import AdapterWeights, read_adapter
 from ..models import BaseModelRef
-from ..recipe import unknown_name_message
 from ..run import adapter_dir, complete_adapters
 
 SEARCH = "weights-search"  # the exact sum, at weights searched on held-out rows (merging.search)

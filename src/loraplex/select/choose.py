@@ -10,7 +10,6 @@ import json
 import math
 import time
 
-import torch
 
 from ..atomic import atomic_write_json
 from ..data.prepare import PreparedDataset

@@ -217,7 +217,7 @@ def app(run_dir: str | Path, merged: tuple | list = (), api_key: str | None = No
         created = int(time.time())
         obj = "chat.completion" if kind == "chat" else "text_completion"
         if not req.stream:
-            text_parts, done = [], None
+            done = None
             try:
                 while done is None:
                     event = await events.get()
