@@ -119,6 +119,9 @@ class DatasetSpec(_Strict):
     auto: AutoSettings = Field(default_factory=AutoSettings, description="with target_modules: auto")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    compose_with: list[str] = Field(
+        default_factory=list, description="adapters of this recipe loaded, active and frozen while this one trains: "
+        "it learns on top of them, so their sum is the model it trained in (they train first)")
 
     @field_validator("columns")
     @classmethod
@@ -206,11 +209,51 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -
             problems.extend(exc.problems)
     problems.extend(_check_datasets(raw, base_dir))
     recipe = _validate(raw, base_dir, problems)
+    problems.extend(_compose_problems(recipe))
     if problems:
         raise RecipeError(problems, title="recipe is invalid")
     if recipe.run_name is None:
         recipe.run_name = stem
     return recipe
+
+
+def _compose_problems(recipe: Recipe) -> list[str]:
+    """compose_with: known names, not itself, no cycle."""
+    names = [d.name for d in recipe.datasets]
+    problems = [f"datasets[{d.name}].compose_with: " + (f"'{other}' is this dataset itself; name other adapters"
+                if other == d.name else unknown_name_message("dataset", other, names))
+                for d in recipe.datasets for other in d.compose_with if other == d.name or other not in names]
+    if not problems:
+        try:
+            compose_order(recipe.datasets)
+        except RecipeError as exc:
+            problems += exc.problems
+    return problems
+
+
+def compose_order(specs: list) -> list:
+    """`specs` with every adapter after those it is composed with (recipe order otherwise); refuses cycles."""
+    by_name = {s.name: s for s in specs}
+    done: list = []
+    visiting: list[str] = []
+
+    def visit(spec) -> None:
+        if any(d.name == spec.name for d in done):
+            return
+        if spec.name in visiting:
+            cycle = visiting[visiting.index(spec.name):] + [spec.name]
+            raise RecipeError(f"datasets[{spec.name}].compose_with: a cycle ({' -> '.join(cycle)}); an adapter "
+                              "can only be composed with adapters that train before it")
+        visiting.append(spec.name)
+        for other in spec.compose_with:
+            if other in by_name:
+                visit(by_name[other])
+        visiting.pop()
+        done.append(spec)
+
+    for spec in specs:
+        visit(spec)
+    return done
 
 
 def _read_yaml(path: Path) -> dict:

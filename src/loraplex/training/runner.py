@@ -9,6 +9,7 @@ each adapter; any difference stops the run.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import resource
 import shutil
@@ -26,10 +27,10 @@ from ..errors import LoraplexError
 from ..models import base_fingerprint, load_model
 from ..pipeline import Workspace, open_recipe
 from ..quantize import describe, gradient_checkpointing, prepare_for_training, quantization_config
-from ..recipe import DatasetSpec, Recipe, save_resolved
+from ..recipe import DatasetSpec, Recipe, compose_order, save_resolved
 from ..select import choose_modules, resolved_spec
-from ..run import (ADAPTER_META, RESOLVED_RECIPE, RUN_META, adapter_dir, adapter_metadata, base_changed_message,
-                   checkpoint_dir, is_complete, percent_of_base, run_lock)
+from ..run import (ADAPTER_META, ADAPTER_WEIGHTS, RESOLVED_RECIPE, RUN_META, adapter_dir, adapter_metadata,
+                   base_changed_message, checkpoint_dir, is_complete, percent_of_base, run_lock)
 from .batching import heldout_metrics
 from .distributed import gather, is_main, sum_over_processes, wait_for_everyone, world_size
 from .trainer import TrainStats, loss_curve, make_trainer, micro_batch_tokens
@@ -64,7 +65,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     pristine = base_record.get("quantized_base_fingerprint", base_record["base_fingerprint"])  # the weights in memory
     _same_everywhere(pristine)
     result = RunResult(run_dir)
-    for spec in ws.selected():
+    for spec in compose_order(ws.selected()):  # an adapter after those it is composed with
         if is_complete(adapter_dir(run_dir, spec.name)) and resume:
             result.adapters[spec.name] = adapter_metadata(adapter_dir(run_dir, spec.name))
             continue
@@ -219,6 +220,7 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     base_val = heldout_metrics(model, data.val)
     peft_model = get_peft_model(model, lora_config(spec))
     trainable, total = parameter_counts(peft_model)
+    composed = compose(peft_model, spec, run_dir)
     checkpoints = checkpoint_dir(run_dir, spec.name)
     last = _last_checkpoint(checkpoints) if resume else None
     earlier = TrainStats.at(last)  # tokens (of every process) and seconds before the checkpoint resumed from
@@ -228,6 +230,8 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     trainer.train(resume_from_checkpoint=str(last) if last else None)
     wall = time.perf_counter() - started + earlier.seconds
     tokens = sum_over_processes(stats.tokens)
+    composed_val = heldout_metrics(peft_model, data.val) if composed else None  # the model it trained in
+    peft_model.base_model.set_adapter(DEFAULT_ADAPTER)  # from here on the adapter alone, as it is saved and loaded
     adapter_val = heldout_metrics(peft_model, data.val)
     probe = _probe_batch(data, peft_model)
     expected_logits = _logits(peft_model, probe)
@@ -247,9 +251,12 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
         "tokens_trained": tokens, "wall_time_s": wall, "tokens_per_s": tokens / max(stats.seconds, 1e-9),
         "peak_memory_mb": _peak_memory_mb(), "processes": world_size(),
     }
+    if composed:
+        meta.update(compose_with=composed, heldout_loss_composed=composed_val["loss"],
+                    heldout_token_accuracy_composed=composed_val["token_accuracy"])
     if is_main():
         with atomic_dir(folder) as tmp:
-            peft_model.save_pretrained(tmp)
+            peft_model.save_pretrained(tmp, selected_adapters=[DEFAULT_ADAPTER])
             atomic_write_json(tmp / ADAPTER_META, meta)
     wait_for_everyone()
     model = peft_model.unload()  # removes the LoRA layers without merging them
@@ -262,6 +269,30 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
         with contextlib.suppress(OSError):  # another job's checkpoints may still be in there
             checkpoints.parent.rmdir()
     return meta
+
+
+DEFAULT_ADAPTER = "default"  # PEFT's name for the adapter get_peft_model creates
+
+
+def compose(peft_model, spec: DatasetSpec, run_dir: Path) -> dict[str, str]:
+    """Load the adapters `spec` is composed with, active and frozen beside the one training; returns each one's
+    weights fingerprint (name -> sha256 of its safetensors file)."""
+    if not spec.compose_with:
+        return {}
+    missing = [n for n in spec.compose_with if not is_complete(adapter_dir(run_dir, n))]
+    if missing:
+        raise LoraplexError(f"datasets[{spec.name}].compose_with: {', '.join(missing)} not trained yet in {run_dir}; "
+                            f"train {'them' if len(missing) > 1 else 'it'} first (or leave out --only)")
+    trainable = {name for name, param in peft_model.named_parameters() if param.requires_grad}
+    fingerprints = {}
+    for name in spec.compose_with:
+        folder = adapter_dir(run_dir, name)
+        peft_model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        fingerprints[name] = hashlib.sha256((folder / ADAPTER_WEIGHTS).read_bytes()).hexdigest()[:16]
+    peft_model.base_model.set_adapter([DEFAULT_ADAPTER, *spec.compose_with])  # every one in the forward...
+    for name, param in peft_model.named_parameters():  # ...and only what trained before they came, trained
+        param.requires_grad_(name in trainable)
+    return fingerprints
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
