@@ -91,3 +91,16 @@ def test_weights_search_refusals(run, tiny_model_dir):
     make_adapter(run, "stray", tiny_model_dir, ["k_proj"])
     with pytest.raises(LoraplexError, match="stray: not a dataset of the run's recipe"):
         merge(run, ["a", "stray"], method="weights-search", out_dir=run.parent / "y")
+
+
+def test_cli_merge_weights_search_says_where_the_weights_come_from(run):
+    from typer.testing import CliRunner
+    from loraplex.cli import app
+
+    out = run.parent / "cli-search"
+    result = CliRunner().invoke(app, ["merge", str(run), "--adapters", "a,b2", "--out", str(out),
+                                      "--method", "weights-search"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "method weights-search → sum, exact" in text and "weights found: a " in text
+    assert "the table below is on the other rows" in text

@@ -207,6 +207,12 @@ def render_merge(report: dict) -> list:
     if not report["exact"]:
         deviation = max(e.get("exact_sum_relative_deviation", 0.0) for e in w["modules"].values())
         lines.append(f"deviation from the exact sum W + Σ wᵢ·scalingᵢ·Bᵢ@Aᵢ: {deviation:.3e} of max|W|")
+    search = report.get("weights_search")
+    if search:
+        worst = search["worst_retention_search"]
+        lines.append(f"weights searched on {sum(search['search_rows'].values())} held-out rows ({search['evaluations']} "
+                     f"weightings tried): the adapter that keeps least keeps {worst['found']:.0%} there (at weights 1: "
+                     f"{worst['at_weights_1']:.0%}); the table below is on the other rows")
     out = [adapters, Text("\n".join(lines))]
     out += _heldout_table(report["heldout"])
     out.append(Text(f"merged model: {report['out_dir']} (report in {REPORT_NAME}; loads with "
