@@ -6,6 +6,7 @@ measured on the same held-out rows, which no search saw.
 On the demo data (zh on q_proj, en and ja on v_proj, as `loraplex demo` trains them), for zh+en and zh+en+ja:
 - sum: the exact sum of the adapters at weight 1 (what `loraplex merge` does by default);
 - weights-search: the exact sum at one weight per adapter, searched on the even rows of each held-out split;
+- compose: zh trained on top of en (and ja), loaded, active and frozen (`compose_with`), then merged with them;
 - union: one adapter trained on the union of the datasets' training rows (same total steps, the union of their
   modules, the same rank): a model for all datasets without merging;
 - routing: each prompt answered by the adapter the router picks (`model: auto` of `loraplex serve`).
@@ -24,15 +25,21 @@ import torch
 import yaml
 
 GROUPS = (("zh", "en"), ("zh", "en", "ja"))
+# compose: (adapter, its data, the adapters it trains on top of); per group the adapters merged for "compose"
+COMPOSED = (("zh_c", "zh", ("en",)), ("ja_c", "ja", ("en",)), ("zh_cc", "zh", ("en", "ja_c")))
+COMPOSE_MERGE = {("zh", "en"): ("en", "zh_c"), ("zh", "en", "ja"): ("en", "ja_c", "zh_cc")}
 
 
-def recipe(work: Path) -> Path:
+def recipe(work: Path, model: str = "default", max_steps: int | None = None, sizes: dict | None = None) -> Path:
     from loraplex.data.demo import DEMO_ADAPTERS, demo_file, write_demo_data
     from loraplex.demo import DEMO_SIZES, demo_recipe
 
-    write_demo_data(work / "data", seed=0, **DEMO_SIZES)
+    write_demo_data(work / "data", seed=0, **(sizes or DEMO_SIZES))
     raw = demo_recipe(0, "merge-retention")
     raw["output_dir"] = str(work / "runs")
+    raw["model"]["path"] = model
+    if max_steps:
+        raw["defaults"]["train"]["max_steps"] = max_steps
     raw["datasets"] = [d for d in raw["datasets"] if d["name"] in ("zh", "en", "ja")]
     for d in raw["datasets"]:
         for key in ("path", "val_path", "test_path"):
@@ -42,6 +49,9 @@ def recipe(work: Path) -> Path:
         raw["datasets"].append({"name": "union_" + "_".join(group), "target_modules": modules,
                                 "path": [str(work / demo_file(n, "train")) for n in group],
                                 "val_path": [str(work / demo_file(n, "val")) for n in group]})
+    plain = {d["name"]: d for d in raw["datasets"] if d["name"] in ("zh", "en", "ja")}
+    for name, data, others in COMPOSED:  # trained on top of the others (loaded, active, frozen)
+        raw["datasets"].append({**plain[data], "name": name, "compose_with": list(others)})
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False))
     return path
@@ -87,7 +97,13 @@ def measure(run_dir: Path, group: tuple[str, ...], work: Path) -> dict:
     plan = plan_merge(run_dir, [*group, union], None, "sum", "float32")
     _, report_rows = halves(plan)
     reference = reference_model(plan)
-    losses: dict[str, dict[str, float]] = {"sum": {}, "weights-search": {}, "union": {}, "routing": {}}
+    losses: dict[str, dict[str, float]] = {"sum": {}, "weights-search": {}, "compose": {}, "union": {}, "routing": {}}
+    composed = plan_merge(run_dir, list(COMPOSE_MERGE[group]), None, "sum", "float32")
+    composed_reference = reference_model(composed)
+    with all_adapters_active(composed_reference, composed):
+        for name in group:
+            losses["compose"][name] = heldout_metrics(composed_reference, report_rows[name])["loss"]
+    del composed_reference
     sum_plan = plan_merge(run_dir, list(group), None, "sum", "float32")
     with all_adapters_active(reference, sum_plan):
         for name in group:
@@ -114,7 +130,9 @@ def measure(run_dir: Path, group: tuple[str, ...], work: Path) -> dict:
             "adapter": {n: rows[n]["adapter"] for n in group}, "losses": losses, "retention": retention,
             "weights": report["weights_search"]["weights"], "search": report["weights_search"],
             "report_rows": {n: rows[n]["rows"] for n in group}, "search_seconds": search_seconds,
-            "union_training_s": union_meta["wall_time_s"],
+            "union_training_s": union_meta["wall_time_s"], "compose_merged": list(COMPOSE_MERGE[group]),
+            "compose_training_s": sum(adapter_metadata(adapter_dir(run_dir, n))["wall_time_s"]
+                                      for n in COMPOSE_MERGE[group]),
             "adapters_training_s": sum(metas[n]["wall_time_s"] for n in group)}
 
 
@@ -126,6 +144,7 @@ def show(result: dict) -> None:
     print(f"  {'base / own':15}" + "".join(f"{result['base'][n]:>7.3f} /{result['adapter'][n]:>7.3f}" for n in group))
     costs = {"sum": "0", "weights-search": f"{result['search_seconds']:.0f}s search+merge",
              "union": f"{result['union_training_s']:.0f}s training (the adapters: {result['adapters_training_s']:.0f}s)",
+             "compose": f"{result['compose_training_s']:.0f}s training ({'+'.join(result['compose_merged'])})",
              "routing": "a router at serving time"}
     for method, kept in result["retention"].items():
         loss = result["losses"][method]
@@ -137,6 +156,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/loraplex-merge-retention")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--model", default="default", help="base model (default: the embedded SmolLM2)")
+    parser.add_argument("--max-steps", type=int, default=None, help="a quick check: this many steps per adapter")
+    parser.add_argument("--rows", type=int, default=None, help="a quick check: this many training rows per language")
     args = parser.parse_args()
     from loraplex.training.runner import train
 
@@ -145,7 +167,8 @@ def main() -> None:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     print(f"{os.cpu_count()} cores, native bf16: {'yes' if 'avx512_bf16' in flags or 'amx_bf16' in flags else 'no'}",
           flush=True)
-    run = train(recipe(work), overwrite=True, progress=False)
+    sizes = {"n_train": args.rows, "n_val": 8, "n_test": 4} if args.rows else None
+    run = train(recipe(work, args.model, args.max_steps, sizes), overwrite=True, progress=False)
     results = [measure(run.run_dir, group, work) for group in GROUPS]
     for result in results:
         show(result)

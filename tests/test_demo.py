@@ -52,6 +52,9 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert set(merged) == {"zh", "en"}
     assert (run_dir / "merged" / "zh+en" / "model.safetensors").is_file()
     assert (run_dir / "report.html").is_file() and (run_dir / "eval.json").is_file()
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert "## Module selection (target_modules: auto)" in report and "zh_auto: budget" in report
+    assert "## One model for all datasets" in report and "merged:zh+en" in report
     saved = json.loads((run_dir / "demo_results.json").read_text(encoding="utf-8"))
     assert saved["results"] == json.loads(json.dumps(summary["results"]))
     # the recipe written into the run folder is a valid recipe with the generated data beside it
