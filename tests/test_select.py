@@ -67,7 +67,7 @@ def test_the_probe_is_not_fixed_on_one_answer(tmp_path, tiny_model_dir):
     """The same probe on the untouched model gives every module type a gradient."""
     decision = select(make_recipe(tmp_path, tiny_model_dir, {"trials": 0}), progress=False)["a"]
     assert all(c["probe_score"] > 0 for c in decision["candidates"])
-    assert set(decision["probe"]["energy"]) == set(LEAVES)
+    assert set(decision["probe"]["row_norms"]) == set(LEAVES)
 
 
 def test_matched_budgets_are_equal_within_one_rank_step(tiny_model_dir):

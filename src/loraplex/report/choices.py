@@ -33,11 +33,11 @@ def selection_section(data: RunData) -> Section | None:
     if not blocks:
         return None
     text = ("`target_modules: auto` gives every candidate module set the same number of trainable parameters "
-            "(its rank is set to match), scores each with a gradient probe on a few training batches (the norm of "
-            "the loss gradient's best approximation of the candidate's rank, over its modules), and trains the "
-            "probe's best sets and the references q_proj+v_proj and all-linear in short trials, keeping the better "
-            "half by held-out loss after each round. Trials are skipped when they do not fit in `auto.cost` of the "
-            "full training; then the probe decides.")
+            "(its rank is set to match), scores each with a gradient probe on a few training batches (the expected "
+            "loss decrease of the first Adam step of its LoRA: its rank times the row norms of the loss gradient of "
+            "its weights), and trains the probe's best sets and the references q_proj+v_proj and all-linear in "
+            "short trials, keeping the better half by held-out loss after each round. Trials are skipped when they "
+            "do not fit in `auto.cost` of the full training; then the probe decides.")
     return Section("Module selection (target_modules: auto)", text, blocks)
 
 
@@ -49,7 +49,7 @@ def _selection_plot(name: str, decision: dict) -> Plot:
             ax.scatter([c["probe_score"]], [c["trial"]["heldout"][-1]], s=40)
             ax.annotate(ascii_label(f"{c['label']} ({c['trial']['steps']} steps)"), (c["probe_score"], c["trial"]["heldout"][-1]),
                         textcoords="offset points", xytext=(6, 4), fontsize=8)
-        ax.set(xlabel="probe score (higher: more of the gradient within reach)",
+        ax.set(xlabel="probe score (expected gain of the first step)",
                ylabel="trial held-out loss (last round)", title=f"{ascii_label(name)}: probe vs trials")
         ax.margins(x=0.25, y=0.15)
     else:

@@ -20,7 +20,7 @@ from ..targets import candidates as candidate_sets, default_budget, matched_alph
 from .probe import probe, score
 from .trials import Trial, _Batches, rounds, run_trials, step_cost
 
-VERSION = 1  # part of the cache key: a change to the method invalidates old decisions
+VERSION = 2  # part of the cache key: a change to the method invalidates old decisions
 PROBE_COST = 1.5  # a probe pass (forward, backward, weight gradients) against a LoRA training step, per token
 EVAL_COST = 1 / 3  # a forward pass against a training step, per token
 MIN_TRIAL_STEPS = 8  # a shorter trial ranks the sets by their first steps' noise: the probe decides alone
@@ -67,8 +67,8 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
     alphas = {label: matched_alpha(lora.alpha, lora.r, rank, lora.use_rslora) for label, rank in ranks.items()}
     batches = _Batches(data.train, spec.train.batch_size, spec.train.seed)
     probe_rows = [row for b in range(auto.probe_batches) for row in _rows_of(batches, b)]
-    probed = probe(model, probe_rows, spec.train.batch_size, micro_batch_tokens, max(ranks.values()))
-    scores = {c.label: score(probed["energy"], c, ranks[c.label]) for c in sets}
+    probed = probe(model, probe_rows, spec.train.batch_size, micro_batch_tokens)
+    scores = {c.label: score(probed["row_norms"], c, ranks[c.label]) for c in sets}
     ranked = sorted(sets, key=lambda c: -scores[c.label])
     trials = [Trial(c, ranks[c.label], alphas[c.label]) for c in _trial_sets(ranked, references(model, layers), auto.trials)]
     trial_started = time.perf_counter()
@@ -85,7 +85,7 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
         "alpha": alphas[winner.label], "budget": budget, "candidates": rows,
         "decided_by": "trials" if horizon else f"probe ({skipped})",
         "probe": {"batches": auto.probe_batches, "tokens": probed["tokens"], "seconds": probed["seconds"],
-                  "energy": probed["energy"]},
+                  "row_norms": probed["row_norms"]},
         "trials": {"horizon": horizon, "batch_size": spec.train.batch_size, "seconds": trial_seconds if horizon else 0.0,
                    "rounds": [list(r) for r in rounds(len(trials), horizon)] if horizon else []},
         "seconds": time.perf_counter() - started, "budget_tokens": auto.cost * full_training_tokens(spec, data),

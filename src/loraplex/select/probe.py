@@ -1,12 +1,16 @@
-"""Stage 1 of `target_modules: auto`: how much of the loss gradient each module set can follow at its rank.
+"""Stage 1 of `target_modules: auto`: what the first optimizer step of each candidate's LoRA would gain.
 
 On a few training batches the base (no adapter) runs forward and backward; for every linear module the
-gradient of the answer loss with respect to its weight, M = Σ_tokens ∂L/∂y · xᵀ ([out, in]), is summed from
-the module's input and output gradient (so a 4-bit base works too). A LoRA of rank r on that module can move
-its weight only along rank-r directions; the steepest such step of unit size lowers the loss, to first order,
-by the norm of M's best rank-r approximation: sqrt(Σ_{i≤r} σ_i(M)²). A set of modules at rank r scores
-sqrt(Σ over its modules and layers of Σ_{i≤r} σ_i²): budget-aware (one module gets a higher rank than many at
-the same parameters) and saturating (ranks beyond the gradient's own rank buy nothing).
+gradient of the mean answer loss with respect to its weight, M = Σ_tokens ∂L/∂y · xᵀ ([out, in]), is summed from
+the module's input and output gradient (so a 4-bit base works too).
+
+A LoRA starts at B = 0 with A random (PEFT: uniform in ±1/√in), so only B has a gradient, s·M·Aᵀ ([out, r],
+s = the scaling). Adam's first step moves every entry of B by the learning rate η against the sign of its
+gradient, which lowers the loss, to first order, by η·s·‖M·Aᵀ‖₁ (the sum of the absolute entries). Over A's
+initialisation each entry |Mᵢ·aⱼ| has a mean proportional to ‖Mᵢ‖/√in, so the expected gain is proportional to
+η·s·r·Σᵢ ‖Mᵢ‖/√in: the rank times the weight gradient's row norms, summed over the set's modules and layers. At
+one parameter budget (and one scaling: `auto` keeps alpha/r) this favours the modules whose gradient is largest
+per parameter the LoRA spends on them.
 """
 from __future__ import annotations
 
@@ -18,8 +22,6 @@ import torch
 
 from ..targets import Candidate, linear_modules
 from ..training.batching import IGNORE_INDEX, PackedCollator, answer_loss_sum, packed_attention, split_packed
-
-SVD_OVERSAMPLING = 8  # extra directions the randomized SVD keeps for the accuracy of the top ones
 
 
 @contextmanager
@@ -55,26 +57,10 @@ def _weight_gradients(model, names: dict[str, torch.nn.Module]):
             handle.remove()
 
 
-def _top_energy(matrix: torch.Tensor, max_rank: int) -> torch.Tensor:
-    """Cumulative squared singular values [max_rank + 1] (index k: the top k), largest first.
+def probe(model, rows: list[dict], batch_size: int, micro_batch_tokens: int | None) -> dict:
+    """Per linear module type, Σ over layers of Σᵢ ‖Mᵢ‖/√in on `rows` (in batches of `batch_size`).
 
-    Only the top `max_rank` are needed: a randomized SVD finds them (on the SmolLM2 probe, 1.4 s for every
-    module against 4.9 s for full SVDs), exact where they are most of the matrix's values anyway."""
-    k = min(max_rank, *matrix.shape)
-    if k + SVD_OVERSAMPLING < min(matrix.shape) // 2:
-        values = torch.svd_lowrank(matrix, q=k + SVD_OVERSAMPLING, niter=4)[1][:k]
-    else:
-        values = torch.linalg.svdvals(matrix)[:k]
-    energy = torch.zeros(max_rank + 1, dtype=torch.float64)
-    energy[1:k + 1] = torch.cumsum(values.double().cpu() ** 2, 0)
-    energy[k + 1:] = energy[k]
-    return energy
-
-
-def probe(model, rows: list[dict], batch_size: int, micro_batch_tokens: int | None, max_rank: int) -> dict:
-    """Gradient spectra of every linear module type on `rows` (in batches of `batch_size`).
-
-    Returns {"energy": {leaf: [cumulative σ² for rank 0..max_rank], summed over layers}, "tokens", "seconds"}.
+    Returns {"row_norms": {leaf: value}, "tokens", "seconds"}.
     """
     started = time.perf_counter()
     names = linear_modules(model)
@@ -94,17 +80,15 @@ def probe(model, rows: list[dict], batch_size: int, micro_batch_tokens: int | No
                     (loss / max(answers, 1)).backward()  # the gradient of the mean answer loss over all batches
                 tokens += part["input_ids"].numel()
     model.train(was_training)
-    energy: dict[str, torch.Tensor] = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # the randomized SVD's draws: the same scores for the same gradients
-        for name, matrix in sums.items():
-            leaf = name.rsplit(".", 1)[-1]
-            curve = _top_energy(matrix, max_rank)
-            energy[leaf] = energy[leaf] + curve if leaf in energy else curve
-    return {"energy": {leaf: curve.tolist() for leaf, curve in energy.items()}, "tokens": tokens,
-            "seconds": time.perf_counter() - started}
+    row_norms: dict[str, float] = {}
+    for name, matrix in sums.items():
+        leaf = name.rsplit(".", 1)[-1]
+        value = float(matrix.double().norm(dim=1).sum()) / math.sqrt(matrix.shape[1])
+        row_norms[leaf] = row_norms.get(leaf, 0.0) + value
+    return {"row_norms": row_norms, "tokens": tokens, "seconds": time.perf_counter() - started}
 
 
-def score(energy: dict[str, list[float]], candidate: Candidate, rank: int) -> float:
-    """The first-order loss decrease of the steepest unit-size step a rank-`rank` LoRA on `candidate` can take."""
-    return math.sqrt(sum(energy[m][min(rank, len(energy[m]) - 1)] for m in candidate.modules))
+def score(row_norms: dict[str, float], candidate: Candidate, rank: int) -> float:
+    """The expected first-order loss decrease of the first Adam step of a rank-`rank` LoRA on `candidate`
+    (in units of the learning rate times the scaling)."""
+    return rank * sum(row_norms.get(m, 0.0) for m in candidate.modules)
