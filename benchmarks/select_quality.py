@@ -65,19 +65,24 @@ def run_one(which: str, seed: int, with_auto: bool, work: Path, reuse: bool = Fa
     datasets = [{**entry, "name": "auto", "target_modules": "auto"}] if with_auto else []
     for name, targets in REFERENCES.items():
         datasets.append({**entry, "name": name, "target_modules": targets, "lora": matched(meta, budget, targets)})
-    recipe = {"model": "default", "run_name": f"{which}-seed{seed}", "output_dir": str(work / "runs"),
-              "defaults": defaults, "datasets": datasets}
-    path = work / f"{which}-seed{seed}.yaml"
-    path.write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False))
-    from loraplex.run import adapter_metadata, adapter_dir, complete_adapters
+    from loraplex.run import adapter_dir, adapter_metadata, complete_adapters
 
-    run_dir = Path(recipe["output_dir"]) / recipe["run_name"]
-    kept = reuse and run_dir.is_dir() and set(REFERENCES) <= set(complete_adapters(run_dir))
-    if not (kept and not with_auto):  # with --reuse, the references of an earlier run of this recipe are kept
-        train(path, only=["auto"] if kept else None, overwrite=True, progress=False)
+    refs_dir = work / "runs" / f"{which}-seed{seed}"
+    kept = reuse and refs_dir.is_dir() and set(REFERENCES) <= set(complete_adapters(refs_dir))
+    if kept:  # --reuse: the references of the earlier run stay where they are; auto trains in a run of its own
+        datasets = datasets[:1] if with_auto else []
+    folders = {name: refs_dir for name in REFERENCES}
+    if datasets:
+        run_name = f"{which}-seed{seed}" + ("-auto" if kept else "")
+        recipe = {"model": "default", "run_name": run_name, "output_dir": str(work / "runs"), "defaults": defaults,
+                  "datasets": datasets}
+        path = work / f"{run_name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False))
+        train(path, overwrite=True, progress=False)
+        folders.update({d["name"]: work / "runs" / run_name for d in datasets})
     out = {"budget": budget, "adapters": {}, "references_reused": bool(kept)}
-    for name in [d["name"] for d in datasets]:
-        m = adapter_metadata(adapter_dir(run_dir, name))
+    for name, folder in sorted(folders.items(), key=lambda item: item[0] != "auto"):
+        m = adapter_metadata(adapter_dir(folder, name))
         cfg = m["config"]
         out["adapters"][name] = {"target_modules": cfg["target_modules"], "r": cfg["lora"]["r"],
                                  "params": m["trainable_params"], "heldout_loss": m["heldout_loss"],

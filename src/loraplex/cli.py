@@ -131,15 +131,19 @@ def demo(overrides: Optional[list[str]] = OVERRIDES_ARG,
     summary = _run(run_demo, out, seed, overrides or [], log=lambda line: console.print(line, markup=False, highlight=False))
     stdout.print(demo_table(summary))
     verification = summary["merged"]["verification"]
-    stdout.print(f"merged zh+en: {summary['merged']['dir']} (max |W' - formula| {verification['weights']['max_abs_diff']:.2e}, "
-                 f"max logit diff vs base+adapters {verification['logits']['max_abs_diff']:.2e})", markup=False)
+    merged = summary["merged"]
+    weights = ", ".join(f"{name} {w:g}" for name, w in merged["weights"].items())
+    stdout.print(f"merged zh+en ({merged['method']}: weights {weights}): {merged['dir']} (max |W' - formula| "
+                 f"{verification['weights']['max_abs_diff']:.2e}, max logit diff vs base+adapters "
+                 f"{verification['logits']['max_abs_diff']:.2e})", markup=False)
     heldout = (verification.get("heldout") or {}).get("datasets", {})
     if heldout:
         kept = ", ".join(f"{name} {row['kept']:.0%}" if row["kept"] is not None else f"{name} n/a"
                          for name, row in heldout.items())
         flagged = [name for name, row in heldout.items() if row["below_threshold"]]
         threshold = verification["heldout"]["threshold"]
-        stdout.print(f"merged zh+en keeps of each adapter's held-out loss improvement: {kept}"
+        stdout.print(f"merged zh+en keeps of each adapter's held-out loss improvement (on the held-out rows the "
+                     f"weight search did not see): {kept}"
                      + (f" (below {threshold:.0%}: {', '.join(flagged)}; disjoint modules still interact through the "
                         "residual stream)" if flagged else ""), markup=False)
     stdout.print(f"report: {summary['report']}", markup=False)

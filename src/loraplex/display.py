@@ -208,7 +208,9 @@ def render_merge(report: dict) -> list:
         deviation = max(e.get("exact_sum_relative_deviation", 0.0) for e in w["modules"].values())
         lines.append(f"deviation from the exact sum W + Σ wᵢ·scalingᵢ·Bᵢ@Aᵢ: {deviation:.3e} of max|W|")
     search = report.get("weights_search")
-    if search:
+    if search and search.get("note"):
+        lines.append(f"weights search: {search['note']}")
+    elif search:
         worst = search["worst_retention_search"]
         lines.append(f"weights searched on {sum(search['search_rows'].values())} held-out rows ({search['evaluations']} "
                      f"weightings tried): the adapter that keeps least keeps {worst['found']:.0%} there (at weights 1: "

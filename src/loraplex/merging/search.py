@@ -47,9 +47,12 @@ def search_weights(plan: MergePlan, reference, search: dict) -> dict:
         reference.base_model.set_adapter(name, inference_mode=True)
         own[name] = heldout_metrics(reference, rows)["loss"]
     gains = {n: base[n] - own[n] for n in search if base[n] - own[n] > 0}
-    if not gains:
-        raise LoraplexError("--method weights-search: no adapter improves on the base on its search rows; "
-                            "there is nothing to keep")
+    searched_rows = {n: len(r) for n, r in search.items()}
+    if not gains:  # nothing to keep: the plain sum
+        plan.weights = {n: 1.0 for n in plan.adapters}
+        return {"weights": plan.weights, "grid": list(GRID), "evaluations": 0, "search_rows": searched_rows,
+                "worst_retention_search": None,
+                "note": "no adapter improves on the base on its search rows: weights stay 1"}
     seen: dict[tuple, float] = {}
 
     def worst(weights: dict[str, float]) -> float:
@@ -66,5 +69,5 @@ def search_weights(plan: MergePlan, reference, search: dict) -> dict:
         for name in plan.adapters:
             best = max(({**best, name: w} for w in GRID), key=worst)
     plan.weights = best
-    return {"weights": best, "grid": list(GRID), "evaluations": len(seen), "search_rows": {n: len(r) for n, r in search.items()},
+    return {"weights": best, "grid": list(GRID), "evaluations": len(seen), "search_rows": searched_rows,
             "worst_retention_search": {"at_weights_1": start, "found": worst(best)}}
