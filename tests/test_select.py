@@ -180,6 +180,8 @@ def test_auto_without_a_held_out_split_says_how_to_get_one(tmp_path, tiny_model_
     recipe["defaults"]["val_size"] = 0
     with pytest.raises(LoraplexError, match="set val_size > 0 or val_path"):
         select(recipe, progress=False)
+    recipe["datasets"][0]["auto"] = {"trials": 0}  # the probe needs no held-out rows
+    assert select(recipe, progress=False)["a"]["decided_by"] == "probe (auto.trials is 0)"
 
 
 def test_user_candidates_and_groups(tmp_path, tiny_model_dir):

@@ -10,7 +10,6 @@ import json
 import math
 import time
 
-
 from ..atomic import atomic_write_json
 from ..data.prepare import PreparedDataset
 from ..device import loraplex_home
@@ -18,7 +17,7 @@ from ..errors import RecipeError
 from ..recipe import DatasetSpec
 from ..targets import candidates as candidate_sets, default_budget, matched_alpha, references
 from .probe import probe, score
-from .trials import Trial, _Batches, rounds, run_trials, step_cost
+from .trials import Batches, Trial, rounds, run_trials, step_cost
 
 VERSION = 2  # part of the cache key: a change to the method invalidates old decisions
 PROBE_COST = 1.5  # a probe pass (forward, backward, weight gradients) against a LoRA training step, per token
@@ -49,9 +48,9 @@ def choose_modules(model, spec: DatasetSpec, data: PreparedDataset, base_fingerp
     path = loraplex_home() / "selections" / f"{key}.json"
     if path.is_file():
         return {**json.loads(path.read_text(encoding="utf-8")), "cached": True}
-    if data.val is None or len(data.val) == 0:
+    if spec.auto.trials and (data.val is None or len(data.val) == 0):
         raise RecipeError(f"datasets[{spec.name}].target_modules: auto scores its trials on held-out rows; set "
-                          "val_size > 0 or val_path")
+                          "val_size > 0 or val_path (or auto.trials: 0, and the probe decides alone)")
     record = _select(model, spec, data, micro_batch_tokens, progress)
     record["cache_key"] = key
     atomic_write_json(path, record)
@@ -65,8 +64,8 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
     sets = candidate_sets(model, auto.candidates, layers)
     ranks = {c.label: c.rank_for(budget) for c in sets}
     alphas = {label: matched_alpha(lora.alpha, lora.r, rank, lora.use_rslora) for label, rank in ranks.items()}
-    batches = _Batches(data.train, spec.train.batch_size, spec.train.seed)
-    probe_rows = [row for b in range(auto.probe_batches) for row in _rows_of(batches, b)]
+    batches = Batches(data.train, spec.train.batch_size, spec.train.seed)
+    probe_rows = [row for step in range(auto.probe_batches) for row in batches.rows_of(step)]
     probed = probe(model, probe_rows, spec.train.batch_size, micro_batch_tokens)
     scores = {c.label: score(probed["row_norms"], c, ranks[c.label]) for c in sets}
     ranked = sorted(sets, key=lambda c: -scores[c.label])
@@ -113,11 +112,6 @@ def _run_trials_that_fit(model, spec: DatasetSpec, data: PreparedDataset, trials
 
 def _trial_record(trial: Trial | None) -> dict | None:
     return {"steps": trial.steps, "heldout": trial.heldout, "train_loss": trial.train_loss} if trial else None
-
-
-def _rows_of(batches: _Batches, step: int) -> list:
-    n = len(batches.order)
-    return [batches.rows[batches.order[(step * batches.batch_size + j) % n]] for j in range(batches.batch_size)]
 
 
 def _trial_sets(ranked: list, refs: list, count: int) -> list:

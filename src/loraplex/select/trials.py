@@ -62,19 +62,21 @@ def lora_config(spec: DatasetSpec, trial: Trial):
                       task_type="CAUSAL_LM")
 
 
-class _Batches:
-    """Step i's batch: rows of a seeded shuffle of the training split, the same for every trial."""
+class Batches:
+    """Step i's batch: rows of a seeded shuffle of the training split (cycling), the same for every trial."""
 
     def __init__(self, rows, batch_size: int, seed: int):
         self.rows, self.batch_size = rows, batch_size
         self.order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
         self.cache: dict[int, dict] = {}
 
+    def rows_of(self, step: int) -> list[dict]:
+        n = len(self.order)
+        return [self.rows[self.order[(step * self.batch_size + j) % n]] for j in range(self.batch_size)]
+
     def __call__(self, step: int) -> dict:
         if step not in self.cache:
-            n = len(self.order)
-            picked = [self.order[(step * self.batch_size + j) % n] for j in range(self.batch_size)]
-            self.cache[step] = PackedCollator()([self.rows[i] for i in picked])
+            self.cache[step] = PackedCollator()(self.rows_of(step))
         return self.cache[step]
 
 
@@ -98,7 +100,7 @@ def run_trials(model, spec: DatasetSpec, train_rows, val_rows, trials: list[Tria
         optimizers[name] = torch.optim.AdamW(params[name], lr=t.lr, weight_decay=t.weight_decay)
         schedulers[name] = get_scheduler(t.scheduler, optimizers[name], num_warmup_steps=math.ceil(t.warmup_ratio * horizon),
                                          num_training_steps=horizon)
-    batches = _Batches(train_rows, t.batch_size, t.seed)
+    batches = Batches(train_rows, t.batch_size, t.seed)
     plan = rounds(len(trials), horizon)
     alive = list(range(len(trials)))
     device = next(model.parameters()).device
