@@ -97,3 +97,25 @@ def test_bad_compose_with_is_refused(tmp_path, tiny_model_dir, compose, message)
 def test_composing_with_an_untrained_adapter_says_to_train_it_first(tmp_path, tiny_model_dir):
     with pytest.raises(LoraplexError, match=r"compose_with: en not trained yet .* train it first"):
         train(make_recipe(tmp_path, tiny_model_dir), only=["zh"], progress=False)
+
+
+def test_a_union_entry_trains_on_exactly_the_union_of_the_rows(tmp_path, tiny_model_dir):
+    """The union baseline of benchmarks/merge_retention.py: one entry whose path and val_path list every file."""
+    from loraplex.pipeline import open_recipe
+
+    write_jsonl(tmp_path / "en_val.jsonl", ROWS_EN[:4])
+    write_jsonl(tmp_path / "zh_val.jsonl", ROWS_ZH[:4])
+    recipe = make_recipe(tmp_path, tiny_model_dir, compose={})
+    for d in recipe["datasets"]:
+        d["val_path"] = str(tmp_path / f"{d['name']}_val.jsonl")
+    recipe["datasets"].append({"name": "union", "target_modules": ["q_proj", "v_proj"],
+                               "path": [recipe["datasets"][0]["path"], recipe["datasets"][1]["path"]],
+                               "val_path": [recipe["datasets"][0]["val_path"], recipe["datasets"][1]["val_path"]]})
+    prepared = open_recipe(recipe).prepare()
+
+    def rows(split):
+        return sorted(tuple(r["input_ids"]) for r in split)
+
+    assert rows(prepared["union"].train) == sorted(rows(prepared["zh"].train) + rows(prepared["en"].train))
+    assert rows(prepared["union"].val) == sorted(rows(prepared["zh"].val) + rows(prepared["en"].val))
+    assert len(prepared["union"].train) == len(ROWS_EN) + len(ROWS_ZH)

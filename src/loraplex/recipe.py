@@ -186,7 +186,15 @@ class Recipe(_Strict):
         return data
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """A hash of what the run trains. Settings that change nothing (`auto` without `target_modules: auto`, an
+        empty `compose_with`) are left out, so runs written before those fields existed keep their fingerprint."""
+        data = self.to_dict()
+        for entry in data["datasets"]:
+            if entry.get("target_modules") != "auto":
+                entry.pop("auto", None)
+            if not entry.get("compose_with"):
+                entry.pop("compose_with", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- loading
