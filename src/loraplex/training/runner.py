@@ -4,7 +4,8 @@ The base model is loaded once (in 4 or 8 bit with `model.quantization`: QLoRA). 
 LoRA is injected with that dataset's own target modules and settings, trained with the HF Trainer, saved,
 then unloaded (never merged), which restores the original modules. A fingerprint of every base weight
 (for a quantized base: the packed codes and their quantization state) is taken before training and after
-each adapter; any difference stops the run.
+each adapter; any difference stops the run. `target_modules: auto` is decided first (`loraplex.select`);
+an adapter with `compose_with` trains after those adapters, with them loaded, active and frozen beside it.
 """
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ from ..models import base_fingerprint, load_model
 from ..pipeline import Workspace, open_recipe
 from ..quantize import describe, gradient_checkpointing, prepare_for_training, quantization_config
 from ..recipe import DatasetSpec, Recipe, compose_order, save_resolved
-from ..select import choose_modules, resolved_spec
 from ..run import (ADAPTER_META, ADAPTER_WEIGHTS, RESOLVED_RECIPE, RUN_META, adapter_dir, adapter_metadata,
                    base_changed_message, checkpoint_dir, is_complete, percent_of_base, run_lock)
+from ..select import choose_modules, resolved_spec
 from .batching import heldout_metrics
 from .distributed import gather, is_main, sum_over_processes, wait_for_everyone, world_size
 from .trainer import TrainStats, loss_curve, make_trainer, micro_batch_tokens
