@@ -158,6 +158,10 @@ def test_a_selection_is_cached_and_reused(tmp_path, tiny_model_dir, monkeypatch)
     recipe["defaults"]["lora"]["r"] = 2  # another budget: another question
     with pytest.raises(AssertionError, match="cached decision"):
         select(recipe, progress=False)
+    recipe["defaults"]["lora"]["r"] = 4
+    recipe["defaults"]["max_samples"] = 40  # the same file, other rows: another question too
+    with pytest.raises(AssertionError, match="cached decision"):
+        select(recipe, progress=False)
 
 
 @pytest.mark.parametrize("auto, message", [

@@ -1,7 +1,7 @@
 """`target_modules: auto`: probe every candidate module set, trial the best few, keep the winner.
 
-The decision is cached under `$LORAPLEX_HOME/selections/` by everything it depends on (the base's and the
-data's fingerprints, the `auto` settings, the LoRA and training settings): the same question is answered once.
+The decision is cached under `$LORAPLEX_HOME/selections/` by everything it depends on (the base's fingerprint,
+the tokenized rows, the `auto` settings, the LoRA and training settings): the same question is answered once.
 """
 from __future__ import annotations
 
@@ -25,8 +25,19 @@ EVAL_COST = 1 / 3  # a forward pass against a training step, per token
 MIN_TRIAL_STEPS = 8  # a shorter trial ranks the sets by their first steps' noise: the probe decides alone
 
 
+def token_fingerprint(data: PreparedDataset) -> str:
+    """A hash of the tokenized rows (ids and labels of both splits): what the selection reads, whatever the files,
+    max_samples, max_seq_length, template or system prompt that made them."""
+    digest = hashlib.sha256()
+    for split in (data.train, data.val):
+        if split is not None:
+            for column in ("input_ids", "labels"):
+                digest.update(json.dumps(list(split[column])).encode())
+    return digest.hexdigest()[:16]
+
+
 def cache_key(spec: DatasetSpec, data: PreparedDataset, base_fingerprint: str, micro_batch_tokens: int | None) -> str:
-    settings = {"v": VERSION, "base": base_fingerprint, "data": data.fingerprint, "auto": spec.auto.model_dump(),
+    settings = {"v": VERSION, "base": base_fingerprint, "data": token_fingerprint(data), "auto": spec.auto.model_dump(),
                 "lora": spec.lora.model_dump(), "micro": micro_batch_tokens,
                 "train": spec.train.model_dump(exclude={"logging_steps", "save_steps"})}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
