@@ -10,6 +10,7 @@ merged), which leaves the base as it was.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -93,13 +94,15 @@ def run_trials(model, spec: DatasetSpec, train_rows, val_rows, trials: list[Tria
     for name, trial in zip(names[1:], trials[1:]):
         torch.manual_seed(t.seed)
         peft_model.add_adapter(name, lora_config(spec, trial))
-    params = {name: [p for n, p in peft_model.named_parameters() if f".{name}." in n] for name in names}
+    # "...lora_A.trial0.weight", and DoRA's "...lora_magnitude_vector.trial0" (no suffix)
+    params = {name: [p for n, p in peft_model.named_parameters() if re.search(rf"\.{name}(\.|$)", n)]
+              for name in names}
     optimizers, schedulers = {}, {}
     for name, trial in zip(names, trials):
         trial.params = sum(p.numel() for p in params[name])
         optimizers[name] = torch.optim.AdamW(params[name], lr=t.lr, weight_decay=t.weight_decay)
-        schedulers[name] = get_scheduler(t.scheduler, optimizers[name], num_warmup_steps=math.ceil(t.warmup_ratio * horizon),
-                                         num_training_steps=horizon)
+        schedulers[name] = get_scheduler(t.scheduler, optimizers[name], num_training_steps=horizon,
+                                         num_warmup_steps=math.ceil(t.warmup_ratio * horizon))
     batches = Batches(train_rows, t.batch_size, t.seed)
     plan = rounds(len(trials), horizon)
     alive = list(range(len(trials)))
