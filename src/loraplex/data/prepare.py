@@ -32,7 +32,8 @@ class PreparedDataset:
     val: "datasets.Dataset | None"  # noqa: F821
     stats: dict
     cache_dir: Path
-    fingerprint: str
+    fingerprint: str  # the data files' bytes
+    rows_key: str  # everything that makes the tokenized rows (files, tokenizer, template, lengths, split): cache_key
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -96,7 +97,7 @@ def prepare_dataset(spec: DatasetSpec, recipe: Recipe, tokenizer) -> PreparedDat
     stats = json.loads((cache_dir / COMPLETE_MARKER).read_text(encoding="utf-8"))
     train = datasets.load_from_disk(str(cache_dir / "train"))
     val = datasets.load_from_disk(str(cache_dir / "val")) if (cache_dir / "val").is_dir() else None
-    return PreparedDataset(spec.name, train, val, stats, cache_dir, data_fingerprint(spec, recipe))
+    return PreparedDataset(spec.name, train, val, stats, cache_dir, data_fingerprint(spec, recipe), key)
 
 
 def _build_cache(spec: DatasetSpec, recipe: Recipe, tokenizer, template: str, cache_dir: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 from ..errors import LoraplexError
 from ..training.batching import heldout_metrics
 from .plan import MergePlan
-from .verify import all_adapters_active, heldout_splits
+from .verify import all_adapters_active, base_and_adapter_loss, heldout_splits
 
 GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 ROUNDS = 2  # passes over the adapters
@@ -40,13 +40,9 @@ def halves(plan: MergePlan) -> tuple[dict, dict]:
 @torch.no_grad()
 def search_weights(plan: MergePlan, reference, search: dict) -> dict:
     """Set `plan.weights` to the weights that maximise the worst retention on `search`; returns the record."""
-    with reference.disable_adapter():
-        base = {n: heldout_metrics(reference, rows)["loss"] for n, rows in search.items()}
-    own = {}
-    for name, rows in search.items():
-        reference.base_model.set_adapter(name, inference_mode=True)
-        own[name] = heldout_metrics(reference, rows)["loss"]
-    gains = {n: base[n] - own[n] for n in search if base[n] - own[n] > 0}
+    losses = {n: base_and_adapter_loss(reference, n, rows) for n, rows in search.items()}
+    base = {n: b for n, (b, _) in losses.items()}
+    gains = {n: b - own for n, (b, own) in losses.items() if b - own > 0}
     searched_rows = {n: len(r) for n, r in search.items()}
     if not gains:  # nothing to keep: the plain sum
         plan.weights = {n: 1.0 for n in plan.adapters}

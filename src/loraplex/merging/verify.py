@@ -179,16 +179,22 @@ def heldout_report(plan: MergePlan, reference, merged, splits: dict | None = Non
         if isinstance(split, str):
             rows[name] = {"skipped": split}
             continue
-        with reference.disable_adapter():
-            base = heldout_metrics(reference, split)["loss"]
-        reference.base_model.set_adapter(name, inference_mode=True)
-        adapter = heldout_metrics(reference, split)["loss"]
+        base, adapter = base_and_adapter_loss(reference, name, split)
         merged_loss = heldout_metrics(merged, split)["loss"]
         gain = base - adapter
         kept = (base - merged_loss) / gain if gain > 0 else None
         rows[name] = {"base": base, "adapter": adapter, "merged": merged_loss, "kept": kept, "rows": len(split),
                       "below_threshold": kept is not None and kept < KEEP_THRESHOLD}
     return {"threshold": KEEP_THRESHOLD, "datasets": rows}
+
+
+@torch.no_grad()
+def base_and_adapter_loss(reference, name: str, rows) -> tuple[float, float]:
+    """Held-out loss of `rows` under the base alone and under adapter `name` alone (of the reference's adapters)."""
+    with reference.disable_adapter():
+        base = heldout_metrics(reference, rows)["loss"]
+    reference.base_model.set_adapter(name, inference_mode=True)
+    return base, heldout_metrics(reference, rows)["loss"]
 
 
 def heldout_splits(plan: MergePlan) -> dict:

@@ -1,7 +1,7 @@
 """`target_modules: auto`: probe every candidate module set, trial the best few, keep the winner.
 
 The decision is cached under `$LORAPLEX_HOME/selections/` by everything it depends on (the base's fingerprint,
-the tokenized rows, the `auto` settings, the LoRA and training settings): the same question is answered once.
+the tokenized rows' cache key, the `auto` settings, the LoRA and training settings): the same question is answered once.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ..errors import RecipeError
 from ..recipe import DatasetSpec
 from ..targets import candidates as candidate_sets, default_budget, matched_alpha, references
 from .probe import probe, score
-from .trials import Batches, Trial, rounds, run_trials, step_cost
+from .trials import Batches, Trial, rounds, run_trials, step_cost, with_modules
 
 VERSION = 2  # part of the cache key: a change to the method invalidates old decisions
 PROBE_COST = 1.5  # a probe pass (forward, backward, weight gradients) against a LoRA training step, per token
@@ -25,19 +25,8 @@ EVAL_COST = 1 / 3  # a forward pass against a training step, per token
 MIN_TRIAL_STEPS = 8  # a shorter trial ranks the sets by their first steps' noise: the probe decides alone
 
 
-def token_fingerprint(data: PreparedDataset) -> str:
-    """A hash of the tokenized rows (ids and labels of both splits): what the selection reads, whatever the files,
-    max_samples, max_seq_length, template or system prompt that made them."""
-    digest = hashlib.sha256()
-    for split in (data.train, data.val):
-        if split is not None:
-            for column in ("input_ids", "labels"):
-                digest.update(json.dumps(list(split[column])).encode())
-    return digest.hexdigest()[:16]
-
-
 def cache_key(spec: DatasetSpec, data: PreparedDataset, base_fingerprint: str, micro_batch_tokens: int | None) -> str:
-    settings = {"v": VERSION, "base": base_fingerprint, "data": token_fingerprint(data), "auto": spec.auto.model_dump(),
+    settings = {"v": VERSION, "base": base_fingerprint, "rows": data.rows_key, "auto": spec.auto.model_dump(),
                 "lora": spec.lora.model_dump(), "micro": micro_batch_tokens,
                 "train": spec.train.model_dump(exclude={"logging_steps", "save_steps"})}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -45,11 +34,10 @@ def cache_key(spec: DatasetSpec, data: PreparedDataset, base_fingerprint: str, m
 
 def full_training_tokens(spec: DatasetSpec, data: PreparedDataset) -> int:
     """Tokens the dataset's full training will run (epochs or max_steps)."""
-    lengths = [len(ids) for ids in data.train["input_ids"]]
     t = spec.train
     if t.max_steps:
-        return round(t.max_steps * t.batch_size * t.grad_accum * sum(lengths) / max(len(lengths), 1))
-    return round(sum(lengths) * t.epochs)
+        return round(t.max_steps * t.batch_size * t.grad_accum * _mean_length(data.train))
+    return round(sum(data.train["length"]) * t.epochs)
 
 
 def choose_modules(model, spec: DatasetSpec, data: PreparedDataset, base_fingerprint: str,
@@ -81,9 +69,10 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
     scores = {c.label: score(probed["row_norms"], c, ranks[c.label]) for c in sets}
     ranked = sorted(sets, key=lambda c: -scores[c.label])
     trials = [Trial(c, ranks[c.label], alphas[c.label]) for c in _trial_sets(ranked, references(model, layers), auto.trials)]
+    budget_tokens = auto.cost * full_training_tokens(spec, data)
+    left = budget_tokens - PROBE_COST * probed["tokens"]
     trial_started = time.perf_counter()
-    trials, horizon, skipped = _run_trials_that_fit(model, spec, data, trials, probed["tokens"], micro_batch_tokens,
-                                                   progress)
+    trials, horizon, skipped = _run_trials_that_fit(model, spec, data, trials, left, micro_batch_tokens, progress)
     trial_seconds = time.perf_counter() - trial_started
     winner = trials[0].candidate if horizon else ranked[0]
     by_label = {tr.candidate.label: tr for tr in trials} if horizon else {}
@@ -98,23 +87,22 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
                   "row_norms": probed["row_norms"]},
         "trials": {"horizon": horizon, "batch_size": spec.train.batch_size, "seconds": trial_seconds if horizon else 0.0,
                    "rounds": [list(r) for r in rounds(len(trials), horizon)] if horizon else []},
-        "seconds": time.perf_counter() - started, "budget_tokens": auto.cost * full_training_tokens(spec, data),
+        "seconds": time.perf_counter() - started, "budget_tokens": budget_tokens,
     }
 
 
-def _run_trials_that_fit(model, spec: DatasetSpec, data: PreparedDataset, trials: list[Trial], probe_tokens: int,
+def _run_trials_that_fit(model, spec: DatasetSpec, data: PreparedDataset, trials: list[Trial], tokens: float,
                          micro_batch_tokens: int | None, progress: bool) -> tuple[list[Trial], int, str]:
-    """As many of `trials` (in order of priority) as fit in `auto.cost` with at least MIN_TRIAL_STEPS each, run.
+    """As many of `trials` (in order of priority) as fit in `tokens` with at least MIN_TRIAL_STEPS each, run.
 
     Returns (the trials best first, their length in steps, why none ran: "" when they did)."""
     auto = spec.auto
     if len(trials) < 2:
         return trials, 0, "auto.trials is 0"
     val = data.val.select(range(min(auto.val_rows, len(data.val))))
-    tokens = auto.cost * full_training_tokens(spec, data) - PROBE_COST * probe_tokens
+    row_tokens, val_tokens = _mean_length(data.train), sum(val["length"])
     while len(trials) > 1:
-        horizon = _horizon(tokens, len(trials), spec.train.batch_size, _mean_length(data.train),
-                           _mean_length(val) * len(val))
+        horizon = _horizon(tokens, len(trials), spec.train.batch_size, row_tokens, val_tokens)
         if horizon >= MIN_TRIAL_STEPS:
             return run_trials(model, spec, data.train, val, trials, horizon, micro_batch_tokens, progress), horizon, ""
         trials = trials[:-1]  # the least wanted: _trial_sets lists them in order of priority
@@ -138,8 +126,7 @@ def _trial_sets(ranked: list, refs: list, count: int) -> list:
 
 
 def _mean_length(rows) -> float:
-    lengths = [len(ids) for ids in rows["input_ids"]]
-    return sum(lengths) / max(len(lengths), 1)
+    return sum(rows["length"]) / max(len(rows), 1)
 
 
 def _horizon(tokens: float, trials: int, batch_size: int, row_tokens: float, val_tokens: float) -> int:
@@ -153,5 +140,4 @@ def _horizon(tokens: float, trials: int, batch_size: int, row_tokens: float, val
 
 def resolved_spec(spec: DatasetSpec, record: dict) -> DatasetSpec:
     """The dataset's settings with the chosen modules, and the rank and alpha that match the budget."""
-    lora = spec.lora.model_copy(update={"r": record["r"], "alpha": record["alpha"]})
-    return spec.model_copy(update={"target_modules": record["target_modules"], "lora": lora})
+    return with_modules(spec, record["target_modules"], record["r"], record["alpha"])

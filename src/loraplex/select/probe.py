@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from ..targets import Candidate, linear_modules
-from ..training.batching import IGNORE_INDEX, PackedCollator, answer_loss_sum, packed_attention, split_packed
+from ..training.batching import PackedCollator, answer_count, backward_answer_loss
 
 
 @contextmanager
@@ -66,20 +66,15 @@ def probe(model, rows: list[dict], batch_size: int, micro_batch_tokens: int | No
     names = linear_modules(model)
     collate = PackedCollator()
     batches = [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-    answers = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    answers = sum(answer_count(b) for b in batches)  # the gradient of the mean answer loss over all batches
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # no dropout: the gradient of the base as it is
-    tokens = 0
     with _weight_gradients(model, names) as sums:
         for batch in batches:
-            for part in split_packed(batch, micro_batch_tokens):
-                part = {k: v.to(device) for k, v in part.items()}
-                with packed_attention(model, part):  # the backward too (recomputed with gradient checkpointing)
-                    loss, _, _ = answer_loss_sum(model, part)
-                    (loss / max(answers, 1)).backward()  # the gradient of the mean answer loss over all batches
-                tokens += part["input_ids"].numel()
+            backward_answer_loss(model, batch, answers, micro_batch_tokens, device)
     model.train(was_training)
+    tokens = sum(b["input_ids"].numel() for b in batches)
     row_norms: dict[str, float] = {}
     for name, matrix in sums.items():
         leaf = name.rsplit(".", 1)[-1]

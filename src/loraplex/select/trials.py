@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from ..recipe import DatasetSpec
 from ..targets import Candidate
-from ..training.batching import (IGNORE_INDEX, PackedCollator, answer_loss_sum, heldout_metrics, packed_attention,
-                                 split_packed)
+from ..training.batching import PackedCollator, answer_count, backward_answer_loss, heldout_metrics
+from ..training.trainer import lora_config
 
 
 @dataclass
@@ -53,14 +53,14 @@ def step_cost(trials: int) -> float:
     return total / 2 ** 10
 
 
-def lora_config(spec: DatasetSpec, trial: Trial):
-    from peft import LoraConfig
+def with_modules(spec: DatasetSpec, target_modules: list[str] | str, r: int, alpha: float) -> DatasetSpec:
+    """The dataset's settings with other target modules, rank and alpha."""
+    lora = spec.lora.model_copy(update={"r": r, "alpha": alpha})
+    return spec.model_copy(update={"target_modules": target_modules, "lora": lora})
 
-    lora = spec.lora
-    return LoraConfig(r=trial.rank, lora_alpha=trial.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                      use_rslora=lora.use_rslora, use_dora=lora.use_dora,
-                      target_modules=trial.candidate.target_modules(), layers_to_transform=lora.layers_to_transform,
-                      task_type="CAUSAL_LM")
+
+def trial_config(spec: DatasetSpec, trial: Trial):
+    return lora_config(with_modules(spec, trial.candidate.target_modules(), trial.rank, trial.alpha))
 
 
 class Batches:
@@ -90,10 +90,10 @@ def run_trials(model, spec: DatasetSpec, train_rows, val_rows, trials: list[Tria
     t = spec.train
     names = [f"trial{i}" for i in range(len(trials))]
     torch.manual_seed(t.seed)
-    peft_model = get_peft_model(model, lora_config(spec, trials[0]), adapter_name=names[0])
+    peft_model = get_peft_model(model, trial_config(spec, trials[0]), adapter_name=names[0])
     for name, trial in zip(names[1:], trials[1:]):
         torch.manual_seed(t.seed)
-        peft_model.add_adapter(name, lora_config(spec, trial))
+        peft_model.add_adapter(name, trial_config(spec, trial))
     # "...lora_A.trial0.weight", and DoRA's "...lora_magnitude_vector.trial0" (no suffix)
     params = {name: [p for n, p in peft_model.named_parameters() if re.search(rf"\.{name}(\.|$)", n)]
               for name in names}
@@ -132,15 +132,9 @@ def run_trials(model, spec: DatasetSpec, train_rows, val_rows, trials: list[Tria
 
 def _step(model, batch: dict, device, micro_batch_tokens: int | None, params, optimizer, max_grad_norm: float) -> float:
     """One optimizer step on the mean answer loss of `batch` (in passes of at most `micro_batch_tokens`)."""
-    answers = max(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), 1)
-    total = 0.0
-    for part in split_packed(batch, micro_batch_tokens):
-        part = {k: v.to(device) for k, v in part.items()}
-        with packed_attention(model, part):  # the backward too: gradient checkpointing recomputes the forward there
-            loss, _, _ = answer_loss_sum(model, part)
-            (loss / answers).backward()
-        total += float(loss.detach())
+    answers = answer_count(batch)
+    total = backward_answer_loss(model, batch, answers, micro_batch_tokens, device)
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / answers
+    return total / max(answers, 1)

@@ -175,6 +175,25 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor],
     return loss, int(keep.sum()), int(correct)
 
 
+def answer_count(batch: dict[str, torch.Tensor]) -> int:
+    """Labelled next-token positions of a batch: the denominator of its mean answer loss."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def backward_answer_loss(model, batch: dict[str, torch.Tensor], answers: int, max_tokens: int | None, device) -> float:
+    """Backward of the answer-loss sum of `batch` divided by `answers`, in passes of at most `max_tokens` tokens
+    (`split_packed`), each attending per sequence in its backward too (gradient checkpointing recomputes the
+    forward there); returns the loss sum."""
+    total = 0.0
+    for part in split_packed(batch, max_tokens):
+        part = {k: v.to(device) for k, v in part.items()}
+        with packed_attention(model, part):
+            loss, _, _ = answer_loss_sum(model, part)
+            (loss / max(answers, 1)).backward()
+        total += float(loss.detach())
+    return total
+
+
 def _head_loss(lm, hidden: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy sum and correct predictions of hidden states [N, H] against targets [N]."""
     logits = lm.get_output_embeddings()(hidden).float()  # [N, V]

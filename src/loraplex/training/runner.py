@@ -34,7 +34,7 @@ from ..run import (ADAPTER_META, ADAPTER_WEIGHTS, RESOLVED_RECIPE, RUN_META, ada
 from ..select import choose_modules, resolved_spec
 from .batching import heldout_metrics
 from .distributed import gather, is_main, sum_over_processes, wait_for_everyone, world_size
-from .trainer import TrainStats, loss_curve, make_trainer, micro_batch_tokens
+from .trainer import TrainStats, lora_config, loss_curve, make_trainer, micro_batch_tokens
 
 
 @dataclass
@@ -187,15 +187,6 @@ def _read_run_meta(meta_path: Path) -> dict:
     except (ValueError, UnicodeDecodeError):  # not written by loraplex (its writes are atomic)
         previous = None
     return previous if isinstance(previous, dict) else {"recipe_fingerprint": "unreadable run.json"}
-
-
-def lora_config(spec: DatasetSpec):
-    from peft import LoraConfig
-
-    lora = spec.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                      use_rslora=lora.use_rslora, use_dora=lora.use_dora, target_modules=spec.target_modules,
-                      layers_to_transform=lora.layers_to_transform, task_type="CAUSAL_LM")
 
 
 def parameter_counts(peft_model) -> tuple[int, int]:

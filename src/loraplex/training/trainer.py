@@ -23,7 +23,7 @@ from ..data.prepare import PreparedDataset
 from ..device import on_gpu
 from ..errors import LoraplexError
 from ..recipe import DatasetSpec
-from .batching import (IGNORE_INDEX, PackedCollator, PaddedCollator, answer_loss_sum, packed_attention, real_tokens,
+from .batching import (PackedCollator, PaddedCollator, answer_count, answer_loss_sum, packed_attention, real_tokens,
                        split_packed)
 from .distributed import sum_over_processes, world_size
 
@@ -85,7 +85,7 @@ class AdapterTrainer(Trainer):
         if len(parts) == 1:
             return self._attended_step(model, inputs, num_items_in_batch)
         if num_items_in_batch is None:
-            num_items_in_batch = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+            num_items_in_batch = answer_count(inputs)
         losses = []
         for i, part in enumerate(parts):  # gradients sync (multi-process) only after the last pass
             sync = contextlib.nullcontext() if i == len(parts) - 1 else self.accelerator.no_sync(model)
@@ -158,6 +158,16 @@ class ProgressCallback(TrainerCallback):
 
     def _last_loss(self) -> str:
         return f"{self.last_loss:.4f}" if self.last_loss is not None else "-"
+
+
+def lora_config(spec: DatasetSpec):
+    """PEFT's LoraConfig for one dataset entry."""
+    from peft import LoraConfig
+
+    lora = spec.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                      use_rslora=lora.use_rslora, use_dora=lora.use_dora, target_modules=spec.target_modules,
+                      layers_to_transform=lora.layers_to_transform, task_type="CAUSAL_LM")
 
 
 def training_arguments(spec: DatasetSpec, checkpoint_dir: Path) -> TrainingArguments:
