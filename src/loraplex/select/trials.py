@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..recipe import DatasetSpec
 from ..targets import Candidate
 from ..training.batching import PackedCollator, answer_count, backward_answer_loss, heldout_metrics
+from ..training.dropout import use_lora_dropout
 from ..training.trainer import lora_config
 
 
@@ -94,6 +95,7 @@ def run_trials(model, spec: DatasetSpec, train_rows, val_rows, trials: list[Tria
     for name, trial in zip(names[1:], trials[1:]):
         torch.manual_seed(t.seed)
         peft_model.add_adapter(name, trial_config(spec, trial))
+    use_lora_dropout(peft_model)  # the trainer's dropout
     # "...lora_A.trial0.weight", and DoRA's "...lora_magnitude_vector.trial0" (no suffix)
     params = {name: [p for n, p in peft_model.named_parameters() if re.search(rf"\.{name}(\.|$)", n)]
               for name in names}

@@ -26,6 +26,7 @@ from ..recipe import DatasetSpec
 from .batching import (PackedCollator, PaddedCollator, answer_count, answer_loss_sum, packed_attention, real_tokens,
                        split_packed)
 from .distributed import sum_over_processes, world_size
+from .dropout import use_lora_dropout
 
 
 PROGRESS_FILE = "loraplex_progress.json"  # TrainStats in each checkpoint folder
@@ -100,7 +101,7 @@ class AdapterTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sources = inputs.pop(SOURCES_KEY, [])
-        loss_sum, count, _ = answer_loss_sum(model, inputs, self.per_sequence_attention)
+        loss_sum, count, _ = answer_loss_sum(model, inputs, self.per_sequence_attention, accuracy=False)
         self.stats.tokens += real_tokens(inputs)
         denominator = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
         loss = loss_sum / denominator * self.loss_scale
@@ -224,6 +225,7 @@ def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoin
                  progress: bool = True, stats: TrainStats | None = None) -> tuple[AdapterTrainer, TrainStats]:
     """`stats`: the counts to continue from (those of the checkpoint a resumed run starts at)."""
     stats = stats or TrainStats()
+    use_lora_dropout(peft_model)
     collator = PackedCollator() if spec.train.packing else PaddedCollator(peft_model.config.pad_token_id or 0)
     trainer = AdapterTrainer(
         model=peft_model, args=training_arguments(spec, checkpoint_dir), train_dataset=data.train,
