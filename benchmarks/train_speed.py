@@ -44,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -322,6 +323,7 @@ def profile_main(conn, args, name: str) -> None:
             prof.step()
 
     trainer.add_callback(Step())
+    warnings.filterwarnings("ignore", message="Profiler won't be using warmup")  # the first step is skipped instead
     with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=0, active=args.profile_steps)) as prof:
         trainer.train()
     conn.send({"event": "done", "breakdown": profile_breakdown(prof, args.profile_steps), "steps": steps[1:],
@@ -676,6 +678,9 @@ def print_ceilings(res: dict) -> None:
 def print_profile(p: dict) -> None:
     b = dict(p["breakdown"])
     wall = b.pop("wall")
+    if not wall:
+        print(f"\nprofile of {p['config']}: the profiler recorded no steps")
+        return
     print(f"\nprofile of {p['config']}: {len(p['steps'])} steps under torch.profiler, {wall:.2f} s per step "
           "(profiler overhead included); self time of each op, by category, per step")
     ceiling = p.get("ceiling", {})
