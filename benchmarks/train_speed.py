@@ -52,7 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 FILES = {"zh": "alpaca_zh_demo.json", "en": "alpaca_en_demo.json"}
 CONFIGS = ["baseline-bf16", "loraplex", "baseline-fp32"]
-LEVERS = ["loraplex-torch-dropout", "loraplex-bf16-attention", "loraplex-autograd-head", "loraplex-masked", "loraplex-seq", "loraplex-one-pass",
+LEVERS = ["loraplex-torch-dropout", "loraplex-bf16-attention", "loraplex-autograd-head", "loraplex-masked", "loraplex-seq",
+          "loraplex-one-pass",
           "loraplex-mb1024", "loraplex-full-logits", "loraplex-one-head-pass", "loraplex-padded", "loraplex-grouped",
           "loraplex-1thread"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
@@ -324,7 +325,8 @@ def profile_main(conn, args, name: str) -> None:
 
     trainer.add_callback(Step())
     warnings.filterwarnings("ignore", message="Profiler won't be using warmup")  # the first step is skipped instead
-    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=0, active=args.profile_steps)) as prof:
+    every = schedule(wait=1, warmup=0, active=args.profile_steps)
+    with profile(activities=[ProfilerActivity.CPU], schedule=every) as prof:
         trainer.train()
     conn.send({"event": "done", "breakdown": profile_breakdown(prof, args.profile_steps), "steps": steps[1:],
                "shapes": model_shapes(peft_model), "weights_dtype": str(next(peft_model.parameters()).dtype)[6:]})
@@ -550,7 +552,8 @@ def add_ceilings(res: dict, groups: list[dict], device: str) -> None:
             ceiling = ceilings.setdefault(dtype, Ceiling(info["shapes"], dtype, device))
             per_step = step_ceilings(ceiling, [s["passes"] for s in steps])
             families = {f: sum(s.get(f, 0.0) for s in per_step) for f in ("linear", "lora", "attention", "lm_head")}
-            seconds = statistics.median(sum(s["seconds"] for s in r["results"][name]["steps"]) for r in group["repeats"])
+            seconds = statistics.median(sum(s["seconds"] for s in r["results"][name]["steps"])
+                                        for r in group["repeats"])
             summary["configs"][name]["ceiling"] = {"seconds": sum(families.values()), "families": families,
                                                    "step_seconds_median": seconds,
                                                    "fraction": sum(families.values()) / seconds}
@@ -633,7 +636,8 @@ def print_group(group: dict, device: str) -> None:
         tok = r["tokens_per_s_repeats"]
         spread = f"{min(tok):.0f}-{max(tok):.0f}" if len(tok) > 1 else ""
         print(f"{name:<24}{r['weights_dtype'][:7]:>9}{r['compute_dtype'][:7]:>9}{r['steps']:>6}{r['tokens']:>8}"
-              f"{statistics.median(tok):>8.1f}{spread:>14}{max(r['peak_mb_repeats']):>9.0f}{r['largest_pass_tokens']:>6}"
+              f"{statistics.median(tok):>8.1f}{spread:>14}{max(r['peak_mb_repeats']):>9.0f}"
+              f"{r['largest_pass_tokens']:>6}"
               f"{loss:>8}{r['achieved_gflop_s']:>9.1f}{100 * r['mfu']:>6.1f}%")
     print("  (tok/s: median over repeats; the other columns: repeat 1)")
     print(f"ratios{'':<38}{'tok/s':>8}{'(range)':>12}{'median':>8}{'CPU s':>8}{'peak':>7}{'loss':>8}{'max |Δ|':>9}"
@@ -696,7 +700,8 @@ def print_profile(p: dict) -> None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder with alpaca_zh_demo.json, alpaca_en_demo.json")
+    ap.add_argument("--data-dir", default=str(DEFAULT_DATA),
+                    help="folder with alpaca_zh_demo.json, alpaca_en_demo.json")
     ap.add_argument("--dataset", choices=["mixed", "zh", "en"], default="mixed", help="mixed = both files in one set")
     ap.add_argument("--rows", type=int, default=256, help="first N rows of each file")
     ap.add_argument("--max-seq-length", type=int, default=512)

@@ -48,4 +48,5 @@ def test_ceiling_reads_the_model_shapes(tiny_model_dir):
     one = ceiling.pass_seconds([12, 20], 10)
     assert set(one) == {"linear", "lora", "attention", "lm_head"} and all(v > 0 for v in one.values())
     assert ceiling.pass_seconds([12, 20], 0).get("lm_head", 0.0) == 0.0
-    assert ceiling.attention(20) == pytest.approx(ceiling._attn_time(16) + (ceiling._attn_time(32) - ceiling._attn_time(16)) / 4)
+    at16, at32 = ceiling._attn_time(16), ceiling._attn_time(32)
+    assert ceiling.attention(20) == pytest.approx(at16 + (at32 - at16) / 4)  # linear between grid points

@@ -136,7 +136,8 @@ def test_modules_reading_one_input_share_one_mask(tiny_model_dir, dtype):
         name = next(n for n in outputs if f"layers.{layer}." in n and f".{module}." in n)
         return (outputs[name] == 0) & (inputs[name] != 0)
     # PEFT keeps float32 adapter weights on a bf16 base: each module gets its own float32 copy of the input
-    assert torch.equal(dropped(0, "q_proj"), dropped(0, "k_proj")) and torch.equal(dropped(0, "q_proj"), dropped(0, "v_proj"))
+    assert torch.equal(dropped(0, "q_proj"), dropped(0, "k_proj"))
+    assert torch.equal(dropped(0, "q_proj"), dropped(0, "v_proj"))
     assert torch.equal(dropped(0, "gate_proj"), dropped(0, "up_proj"))
     assert not torch.equal(dropped(0, "up_proj"), dropped(0, "down_proj"))
     assert not torch.equal(dropped(1, "q_proj"), dropped(0, "q_proj"))

@@ -121,7 +121,8 @@ def _causal_sdpa(module, query, key, value, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dtype = query.dtype
-    if query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and query.shape[2] < FLOAT32_ATTENTION_BELOW:
+    short = query.shape[2] < FLOAT32_ATTENTION_BELOW
+    if query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and short:
         out = sdpa_attention_forward(module, query.float(), key.float(), value.float(), None, **kwargs)[0]
         return out.to(dtype)
     return sdpa_attention_forward(module, query, key, value, None, **kwargs)[0]
@@ -180,7 +181,8 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor], per_sequence_attentio
         # through the model's own forward (a DDP wrapper syncs gradients only for a forward it ran), with the
         # LM head on no position (an empty index; an int 1 would still multiply by the whole head): the decoder's
         # output [B, T, H] goes to the head below, answer positions only
-        model(**inputs, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=batch["input_ids"].device))
+        no_rows = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+        model(**inputs, use_cache=False, logits_to_keep=no_rows)
     hidden = captured[0]
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
