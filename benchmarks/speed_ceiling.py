@@ -64,12 +64,11 @@ class Ceiling:
         key = ("mm", m, k, n)
         if key not in self.cache:
             import torch
+            import torch.nn.functional as F
 
             dtype = getattr(torch, self.dtype_name)
             a = torch.randn(m, k, device=self.device).to(dtype)
             b = torch.randn(n, k, device=self.device).to(dtype)  # F.linear's layout: weight [out, in]
-            import torch.nn.functional as F
-
             self.cache[key] = _timed(lambda: F.linear(a, b), self.device)
         return self.cache[key]
 
@@ -96,8 +95,9 @@ class Ceiling:
             self.cache[key] = min(times)
         return self.cache[key]
 
-    def _interp(self, fn, x: int, grid: list[int]) -> float:
-        """fn at x, linear between the grid points around it (beyond the grid: scaled from its last point)."""
+    def _interp(self, fn, x: int, grid: list[int], power: int) -> float:
+        """fn at x, linear between the grid points around it (beyond the grid: its last point times
+        (x / last) ** power)."""
         if x <= 0:
             return 0.0
         if x in grid:
@@ -106,16 +106,16 @@ class Ceiling:
         if i == 0:
             return fn(grid[0]) * x / grid[0]
         if i == len(grid):
-            return fn(grid[-1]) * (x / grid[-1]) ** (2 if grid is ATTN_GRID else 1)
+            return fn(grid[-1]) * (x / grid[-1]) ** power
         lo, hi = grid[i - 1], grid[i]
         return fn(lo) + (fn(hi) - fn(lo)) * (x - lo) / (hi - lo)
 
     def mm(self, m: int, k: int, n: int) -> float:
         """Interpolated along m (the token dimension)."""
-        return self._interp(lambda mm_: self._mm_time(mm_, k, n), m, TOKEN_GRID)
+        return self._interp(lambda mm_: self._mm_time(mm_, k, n), m, TOKEN_GRID, 1)
 
     def attention(self, t: int) -> float:
-        return self._interp(self._attn_time, t, ATTN_GRID)
+        return self._interp(self._attn_time, t, ATTN_GRID, 2)  # quadratic in length
 
     # -- one pass
     def pass_seconds(self, lengths: list[int], head_positions: int) -> dict[str, float]:

@@ -238,22 +238,19 @@ def build_trainer(args, name: str):
 
 
 def record_passes(trainer, log: dict, full_head: bool) -> None:
-    """Per batch: its sequences (for the same-examples check); per forward pass: its sequence lengths and
-    LM-head positions (for the ceiling)."""
-    inner_step, inner_loss = trainer.training_step, trainer.compute_loss
-
-    def recording_step(model, inputs, num_items_in_batch=None):  # one call per batch
-        log["seqs"] += sequences_of(inputs)
-        return inner_step(model, inputs, num_items_in_batch)
+    """Per forward pass (the passes of a step hold its batch's sequences, each once): its sequences (for the
+    same-examples check), their lengths and the LM-head positions (for the ceiling)."""
+    inner_loss = trainer.compute_loss
 
     def recording_loss(model, inputs, *a, **kw):  # one call per forward pass (padding included)
         seqs = sequences_of(inputs)
+        log["seqs"] += seqs
         lengths = [s[0] for s in seqs]
         log["passes"].append({"lengths": lengths, "head": sum(lengths) if full_head else sum(s[1] for s in seqs)})
         log["largest_pass"] = max(log["largest_pass"], inputs["input_ids"].numel())
         return inner_loss(model, inputs, *a, **kw)
 
-    trainer.training_step, trainer.compute_loss = recording_step, recording_loss
+    trainer.compute_loss = recording_loss
 
 
 def child_main(conn, args, name: str) -> None:
