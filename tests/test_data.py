@@ -321,9 +321,9 @@ def test_cache_is_reused_and_invalidated(tmp_path, tiny_tokenizer, monkeypatch):
     assert second.cache_dir == first.cache_dir and second.stats == first.stats
     assert second.train["input_ids"] == first.train["input_ids"]
 
-    def counting_build(spec, recipe, tokenizer, template, cache_dir):
+    def counting_build(spec, recipe, tokenizer, template, cache_dir, *rest):
         builds.append(cache_dir)
-        real_build(spec, recipe, tokenizer, template, cache_dir)
+        real_build(spec, recipe, tokenizer, template, cache_dir, *rest)
 
     monkeypatch.setattr(prepare, "_build_cache", counting_build)
     # one byte of the file changed
@@ -389,23 +389,51 @@ def test_prepare_stats(tmp_path, tiny_tokenizer):
     assert stats["max_seq_length"] == 1024 and stats["truncated"] == stats["dropped"] == 0
 
 
-def test_split_sizes_are_deterministic(tmp_path, tiny_tokenizer, monkeypatch):
-    path = write_json(tmp_path / "d.json", [alpaca(i) for i in range(20)])
+def test_split_is_deterministic_and_by_content(tmp_path, tiny_tokenizer, monkeypatch):
+    rows = [alpaca(i) for i in range(200)]
+    path = write_json(tmp_path / "d.json", rows)
     data = prepared(path, tiny_tokenizer, val_size=0.1)
-    assert (data.stats["train"], data.stats["val"]) == (18, 2)
-    assert len(data.train) == 18 and len(data.val) == 2
+    assert data.stats["train"] + data.stats["val"] == 200 and 10 <= data.stats["val"] <= 30  # about 10%
+    assert len(data.train) == data.stats["train"] and len(data.val) == data.stats["val"]
     assert set(data.train["source"]).isdisjoint(data.val["source"])
     monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path / "other-home"))  # rebuilt from scratch
     again = prepared(path, tiny_tokenizer, val_size=0.1)
     assert again.cache_dir != data.cache_dir
     assert again.val["source"] == data.val["source"]
+    # a row's side follows its content, not its position or the seed: the file reversed holds out the same rows
+    shuffled = prepared(write_json(tmp_path / "r.json", rows[::-1]), tiny_tokenizer, val_size=0.1,
+                        train={"seed": 7})
+    assert sorted(shuffled.val["input_ids"]) == sorted(data.val["input_ids"])
     quarter = prepared(path, tiny_tokenizer, val_size=0.25)
-    assert (quarter.stats["train"], quarter.stats["val"]) == (15, 5)
+    assert set(data.val["source"]) < set(quarter.val["source"])  # a larger share holds out more of the same rows
     none = prepared(path, tiny_tokenizer, val_size=0)
-    assert none.val is None and none.stats["train"] == 20
-    rows = [{"i": i} for i in range(10)]
-    assert prepare.split_rows(rows, 0.3, 1) == prepare.split_rows(rows, 0.3, 1)
-    assert prepare.split_rows(rows[:1], 0.5, 1) == (rows[:1], [])
+    assert none.val is None and none.stats["train"] == 200
+    few = [{"i": i} for i in range(10)]
+    places = [i / 10 for i in range(10)]
+    assert prepare.split_rows(few, places, 0.3) == (few[3:], few[:3])
+    assert prepare.split_rows(few, places, 0.01) == (few[1:], few[:1])  # at least one held out
+    assert prepare.split_rows(few, places, 0.3, held_out_elsewhere=0.5) == (few[5:], few[:3])
+    assert prepare.split_rows(few[:1], places[:1], 0.5) == (few[:1], [])
+
+
+def test_datasets_on_one_file_hold_out_the_same_rows(tmp_path, tiny_tokenizer):
+    """Two adapters on one file: a row held out for either is trained on by neither (else one adapter's held-out
+    loss, or a merge's, would be measured on rows another adapter of the merge trained on)."""
+    rows = [alpaca(i) for i in range(200)]
+    path = write_json(tmp_path / "d.json", rows)
+    entries = [{"name": "a", "path": str(path), "val_size": 0.1, "system": "Be brief."},
+               {"name": "b", "path": str(path), "val_size": 0.2, "train": {"seed": 3}},
+               {"name": "c", "path": str(path), "val_size": 0.1, "max_samples": 150}]
+    recipe = load_recipe({"datasets": entries})
+    data = prepare.prepare_all(recipe, tiny_tokenizer)
+    held = {name: set(d.val["source"]) for name, d in data.items()}
+    trained = {name: set(d.train["source"]) for name, d in data.items()}
+    for name in data:
+        for other in data:
+            assert not (held[other] & trained[name]), (name, other)
+    assert held["a"] < held["b"]
+    assert data["a"].stats["held_out_elsewhere"] == len(held["b"] - held["a"])
+    assert held["c"] <= held["a"]  # its first 150 rows, split by the same content hash
 
 
 def test_val_path_is_used_instead_of_a_split(tmp_path, tiny_tokenizer):

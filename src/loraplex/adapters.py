@@ -8,7 +8,7 @@ from .device import pick_dtype
 from .models import BaseModelRef, load_model, load_tokenizer, resolve_base
 from .quantize import describe, quantization_config
 from .recipe import ModelSpec
-from .run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_metadata, check_base
+from .run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_metadata, check_base, compose_problems
 
 
 class AdapterSet:
@@ -54,6 +54,9 @@ def load(base: str | BaseModelRef = "default", adapters: dict[str, str | Path] |
     adapters = {name: Path(path) for name, path in (adapters or {}).items()}
     for name, path in adapters.items():
         _check_adapter_files(name, path, allow_pickle)
+    stale = compose_problems(adapters)
+    if stale:
+        raise ModelError(stale, title="adapters trained on top of adapters that changed" if len(stale) > 1 else None)
     config = quantization_config(quantization) if quantization is not None else None
     model = load_model(ref, pick_dtype(dtype), allow_pickle=allow_pickle, quantization_config=config)
     tokenizer = load_tokenizer(ref)

@@ -71,9 +71,12 @@ def prepare(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDE
 @app.command()
 def train(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_ARG,
           only: Optional[list[str]] = typer.Option(None, "--only", help="train only this dataset (repeatable)"),
-          resume: bool = typer.Option(False, "--resume", help="skip finished adapters, resume an unfinished one "
-                                      "from its last checkpoint"),
-          overwrite: bool = typer.Option(False, "--overwrite", help="replace adapters or a run already in the run folder"),
+          resume: bool = typer.Option(False, "--resume", help="continue an interrupted adapter from its last "
+                                      "checkpoint (when made with the same settings)"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="retrain the adapters (all, or --only ones) even "
+                                         "if nothing changed"),
+          prune: bool = typer.Option(False, "--prune", help="remove adapters of the run folder that the recipe no "
+                                     "longer names (they are kept otherwise)"),
           allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also read pickled .bin weights (they can "
                                             "run code: only files from a source you trust)"),
           nproc: int = typer.Option(1, "--nproc", min=1, help="train with N processes on this machine (data "
@@ -87,15 +90,21 @@ def train(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
     if nproc > 1 and not launched():
         args = [str(recipe), *(overrides or []), *(f"--only={name}" for name in only or []),
                 *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else []),
-                *(["--allow-pickle"] if allow_pickle else [])]
+                *(["--prune"] if prune else []), *(["--allow-pickle"] if allow_pickle else [])]
         raise typer.Exit(_run(launch, nproc, ["train", *args]))
     result = _run(train_run, recipe, overrides or [], only, resume=resume, overwrite=overwrite,
-                  allow_pickle=allow_pickle)
+                  allow_pickle=allow_pickle, prune=prune, say=lambda line: console.print(line, markup=False))
     if is_main():
+        trained = {step.name for step in result.steps if step.trains}
         for name, meta in result.adapters.items():
-            if "selection" in meta:
+            if "selection" in meta and name in trained:
                 stdout.print(select_table(name, meta["selection"]))
-        stdout.print(train_table(result.adapters))
+        stdout.print(train_table(result.adapters, result.steps))
+        for step in result.steps:
+            if step.reason or step.name not in result.adapters:
+                stdout.print(f"{step.name}: {step.describe()}", markup=False, highlight=False)
+        for line in result.stale:
+            console.print(f"[yellow]stale:[/] {escape(line)} (evaluate or merge again to refresh it)", highlight=False)
         stdout.print(f"adapters in {result.run_dir / 'adapters'}")
 
 
@@ -260,12 +269,13 @@ def export_vllm_command(run: Path = typer.Argument(..., help="run folder, e.g. r
                                                            "(a shell script) instead of printing it"),
                         lora_target_modules: Optional[str] = typer.Option(
                             None, "--lora-target-modules", help="restrict vLLM's LoRA layers to these modules, "
-                            "comma-separated (warns about adapter modules left out)")) -> None:
+                            "comma-separated (warns about adapter modules left out)"),
+                        force: bool = typer.Option(False, "--force", help="replace the --out file if it exists")) -> None:
     """Print the `vllm serve` command that serves the run's base with every adapter (checked against vLLM's limits)."""
     from .export import export_vllm
 
     targets = [t.strip() for t in lora_target_modules.split(",") if t.strip()] if lora_target_modules else None
-    export = _run(export_vllm, run, out, targets)
+    export = _run(export_vllm, run, out, targets, force=force)
     for warning in export.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if out is None:

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -18,14 +19,14 @@ from typing import Callable
 
 import yaml
 
-from .atomic import atomic_write_json, atomic_write_text
+from .atomic import atomic_dir, atomic_write_json, atomic_write_text
 from .data.demo import DEMO_ADAPTERS, demo_file, write_demo_data
 from .errors import LoraplexError
 from .evaluate import evaluate_run
 from .merging import merge
 from .recipe import DATASET_NAME_PATTERN, load_recipe
 from .report import write_report
-from .run import DEMO_RECIPE, DEMO_RESULTS, merged_dir
+from .run import DEMO_RECIPE, DEMO_RESULTS, merged_dir, writer_lock
 from .training.runner import train
 
 DEMO_SYSTEM = "You are a helpful assistant."
@@ -65,12 +66,23 @@ def run_demo(out_dir: Path = Path("runs/demo"), seed: int = 0, overrides: list[s
     if not re.match(DATASET_NAME_PATTERN, out_dir.name):
         raise LoraplexError(f"--out {out_dir}: the run folder's name becomes the run name and may hold only "
                             "letters, digits, '_', '.' and '-' (not starting with one of the last three)")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / DEMO_RECIPE).is_file():
+        raise LoraplexError(f"--out {out_dir} exists and was not made by `loraplex demo`; choose a new or empty folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_demo_data(out_dir / "data", seed=seed, **(sizes or DEMO_SIZES))
+    with writer_lock(out_dir, ["demo"], "loraplex demo"):
+        return _run_demo(out_dir, seed, overrides, sizes, progress, log)
+
+
+def _run_demo(out_dir: Path, seed: int, overrides: list[str] | None, sizes: dict[str, int] | None, progress: bool,
+              log: Callable[[str], None]) -> dict:
+    recipe = demo_recipe(seed, out_dir.name)
+    with atomic_dir(out_dir / "data") as tmp:  # the previous data stays whole until the new data is complete...
+        write_demo_data(tmp, seed=seed, **(sizes or DEMO_SIZES))
+        _check_overrides(recipe, tmp, overrides)  # ...and the overrides are valid
     recipe_path = out_dir / DEMO_RECIPE
     atomic_write_text(recipe_path, "# written by `loraplex demo`\n" +
-                      yaml.safe_dump(demo_recipe(seed, out_dir.name), sort_keys=False, allow_unicode=True))
-    result = train(load_recipe(recipe_path, overrides), overwrite=True, progress=progress)
+                      yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))
+    result = train(load_recipe(recipe_path, overrides), progress=progress, say=log)
     merged_model = merged_dir(result.run_dir, "+".join(MERGED))
     log(f"merging zh (q_proj) and en (v_proj) into one model with --method {MERGE_METHOD} (benchmarks/"
         "merge_retention.py: the merge of these adapters that keeps the most of the one that keeps least)")
@@ -87,6 +99,15 @@ def run_demo(out_dir: Path = Path("runs/demo"), seed: int = 0, overrides: list[s
                "results": demo_rows(evaluation, result.adapters, merged_label=_merged_label(evaluation))}
     atomic_write_json(result.run_dir / DEMO_RESULTS, summary)
     return summary
+
+
+def _check_overrides(recipe: dict, data_dir: Path, overrides: list[str] | None) -> None:
+    """Validate the demo's recipe with `overrides` against the data in `data_dir` (raises RecipeError)."""
+    staged = copy.deepcopy(recipe)
+    for entry in staged["datasets"]:
+        for which in ("path", "val_path", "test_path"):
+            entry[which] = str(data_dir / Path(entry[which]).relative_to("data"))
+    load_recipe(staged, overrides)
 
 
 def demo_rows(evaluation: dict, adapters: dict[str, dict], merged_label: str | None) -> list[dict]:

@@ -9,8 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .demo import targets_met
-from .merging.plan import REPORT_NAME
-from .run import count_text, percent_of_base
+from .run import MERGE_REPORT, count_text, percent_of_base
 
 
 
@@ -21,16 +20,24 @@ def prepare_table(stats: list[dict]) -> Table:
     for col in ("rows (bad)\ntrain/val", "tokens\n(answer)", "length\np50/p90/p99/max",
                 "max_seq_length\n→ recommended\ntrunc/drop"):
         table.add_column(col, justify="right", overflow="fold")
+    elsewhere = [s["name"] for s in stats if s.get("held_out_elsewhere")]
+    if elsewhere:
+        table.caption = ("*: rows not trained on because another dataset of the recipe holds them out of the same "
+                         "file")
     for s in stats:
-        table.add_row(f"{s['name']}\n[dim]{s['format']}[/]", f"{s['rows']} ({s['bad_rows']})\n{s['train']}/{s['val']}",
+        split = f"{s['train']}/{s['val']}" + (f"\n(*{s['held_out_elsewhere']})" if s.get("held_out_elsewhere") else "")
+        table.add_row(f"{s['name']}\n[dim]{s['format']}[/]", f"{s['rows']} ({s['bad_rows']})\n{split}",
                       f"{s['total_tokens']:,}\n({s['answer_tokens']:,})",
                       f"{s['length_p50']}/{s['length_p90']}/{s['length_p99']}/{s['length_max']}",
                       f"{s['max_seq_length']}\n→ {s['recommended_max_seq_length']}\n{s['truncated']}/{s['dropped']}")
     return table
 
 
-def train_table(adapters: dict[str, dict]) -> Table:
-    """One row per adapter; fits 80 columns. Without a held-out split the held-out loss is '–' (not NaN)."""
+def train_table(adapters: dict[str, dict], steps: list | None = None) -> Table:
+    """One row per adapter; fits 80 columns. Without a held-out split the held-out loss is '–' (not NaN).
+
+    `steps` (`training.plan.Step`s): what this `train` did with each adapter, shown under its name."""
+    actions = {step.name: step.action for step in steps or []}
     table = Table(title="adapters", title_justify="left", caption_justify="left")
     table.add_column("dataset\ntarget modules", overflow="fold")
     for col in ("r/alpha\ntrainable\n(% of base)", "train loss\nfirst → last", "held-out loss\nbase → adapter",
@@ -49,7 +56,8 @@ def train_table(adapters: dict[str, dict]) -> Table:
             heldout_text = "–"
         else:
             heldout_text = f"{heldout[0]:.3f} → {heldout[1]:.3f}"
-        table.add_row(f"{name}\n[dim]{targets}[/]",
+        action = f"\n[italic]{escape(actions[name])}[/]" if name in actions else ""
+        table.add_row(f"{name}\n[dim]{targets}[/]{action}",
                       f"{cfg['lora']['r']}/{cfg['lora']['alpha']:g}\n{count_text(m['trainable_params'])}\n"
                       f"({percent_of_base(m):.3f}%)", losses, heldout_text,
                       f"{m['tokens_per_s']:,.0f}\n{m['wall_time_s']:.0f}s")
@@ -217,7 +225,7 @@ def render_merge(report: dict) -> list:
                      f"{worst['at_weights_1']:.0%}); the table below is on the other rows")
     out = [adapters, Text("\n".join(lines))]
     out += _heldout_table(report["heldout"])
-    out.append(Text(f"merged model: {report['out_dir']} (report in {REPORT_NAME}; loads with "
+    out.append(Text(f"merged model: {report['out_dir']} (report in {MERGE_REPORT}; loads with "
                     "AutoModelForCausalLM.from_pretrained, no peft needed)"))
     return out
 

@@ -32,7 +32,8 @@ from .errors import DataError, LoraplexError
 from .models import load_model, resolve_base, stop_token_ids
 from .quantize import is_quantized
 from .routing import Router, mean_hidden_state
-from .run import EVAL_FILE, adapter_dir, adapter_metadata, is_complete, open_run
+from .run import (EVAL_FILE, MERGE_REPORT, adapter_dir, adapter_metadata, is_complete, merge_inputs, open_run,
+                  weights_hash, writer_lock)
 from .training.batching import heldout_metrics
 
 
@@ -216,6 +217,14 @@ BASE_PRECISIONS = ("full", "quantized")
 def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: GenerationSettings | dict | None = None,
                  checkers: dict[str, Checker] | None = None, log: Callable[[str], None] | None = None,
                  base_precision: str = "full") -> dict:
+    """The eval matrix of a run, saved as eval.json (one writer at a time: see `_evaluate_matrix`)."""
+    with writer_lock(run_dir, ["eval"], "loraplex eval"):
+        return _evaluate_matrix(run_dir, merged, generation, checkers, log, base_precision)
+
+
+def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation: GenerationSettings | dict | None = None,
+                     checkers: dict[str, Checker] | None = None, log: Callable[[str], None] | None = None,
+                     base_precision: str = "full") -> dict:
     """The eval matrix of a run: (base, each adapter, each merged folder) x (each dataset); saved as eval.json.
 
     `checkers` maps dataset names to task checkers for exact match (default: `loraplex.data.demo.demo_checkers`);
@@ -245,7 +254,8 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
         log(f"evaluating {name or base_row}")
         builder.add_row(name or base_row, adapter_set.use(name).model, own=name)
         if name:
-            rows.append({"name": name, "kind": "adapter", "dataset": name, "path": str(adapter_dirs[name])})
+            rows.append({"name": name, "kind": "adapter", "dataset": name, "path": str(adapter_dirs[name]),
+                         "adapter_weights": {name: weights_hash(adapter_dirs[name])}})
     log("routing held-out prompts (model: auto)")
     routing = routing_report(adapter_set.use(None).model, ws, prepared, adapter_dirs)
     del adapter_set
@@ -254,7 +264,8 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
         label = label if label not in builder.metrics else f"{label}#{i + 1}"  # two folders of one name
         log(f"evaluating {label}")
         builder.add_row(label, _to_accelerator(load_model(ref, pick_dtype(ws.recipe.model.dtype))))
-        rows.append({"name": label, "kind": "merged", "path": ref.location})
+        rows.append({"name": label, "kind": "merged", "path": ref.location,
+                     "adapter_weights": _merged_from(Path(ref.location), run_dir)})
     result = {
         "run": run_dir.resolve().name, "base_model": ws.base.name, "rows": rows,
         "base_precision": base_precision, "base_loaded_as": precision,
@@ -269,6 +280,14 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
     }
     atomic_write_json(run_dir / EVAL_FILE, result)
     return result
+
+
+def _merged_from(folder: Path, run_dir: Path) -> dict[str, str]:
+    """The weights hashes of this run's adapters that a merged folder was made from (its merge_report.json)."""
+    path = folder / MERGE_REPORT
+    report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    same_run = Path(report.get("run_dir", "")).resolve() == run_dir.resolve()
+    return merge_inputs(report) if same_run else {}
 
 
 def _quantization(model_spec, base_precision: str):

@@ -14,10 +14,11 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_write_text
 from .errors import LoraplexError
 from .inspect_adapter import AdapterWeights, read_adapter
 from .models import COMPLETE_MARKER
-from .run import adapter_dir, complete_adapters, read_recipe
+from .run import adapter_dir, complete_adapters, compose_problems, read_recipe
 
 MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -119,6 +120,7 @@ def vllm_command(run_dir: str | Path, lora_target_modules: list[str] | None = No
         raise LoraplexError(f"{run_dir} has no finished adapter; train one with `loraplex train RECIPE`")
     adapters = {name: read_adapter(adapter_dir(run_dir, name)) for name in names}
     problems = [line for name, adapter in adapters.items() for line in adapter_problems(name, adapter)]
+    problems += compose_problems({name: adapter_dir(run_dir, name) for name in names})
     locations = {name: a.meta.get("base_model_location") for name, a in adapters.items()}
     known = sorted({loc for loc in locations.values() if loc})
     if not known:
@@ -163,13 +165,15 @@ def vllm_command(run_dir: str | Path, lora_target_modules: list[str] | None = No
 
 
 def export_vllm(run_dir: str | Path, out: str | Path | None = None,
-                lora_target_modules: list[str] | None = None) -> VllmExport:
-    """Build the command and, with `out`, write it there as a shell script (comments + command)."""
+                lora_target_modules: list[str] | None = None, force: bool = False) -> VllmExport:
+    """Build the command and, with `out`, write it there as a shell script (comments + command); an existing `out`
+    is replaced only with `force`."""
     export = vllm_command(run_dir, lora_target_modules)
     if out is not None:
         out = Path(out)
         if out.is_dir():
             raise LoraplexError(f"--out {out} is a folder; pass a file name, e.g. {out / 'serve_vllm.sh'}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("#!/bin/sh\n" + export.text(), encoding="utf-8")
+        if out.exists() and not force:
+            raise LoraplexError(f"--out {out} exists; choose another file, or pass --force to replace it")
+        atomic_write_text(out, "#!/bin/sh\n" + export.text())
     return export

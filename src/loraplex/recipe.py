@@ -417,8 +417,8 @@ def _check_datasets(raw: dict, base_dir: Path) -> list[str]:
     return problems
 
 
-def save_resolved(recipe: Recipe, path: Path) -> None:
-    """Write the resolved recipe with absolute paths, so it loads from the run folder as it is."""
+def resolved_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe with defaults merged and absolute paths: it loads from anywhere as it is."""
     data = recipe.to_dict()
     data["output_dir"] = str(recipe.resolve(recipe.output_dir).resolve())
     local_model = recipe.resolve(recipe.model.path)
@@ -429,4 +429,4 @@ def save_resolved(recipe: Recipe, path: Path) -> None:
             if spec.files(which):
                 absolute = [str(recipe.resolve(f).resolve()) for f in spec.files(which)]
                 entry[which] = absolute[0] if isinstance(getattr(spec, which), str) else absolute
-    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return data

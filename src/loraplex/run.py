@@ -12,6 +12,7 @@ runs/<run>/
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -19,11 +20,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from .atomic import LockBusy, atomic_write_text, file_lock, owned_lock
 from .errors import LoraplexError, ModelError
-from .device import dtype_name, loraplex_home, pick_dtype
+from .device import dtype_name, pick_dtype
 from .models import BaseModelRef, base_fingerprint, load_model
 from .pipeline import Workspace, open_recipe
 from .quantize import describe, quantization_config
+from .recipe import resolved_dict
 
 ADAPTER_META = "loraplex.json"
 RUN_META = "run.json"
@@ -31,8 +34,10 @@ RESOLVED_RECIPE = "recipe.resolved.yaml"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 EVAL_FILE = "eval.json"
+MERGE_REPORT = "merge_report.json"  # in every merged model folder
 REPORT_MD, REPORT_HTML, REPORT_ASSETS = "report.md", "report.html", "report-assets"
 DEMO_RECIPE, DEMO_RESULTS = "demo.yaml", "demo_results.json"  # `loraplex demo` writes these too
+LOCKS = ".locks"  # who writes which part of the run folder (`writer_lock`)
 
 
 def adapter_dir(run_dir: str | Path, name: str) -> Path:
@@ -53,16 +58,64 @@ def is_complete(folder: Path) -> bool:
     return (Path(folder) / ADAPTER_META).is_file() and (Path(folder) / ADAPTER_WEIGHTS).is_file()
 
 
-def run_lock(run_dir: str | Path) -> Path:
-    """The lock file of a run folder, outside it (claiming a run may replace the folder)."""
-    key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
-    return loraplex_home() / "locks" / f"run-{key}.lock"
-
-
 def complete_adapters(run_dir: str | Path) -> list[str]:
-    """Names of the run's finished adapters, sorted."""
+    """Names of the run's finished adapters, sorted; hidden folders (an interrupted replace's) are never adapters."""
     root = Path(run_dir) / "adapters"
-    return sorted(p.name for p in root.glob("*") if is_complete(p)) if root.is_dir() else []
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and is_complete(p)) \
+        if root.is_dir() else []
+
+
+def weights_hash(folder: Path) -> str | None:
+    """sha256 (16 hex digits) of an adapter's weights file: what compose_with, eval and merges record."""
+    path = Path(folder) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def changed_adapters(adapters_root: Path, recorded: dict[str, str]) -> dict[str, str]:
+    """Of `recorded` (adapter name -> weights hash when something used it), those in `adapters_root` that changed
+    since: name -> how."""
+    changed = {}
+    for name, digest in recorded.items():
+        now = weights_hash(Path(adapters_root) / name)
+        if now != digest:
+            changed[name] = "removed" if now is None else "retrained"
+    return changed
+
+
+def compose_problems(adapters: dict[str, Path]) -> list[str]:
+    """Of `adapters` (name -> folder), those trained on top of others (compose_with, their sibling folders) that
+    have changed since: one line each, naming what to retrain."""
+    problems = []
+    for name, folder in adapters.items():
+        recorded = adapter_metadata(Path(folder)).get("compose_with") or {}
+        changed = changed_adapters(Path(folder).parent, recorded)
+        if changed:
+            what = ", ".join(f"'{other}' was {how}" for other, how in changed.items())
+            problems.append(f"adapter '{name}' was trained on top of {', '.join(recorded)} (compose_with), and since "
+                            f"then {what}: train '{name}' again (`loraplex train` retrains it)")
+    return problems
+
+
+def writer_lock(run_dir: str | Path, parts: list[str], what: str, say=None) -> contextlib.ExitStack:
+    """Exclusive locks on parts of a run folder ('adapter-en', 'eval', 'merged-zh+en', ...), held while writing.
+
+    A part another process holds is refused at once, naming that process; a lock whose process died is taken
+    over (`say` hears a line about it). Every process of a launch is one writer: only the main one locks."""
+    stack = contextlib.ExitStack()
+    try:
+        for part in parts:
+            stack.enter_context(owned_lock(Path(run_dir) / LOCKS / f"{part}.lock", what, say))
+    except LockBusy as exc:
+        stack.close()
+        raise LoraplexError(f"{run_dir}: {part.replace('-', ' ', 1)} is {exc.problems[0]}; wait for it to finish"
+                            + (", or train other adapters with --only" if part.startswith("adapter-") else "")) from None
+    return stack
 
 
 def adapter_metadata(folder: Path) -> dict:
@@ -99,6 +152,49 @@ def _resolved_recipe(run_dir: Path) -> Path:
 def read_recipe(run_dir: str | Path) -> dict:
     """The run's resolved recipe as written (a dict; no model or data is touched)."""
     return yaml.safe_load(_resolved_recipe(Path(run_dir)).read_text(encoding="utf-8"))
+
+
+def record_entries(run_dir: str | Path, recipe, names: list[str], drop: list[str] = ()) -> None:
+    """Write the recipe's entries of `names` into the run's resolved recipe and keep every other recorded entry as it
+    was (the settings those adapters trained with); `drop` removes entries. The model block is the recipe's."""
+    path = Path(run_dir) / RESOLVED_RECIPE
+    with file_lock(Path(run_dir) / LOCKS / "resolved-recipe.lock"):  # jobs of one run folder update it in turn
+        data = resolved_dict(recipe)
+        previous = {e["name"]: e for e in read_recipe(run_dir).get("datasets") or []} if path.is_file() else {}
+        entries = [e if e["name"] in names or e["name"] not in previous else previous[e["name"]]
+                   for e in data["datasets"]]
+        listed = {e["name"] for e in entries}
+        entries += [e for name, e in previous.items() if name not in listed]
+        data["datasets"] = [e for e in entries if e["name"] not in drop]
+        atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def stale_outputs(run_dir: str | Path) -> list[str]:
+    """What in the run folder was made with adapters that have been retrained or removed since: one line each,
+    'what: made with ...'."""
+    run_dir = Path(run_dir)
+    lines = []
+    evaluation = run_dir / EVAL_FILE
+    if evaluation.is_file():
+        rows = json.loads(evaluation.read_text(encoding="utf-8")).get("rows", [])
+        for row in rows:
+            changed = changed_adapters(run_dir / "adapters", row.get("adapter_weights") or {})
+            if changed:
+                lines.append(f"{EVAL_FILE}, row '{row['name']}': made with {_changes(changed)}")
+    for report in sorted((run_dir / "merged").glob(f"*/{MERGE_REPORT}")):
+        changed = changed_adapters(run_dir / "adapters", merge_inputs(json.loads(report.read_text(encoding="utf-8"))))
+        if changed:
+            lines.append(f"merged/{report.parent.name}: made with {_changes(changed)}")
+    return lines
+
+
+def merge_inputs(merge_report: dict) -> dict[str, str]:
+    """Adapter name -> weights hash of what a merge used (empty for merges written before hashes were recorded)."""
+    return {a["name"]: a["weights_sha256"] for a in merge_report.get("adapters", []) if a.get("weights_sha256")}
+
+
+def _changes(changed: dict[str, str]) -> str:
+    return ", ".join(f"'{name}' before it was {how}" for name, how in changed.items())
 
 
 def open_run(run_dir: str | Path, only: list[str] | None = None) -> Workspace:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from ..recipe import DatasetSpec, Recipe
 from .formats import ReadResult, read_conversations
 from .render import chat_template_for, encode
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: rows held out by a hash of their content
 COMPLETE_MARKER = "complete.json"
 MAX_LISTED_BAD_ROWS = 20
 
@@ -57,13 +56,12 @@ def data_fingerprint(spec: DatasetSpec, recipe: Recipe) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(spec: DatasetSpec, recipe: Recipe, tokenizer, template: str) -> str:
+def cache_key(spec: DatasetSpec, recipe: Recipe, tokenizer, template: str, held_out_elsewhere: float = 0.0) -> str:
     options = {
         "version": CACHE_VERSION, "data": data_fingerprint(spec, recipe), "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template, "max_seq_length": spec.max_seq_length, "format": spec.format,
         "columns": spec.columns, "system": spec.system, "on_bad_rows": spec.on_bad_rows,
-        "max_samples": spec.max_samples,
-        "val_size": spec.val_size, "split_seed": spec.train.seed,
+        "max_samples": spec.max_samples, "val_size": spec.val_size, "held_out_elsewhere": held_out_elsewhere,
     }
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -76,7 +74,7 @@ def prepare_all(recipe: Recipe, tokenizer, only: list[str] | None = None) -> dic
         if only and spec.name not in only:
             continue
         try:
-            prepared[spec.name] = prepare_dataset(spec, recipe, tokenizer)
+            prepared[spec.name] = prepare_dataset(spec, recipe, tokenizer, held_out_elsewhere(spec, recipe))
         except DataError as exc:
             problems.extend(([exc.title] if exc.title else []) + exc.problems)
     if problems:
@@ -84,33 +82,48 @@ def prepare_all(recipe: Recipe, tokenizer, only: list[str] | None = None) -> dic
     return prepared
 
 
-def prepare_dataset(spec: DatasetSpec, recipe: Recipe, tokenizer) -> PreparedDataset:
+def held_out_elsewhere(spec: DatasetSpec, recipe: Recipe) -> float:
+    """The largest val_size of the recipe's other datasets that hold out rows of a file this one trains on: rows
+    held out there are not trained on here, so no adapter's held-out rows are another's training rows."""
+    files = {recipe.resolve(f).resolve() for f in spec.files("path")}
+    largest = max((other.val_size for other in recipe.datasets if other.name != spec.name and not other.val_path
+                   and files & {recipe.resolve(f).resolve() for f in other.files("path")}), default=0.0)
+    own = 0.0 if spec.val_path else spec.val_size
+    return largest if largest > own else 0.0  # 0 when it changes nothing, so the cache and fingerprints stay
+
+
+def prepare_dataset(spec: DatasetSpec, recipe: Recipe, tokenizer, held_out_elsewhere: float = 0.0) -> PreparedDataset:
     """Tokenized train/val splits and statistics for one dataset entry, from cache when valid."""
     import datasets
 
     template = chat_template_for(tokenizer, spec.template)
-    key = cache_key(spec, recipe, tokenizer, template)
+    key = cache_key(spec, recipe, tokenizer, template, held_out_elsewhere)
     cache_dir = loraplex_home() / "data" / f"{spec.name}-{key}"
     with file_lock(loraplex_home() / "locks" / f"data-{spec.name}-{key}.lock"):
         if not (cache_dir / COMPLETE_MARKER).is_file():
-            _build_cache(spec, recipe, tokenizer, template, cache_dir)
+            _build_cache(spec, recipe, tokenizer, template, cache_dir, held_out_elsewhere)
     stats = json.loads((cache_dir / COMPLETE_MARKER).read_text(encoding="utf-8"))
     train = datasets.load_from_disk(str(cache_dir / "train"))
     val = datasets.load_from_disk(str(cache_dir / "val")) if (cache_dir / "val").is_dir() else None
     return PreparedDataset(spec.name, train, val, stats, cache_dir, data_fingerprint(spec, recipe), key)
 
 
-def _build_cache(spec: DatasetSpec, recipe: Recipe, tokenizer, template: str, cache_dir: Path) -> None:
+def _build_cache(spec: DatasetSpec, recipe: Recipe, tokenizer, template: str, cache_dir: Path,
+                 held_out_elsewhere: float) -> None:
     import datasets
 
     train_read = _read(spec, recipe, "path")
     val_read = _read(spec, recipe, "val_path") if spec.val_path else None
     train_rows, train_stats = _encode_all(train_read, tokenizer, template, spec)
+    places = train_stats.pop("places")
     if val_read is not None:
         val_rows, val_stats = _encode_all(val_read, tokenizer, template, spec)
+        val_stats.pop("places")
+        train_rows = [row for row, place in zip(train_rows, places) if place >= held_out_elsewhere]
     else:
-        train_rows, val_rows = split_rows(train_rows, spec.val_size, spec.train.seed)
+        train_rows, val_rows = split_rows(train_rows, places, spec.val_size, held_out_elsewhere)
         val_stats = None
+    train_stats["held_out_elsewhere"] = len(places) - len(train_rows) - (0 if val_read else len(val_rows))
     if not train_rows and not train_stats["dropped"]:
         skipped = len(train_read.bad_rows) + train_stats["template_errors"]
         raise DataError(f"dataset '{spec.name}': no usable training example left ({skipped} bad row(s) of "
@@ -148,6 +161,7 @@ def _read(spec: DatasetSpec, recipe: Recipe, which: str) -> ReadResult:
 
 def _encode_all(read: ReadResult, tokenizer, template: str, spec: DatasetSpec) -> tuple[list[dict], dict]:
     rows: list[dict] = []
+    places: list[float] = []  # each kept row's place in [0, 1), from its content: what decides its split
     lengths: list[int] = []
     truncated = dropped = template_errors = 0
     for conv in read.conversations:
@@ -166,18 +180,31 @@ def _encode_all(read: ReadResult, tokenizer, template: str, spec: DatasetSpec) -
             truncated += 1
         rows.append({"input_ids": enc.input_ids, "labels": enc.labels, "length": len(enc.input_ids),
                      "answer_tokens": enc.answer_tokens, "source": conv.source})
-    return rows, {"lengths": lengths, "truncated": truncated, "dropped": dropped, "template_errors": template_errors}
+        places.append(content_place(conv.messages))
+    return rows, {"lengths": lengths, "truncated": truncated, "dropped": dropped, "template_errors": template_errors,
+                  "places": places}
 
 
-def split_rows(rows: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic hold-out: `val_size` of the rows (at least one when val_size > 0 and rows > 1)."""
+def content_place(messages: list[dict]) -> float:
+    """A conversation's place in [0, 1): a hash of its turns (the system prompt left out), so the same row gets
+    the same place in every dataset that reads it, whatever its template, system prompt or position."""
+    turns = [[m["role"], m["content"]] for m in messages if m["role"] != "system"]
+    digest = hashlib.sha256(json.dumps(turns, ensure_ascii=False).encode()).hexdigest()
+    return int(digest[:16], 16) / 2**64
+
+
+def split_rows(rows: list, places: list[float], val_size: float,
+               held_out_elsewhere: float = 0.0) -> tuple[list, list]:
+    """Held out: the rows placed below `val_size` (at least one when val_size > 0, at most all rows but one);
+    trained on: the rows placed at or above both `val_size` and `held_out_elsewhere` (another dataset's val_size)."""
     if val_size <= 0 or len(rows) < 2:
-        return rows, []
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_val = min(len(rows) - 1, max(1, round(len(rows) * val_size)))
-    held = set(order[:n_val])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+        return [r for r, p in zip(rows, places) if p >= held_out_elsewhere], []
+    order = sorted(range(len(rows)), key=lambda i: places[i])
+    below = sum(places[i] < val_size for i in order)
+    held = set(order[:min(len(rows) - 1, max(1, below))])
+    floor = max(val_size, held_out_elsewhere)
+    train = [r for i, r in enumerate(rows) if i not in held and (places[i] >= floor or i == order[-1])]
+    return train, [r for i, r in enumerate(rows) if i in held]
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
@@ -201,7 +228,7 @@ def _summarize(spec: DatasetSpec, train_read: ReadResult, train_stats: dict, val
     return {
         "name": spec.name, "format": train_read.format, "rows": sum(r.rows for r in reads),
         "bad_rows": sum(len(r.bad_rows) for r in reads) + sum(p["template_errors"] for p in parts),
-        "train": n_train, "val": n_val,
+        "train": n_train, "val": n_val, "held_out_elsewhere": train_stats["held_out_elsewhere"],
         "truncated": sum(p["truncated"] for p in parts), "dropped": sum(p["dropped"] for p in parts),
         "length_p50": percentile(lengths, 50), "length_p90": percentile(lengths, 90),
         "length_p99": percentile(lengths, 99), "length_max": lengths[-1] if lengths else 0,

@@ -23,8 +23,9 @@ import torch
 from ..atomic import atomic_dir, atomic_write_json
 from ..device import to_accelerator
 from ..models import BaseModelRef, load_model
+from ..run import MERGE_REPORT, adapter_dir, weights_hash, writer_lock
 from .apply import merged_tokenizer, write_merged, reference_model
-from .plan import (REPORT_NAME, SEARCH, MergePlan, claim_out_dir, interference, interference_lines, plan_merge, precision_note,
+from .plan import (SEARCH, MergePlan, claim_out_dir, interference, interference_lines, plan_merge, precision_note,
                    quantized_adapters)
 from .search import halves, search_weights
 from .verify import heldout_report, probe_ids, verify
@@ -42,6 +43,11 @@ def merge(run_dir: str | Path, adapters: str | list[str], weights: str | list[fl
     echo = echo or (lambda line: None)
     plan = plan_merge(run_dir, adapters, weights, method, dtype, density)
     out_dir = claim_out_dir(Path(out_dir), plan, overwrite)
+    with writer_lock(run_dir, [f"merge-{out_dir.name}"], "loraplex merge"):
+        return _merge(plan, out_dir, seed, echo)
+
+
+def _merge(plan: MergePlan, out_dir: Path, seed: int, echo: Callable[[str], None]) -> dict:
     pairs = interference(plan)
     precision = precision_note(plan)
     for line in interference_lines(plan, pairs) + [plan.note] + ([precision] if precision else []):
@@ -65,5 +71,7 @@ def merge(run_dir: str | Path, adapters: str | list[str], weights: str | list[fl
         report["heldout"] = heldout_report(plan, reference, merged, report_rows)
         if search:
             report["weights_search"] = search
-        atomic_write_json(tmp / REPORT_NAME, report)
+        for entry in report["adapters"]:  # what the merge used: a retrained adapter makes it stale
+            entry["weights_sha256"] = weights_hash(adapter_dir(plan.run_dir, entry["name"]))
+        atomic_write_json(tmp / MERGE_REPORT, report)
     return report

@@ -11,13 +11,12 @@ import torch
 from ..errors import LoraplexError, unknown_name_message
 from ..inspect_adapter import AdapterWeights, read_adapter
 from ..models import BaseModelRef
-from ..run import adapter_dir, complete_adapters
+from ..run import MERGE_REPORT, adapter_dir, complete_adapters, compose_problems
 
 SEARCH = "weights-search"  # the exact sum, at weights searched on held-out rows (merging.search)
 METHODS = ("auto", "sum", "cat", SEARCH, "linear", "ties", "dare_linear")
 PEFT_METHODS = ("linear", "ties", "dare_linear")
 DTYPES = ("float32", "bfloat16", "float16")
-REPORT_NAME = "merge_report.json"
 
 
 @dataclass
@@ -75,7 +74,7 @@ def plan_merge(run_dir: str | Path, adapters: str | list[str], weights: str | li
     for name, adapter in loaded.items():
         for module in adapter.modules:
             plan.owners.setdefault(module, []).append(name)
-    problems = _problems(plan)
+    problems = _problems(plan) + compose_problems({name: _adapter_dir(run_dir, name) for name in names})
     if problems:
         raise LoraplexError(problems, title="these adapters cannot be merged")
     plan.note = _method_note(plan)
@@ -175,7 +174,7 @@ def claim_out_dir(out_dir: Path, plan: MergePlan, overwrite: bool) -> Path:
         raise LoraplexError(f"--out {out_dir} would replace or write into the base model, or replace the run; "
                             "choose a new folder")
     if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / REPORT_NAME).is_file():
+        if not (out_dir / MERGE_REPORT).is_file():
             raise LoraplexError(f"--out {out_dir} exists and is not a merged model; choose a new folder")
         if not overwrite:
             raise LoraplexError(f"--out {out_dir} holds a previous merge; pass --overwrite to replace it")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from ..atomic import atomic_dir, atomic_write_text
 from ..evaluate import GenerationSettings, evaluate_run, load_eval
-from ..run import (ADAPTER_META, EVAL_FILE, REPORT_ASSETS, REPORT_HTML, REPORT_MD, adapter_dir, adapter_metadata,
-                   is_complete, read_recipe)
-from .blocks import Plot, RunData, render_html, render_markdown
+from ..run import (REPORT_ASSETS, REPORT_HTML, REPORT_MD, adapter_dir, adapter_metadata, is_complete, read_recipe,
+                   stale_outputs, weights_hash, writer_lock)
+from .blocks import Plot, RunData, Section, Table, render_html, render_markdown
 from .choices import one_model_section, selection_section
 from .sections import (comparison_section, cost_section, curves_section, matrix_section, recipe_section,
                        samples_section)
@@ -22,11 +22,19 @@ __all__ = ["load_run", "write_report"]
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write report.md and report.html into the run folder (evaluating first when eval.json is missing
-    or older than an adapter); returns their paths."""
+    """Write report.md and report.html into the run folder (evaluating first when eval.json is missing or was made
+    with adapters replaced since); returns their paths. Merged models made with replaced adapters are listed."""
     run_dir = Path(run_dir)
-    data = load_run(run_dir)
-    sections = [recipe_section(data), curves_section(data), matrix_section(data), cost_section(data),
+    with writer_lock(run_dir, ["report"], "loraplex report"):
+        return _write(run_dir, load_run(run_dir))
+
+
+def _write(run_dir: Path, data: RunData) -> tuple[Path, Path]:
+    stale = stale_outputs(run_dir)
+    sections = [Section("Stale outputs", "Made with adapters that have been replaced since; evaluate or merge again.",
+                        [Table(["what", "made with"], [line.split(": made with ", 1) for line in stale])])
+                if stale else None,
+                recipe_section(data), curves_section(data), matrix_section(data), cost_section(data),
                 comparison_section(data), selection_section(data), one_model_section(data), samples_section(data)]
     sections = [s for s in sections if s is not None]
     title = f"loraplex report: {data.eval['run']} ({data.eval['base_model']})"
@@ -52,9 +60,9 @@ def load_run(run_dir: Path) -> RunData:
 
 
 def _is_stale(run_dir: Path, adapters: dict[str, dict], result: dict) -> bool:
-    evaluated = {r["name"] for r in result["rows"] if r["kind"] == "adapter"}
-    eval_time = (run_dir / EVAL_FILE).stat().st_mtime
-    return evaluated != set(adapters) or any(
-        (adapter_dir(run_dir, name) / ADAPTER_META).stat().st_mtime > eval_time for name in adapters)
+    """eval.json misses an adapter, or evaluated one that has been replaced since (by its weights' hash)."""
+    rows = {r["name"]: r for r in result["rows"] if r["kind"] == "adapter"}
+    return set(rows) != set(adapters) or any(
+        rows[name].get("adapter_weights", {}).get(name) != weights_hash(adapter_dir(run_dir, name)) for name in adapters)
 
 

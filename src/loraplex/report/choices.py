@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..merging.plan import REPORT_NAME
-from ..run import count_text
+from ..run import MERGE_REPORT, count_text
 from .blocks import Plot, RunData, Section, Table, ascii_label, figure, num, png
 
 
@@ -102,7 +101,7 @@ def one_model_section(data: RunData) -> Section | None:
 
 
 def _merge_report(folder: Path) -> dict | None:
-    path = folder / REPORT_NAME
+    path = folder / MERGE_REPORT
     try:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except ValueError:

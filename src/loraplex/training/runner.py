@@ -10,85 +10,172 @@ an adapter with `compose_with` trains after those adapters, with them loaded, ac
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import resource
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..adapters import attach
-from ..atomic import atomic_dir, atomic_write_json, file_lock
+from ..atomic import atomic_dir, atomic_write_json, remove_leftovers
 from ..data.prepare import PreparedDataset
 from ..device import dtype_name, on_gpu, pick_dtype, to_accelerator
 from ..errors import LoraplexError
 from ..models import base_fingerprint, load_model
 from ..pipeline import Workspace, open_recipe
 from ..quantize import describe, gradient_checkpointing, prepare_for_training, quantization_config
-from ..recipe import DatasetSpec, Recipe, compose_order, save_resolved
-from ..run import (ADAPTER_META, ADAPTER_WEIGHTS, RESOLVED_RECIPE, RUN_META, adapter_dir, adapter_metadata,
-                   base_changed_message, checkpoint_dir, is_complete, percent_of_base, run_lock)
+from ..recipe import DatasetSpec, Recipe
+from ..run import (ADAPTER_META, RUN_META, adapter_dir, adapter_metadata, base_changed_message, checkpoint_dir,
+                   is_complete, percent_of_base, record_entries, stale_outputs, weights_hash, writer_lock)
 from ..select import choose_modules, resolved_spec
 from .batching import heldout_metrics
 from .distributed import gather, is_main, sum_over_processes, wait_for_everyone, world_size
+from .plan import KEEP, NEW, NOT_IN_RECIPE, REMOVED, RETRAIN, Step, fingerprint, fingerprint_parts, plan_run
 from .trainer import TrainStats, lora_config, loss_curve, make_trainer, micro_batch_tokens
 
 
 @dataclass
 class RunResult:
     run_dir: Path
-    adapters: dict[str, dict] = field(default_factory=dict)  # name -> loraplex.json contents
+    adapters: dict[str, dict] = field(default_factory=dict)  # name -> loraplex.json contents, kept ones too
+    steps: list[Step] = field(default_factory=list)  # what train did with each adapter of the run folder, and why
+    stale: list[str] = field(default_factory=list)  # outputs (eval, merges) made with adapters since replaced
 
 
 def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, only: list[str] | None = None,
-          resume: bool = False, overwrite: bool = False, progress: bool = True,
-          allow_pickle: bool = False) -> RunResult:
-    """Train one adapter per dataset (or the `only` ones); returns each adapter's metadata.
+          resume: bool = False, overwrite: bool = False, progress: bool = True, allow_pickle: bool = False,
+          prune: bool = False, say: Callable[[str], None] | None = None) -> RunResult:
+    """Train the adapters that are missing or whose settings changed (`only`: just these); keep the others.
 
-    The base's weights are read from safetensors only, unless `allow_pickle` (trusted `.bin` files).
+    Incremental, like a build: an adapter whose fingerprint (`training.plan`) is unchanged is kept untouched;
+    `overwrite` retrains the named ones anyway; `resume` continues an adapter from its last checkpoint when that
+    checkpoint was made with the same settings. Adapters of the run folder that the recipe no longer names are
+    kept, unless `prune`. Each adapter is replaced atomically, so a kill leaves the previous one whole. The base's
+    weights are read from safetensors only, unless `allow_pickle` (trusted `.bin` files). `say` hears one line
+    per notable event (a lock taken over, checkpoints discarded).
     """
+    say = say or (lambda line: None)
     ws = open_recipe(recipe, overrides, only)
     run_dir = ws.recipe.run_dir()
-    main = is_main()  # a launch's processes meet here, before any of them waits for the lock below
-    if world_size() > 1:
-        _claim_run_dir(run_dir, ws, resume, overwrite, write=False)  # every process refuses alike, before any change
-        wait_for_everyone()
-    if main:
-        with file_lock(run_lock(run_dir)):  # another job (e.g. `--only` another dataset) may be claiming it too
-            _claim_run_dir(run_dir, ws, resume, overwrite)
-    wait_for_everyone()
+    names = [spec.name for spec in ws.selected()]
     prepared = ws.prepare()
+    with _writer(run_dir, [f"adapter-{name}" for name in names], say):
+        if is_main():
+            for name in names:
+                for leftover in remove_leftovers(run_dir / "adapters", name):
+                    say(f"removed {leftover} in {run_dir / 'adapters'}, left by an interrupted write")
+        steps = gather(plan_run(ws.recipe, names, prepared, run_dir, overwrite) if is_main() else None)[0]
+        if is_main():
+            _open_run_dir(run_dir, ws, steps, prune, say)
+        wait_for_everyone()
+        result = RunResult(run_dir, steps=steps)
+        if any(step.trains for step in steps):
+            _train_steps(ws, prepared, run_dir, steps, result, resume, progress, allow_pickle, say)
+        for step in steps:
+            if not step.trains and is_complete(adapter_dir(run_dir, step.name)):
+                result.adapters.setdefault(step.name, adapter_metadata(adapter_dir(run_dir, step.name)))
+    result.adapters = {s.name: result.adapters[s.name] for s in steps if s.name in result.adapters}  # plan order
+    result.stale = stale_outputs(run_dir)
+    return result
+
+
+def _train_steps(ws: Workspace, prepared: dict, run_dir: Path, steps: list[Step], result: RunResult, resume: bool,
+                 progress: bool, allow_pickle: bool, say: Callable[[str], None]) -> None:
+    """Load the base once and train every adapter whose step says so, in plan order."""
     model, base_record = load_base(ws, allow_pickle)
     dtype = pick_dtype(ws.recipe.model.dtype)
     pristine = base_record.get("quantized_base_fingerprint", base_record["base_fingerprint"])  # the weights in memory
     _same_everywhere(pristine)
-    result = RunResult(run_dir)
-    for spec in compose_order(ws.selected()):  # an adapter after those it is composed with
-        if is_complete(adapter_dir(run_dir, spec.name)) and resume:
-            result.adapters[spec.name] = adapter_metadata(adapter_dir(run_dir, spec.name))
+    _retrain_on_changed_base(run_dir, steps, base_record)
+    for step in steps:
+        if not step.trains:
             continue
+        spec = ws.recipe.dataset(step.name)
+        composed = {name: weights_hash(adapter_dir(run_dir, name)) for name in spec.compose_with}
+        parts = fingerprint_parts(spec, ws.recipe, prepared[spec.name], composed)
+        resume_here = _prepare_checkpoints(checkpoint_dir(run_dir, spec.name), fingerprint(parts), resume, say)
         selection = None
         if spec.target_modules == "auto":
             selection = gather(choose_modules(model, spec, prepared[spec.name], pristine, micro_batch_tokens(spec),
-                                              progress and main))[0]  # every process trains what the main one chose
+                                              progress and is_main()))[0]  # every process trains what main chose
         meta = train_adapter(model, resolved_spec(spec, selection) if selection else spec, prepared[spec.name], ws,
-                             run_dir, pristine, resume, progress, base_record=base_record)
-        if selection:
-            meta["selection"] = {**selection, "full_training_s": meta["wall_time_s"]}
+                             run_dir, pristine, resume_here, progress, base_record=base_record,
+                             extra={"fingerprint": fingerprint(parts), "fingerprint_parts": parts,
+                                    **({"selection": selection} if selection else {})})
         after = gather(base_fingerprint(model, dtype))  # the isolation check, in every process
-        changed = [(rank, fingerprint) for rank, fingerprint in enumerate(after) if fingerprint != pristine]
+        changed = [(rank, fp) for rank, fp in enumerate(after) if fp != pristine]
         if changed:
             raise LoraplexError(base_changed_message(spec.name, pristine, changed[0][1])
                                 + (f" (process {changed[0][0]} of {len(after)})" if len(after) > 1 else ""))
         meta["isolation_checked_in_processes"] = len(after)
-        if main:
+        if is_main():
             atomic_write_json(adapter_dir(run_dir, spec.name) / ADAPTER_META, meta)
+            record_entries(run_dir, ws.recipe, [spec.name])
         wait_for_everyone()
         result.adapters[spec.name] = meta
-    return result
+
+
+def _retrain_on_changed_base(run_dir: Path, steps: list[Step], base_record: dict) -> None:
+    """A kept adapter whose recorded base weights differ from the ones loaded (same path, new files) retrains."""
+    for step in steps:
+        if step.action != KEEP:
+            continue
+        recorded = adapter_metadata(adapter_dir(run_dir, step.name)).get("base_fingerprint")
+        if recorded != base_record["base_fingerprint"]:
+            step.action, step.reason = RETRAIN, f"base weights changed (fingerprint {recorded} -> " \
+                                                f"{base_record['base_fingerprint']})"
+
+
+@contextlib.contextmanager
+def _writer(run_dir: Path, parts: list[str], say: Callable[[str], None]):
+    """The run folder's locks on `parts`, taken by the main process; every process of a launch fails alike."""
+    problem, stack = None, contextlib.ExitStack()
+    if is_main():
+        try:
+            stack = writer_lock(run_dir, parts, "loraplex train", say)
+        except LoraplexError as exc:
+            problem = exc.render()
+    problem = gather(problem)[0]
+    if problem:
+        raise LoraplexError(problem)
+    with stack:
+        yield
+
+
+def _open_run_dir(run_dir: Path, ws: Workspace, steps: list[Step], prune: bool, say: Callable[[str], None]) -> None:
+    """Write run.json, record the kept and new adapters' recipe entries, and with `prune` remove the adapters the
+    recipe no longer names."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / RUN_META, {"recipe_fingerprint": ws.recipe.fingerprint(), "base_model": ws.base.name})
+    pruned = [s for s in steps if s.action == NOT_IN_RECIPE and prune]
+    with writer_lock(run_dir, [f"adapter-{s.name}" for s in pruned], "loraplex train --prune", say):
+        for step in pruned:
+            shutil.rmtree(adapter_dir(run_dir, step.name))
+            shutil.rmtree(checkpoint_dir(run_dir, step.name), ignore_errors=True)
+            step.action = REMOVED
+    record_entries(run_dir, ws.recipe, [s.name for s in steps if s.action in (NEW, KEEP)],
+                   drop=[s.name for s in pruned])
+
+
+def _prepare_checkpoints(folder: Path, key: str, resume: bool, say: Callable[[str], None]) -> bool:
+    """Whether to resume from `folder`'s checkpoints: only with `resume` and when they were made with the same
+    settings. Checkpoints that will not be resumed from are removed (they belong to this adapter alone)."""
+    marker = folder / "fingerprint.json"
+    recorded = json.loads(marker.read_text(encoding="utf-8")).get("fingerprint") if marker.is_file() else None
+    usable = resume and _last_checkpoint(folder) is not None and recorded in (key, None)
+    wait_for_everyone()  # every process has read the folder before the main one changes it
+    if is_main() and not usable:
+        if resume and _last_checkpoint(folder) is not None:
+            say(f"not resuming {folder.name}: its checkpoints were made with other settings; training it anew")
+        shutil.rmtree(folder, ignore_errors=True)
+    if is_main():
+        atomic_write_json(marker, {"fingerprint": key})
+    wait_for_everyone()
+    return usable
 
 
 def select(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, only: list[str] | None = None,
@@ -148,47 +235,6 @@ def load_base(ws: Workspace, allow_pickle: bool = False) -> tuple[torch.nn.Modul
     return model, record
 
 
-def _claim_run_dir(run_dir: Path, ws: Workspace, resume: bool, overwrite: bool, write: bool = True) -> None:
-    """Refuse to mix runs: a folder holding another recipe's run, or finished adapters, needs a flag.
-
-    Without `write` (the other processes of a launch) it only refuses; the main process clears and writes."""
-    meta_path = run_dir / RUN_META
-    fingerprint = ws.recipe.fingerprint()
-    if meta_path.is_file():
-        previous = _read_run_meta(meta_path)
-        if previous.get("recipe_fingerprint") != fingerprint:
-            if not overwrite:
-                raise LoraplexError(f"{run_dir} holds a run of a different recipe (fingerprint "
-                                    f"{previous.get('recipe_fingerprint')} vs {fingerprint}); pass --overwrite to "
-                                    "replace it, or set another run_name")
-            if write:
-                shutil.rmtree(run_dir)
-        elif not resume:
-            for spec in ws.selected():
-                folder = adapter_dir(run_dir, spec.name)
-                if is_complete(folder):
-                    if not overwrite:
-                        raise LoraplexError(f"adapter '{spec.name}' is already trained in {folder}; "
-                                            "pass --resume to keep it, or --overwrite to train it again")
-                    if write:
-                        shutil.rmtree(folder)
-                if write:
-                    shutil.rmtree(checkpoint_dir(run_dir, spec.name), ignore_errors=True)
-    if not write:
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(meta_path, {"recipe_fingerprint": fingerprint, "base_model": ws.base.name})
-    save_resolved(ws.recipe, run_dir / RESOLVED_RECIPE)
-
-
-def _read_run_meta(meta_path: Path) -> dict:
-    try:
-        previous = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):  # not written by loraplex (its writes are atomic)
-        previous = None
-    return previous if isinstance(previous, dict) else {"recipe_fingerprint": "unreadable run.json"}
-
-
 def parameter_counts(peft_model) -> tuple[int, int]:
     """(trainable, total) of this one adapter on its base; LoRA weights counted once."""
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -203,8 +249,10 @@ def _unpacked_numel(param: torch.Tensor) -> int:
 
 
 def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace, run_dir: Path,
-                  pristine: str, resume: bool, progress: bool, base_record: dict | None = None) -> dict:
-    """`base_record` (from `load_base`): the base's fingerprints, dtype and quantization, saved in loraplex.json."""
+                  pristine: str, resume: bool, progress: bool, base_record: dict | None = None,
+                  extra: dict | None = None) -> dict:
+    """`base_record` (from `load_base`): the base's fingerprints, dtype and quantization, saved in loraplex.json;
+    `extra`: more of loraplex.json (the fingerprint, the module selection)."""
     from peft import get_peft_model
     from transformers import set_seed
 
@@ -241,8 +289,10 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
         "heldout_token_accuracy_base": base_val["token_accuracy"],
         "heldout_token_accuracy": adapter_val["token_accuracy"], "heldout_tokens": adapter_val["tokens"],
         "tokens_trained": tokens, "wall_time_s": wall, "tokens_per_s": tokens / max(stats.seconds, 1e-9),
-        "peak_memory_mb": _peak_memory_mb(), "processes": world_size(),
+        "peak_memory_mb": _peak_memory_mb(), "processes": world_size(), **(extra or {}),
     }
+    if "selection" in meta:
+        meta["selection"] = {**meta["selection"], "full_training_s": wall}
     if composed:
         meta.update(compose_with=composed, heldout_loss_composed=composed_val["loss"],
                     heldout_token_accuracy_composed=composed_val["token_accuracy"])
@@ -280,7 +330,7 @@ def compose(peft_model, spec: DatasetSpec, run_dir: Path) -> dict[str, str]:
     for name in spec.compose_with:
         folder = adapter_dir(run_dir, name)
         peft_model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-        fingerprints[name] = hashlib.sha256((folder / ADAPTER_WEIGHTS).read_bytes()).hexdigest()[:16]
+        fingerprints[name] = weights_hash(folder)
     peft_model.base_model.set_adapter([DEFAULT_ADAPTER, *spec.compose_with])  # every one in the forward...
     for name, param in peft_model.named_parameters():  # ...and only what trained before they came, trained
         param.requires_grad_(name in trainable)
