@@ -413,7 +413,10 @@ def test_split_is_deterministic_and_by_content(tmp_path, tiny_tokenizer, monkeyp
     assert prepare.split_rows(few, places, 0.3) == (few[3:], few[:3])
     assert prepare.split_rows(few, places, 0.01) == (few[1:], few[:1])  # at least one held out
     assert prepare.split_rows(few, places, 0.3, held_out_elsewhere=0.5) == (few[5:], few[:3])
+    assert prepare.split_rows(few, places, 0.99) == (few[9:], few[:9])  # at least one trained on
     assert prepare.split_rows(few[:1], places[:1], 0.5) == (few[:1], [])
+    copies = [0.5, 0.5, 0.7, 0.7]  # two contents, each twice: copies share a side
+    assert prepare.split_rows(few[:4], copies, 0.1) == (few[2:4], few[:2])
 
 
 def test_datasets_on_one_file_hold_out_the_same_rows(tmp_path, tiny_tokenizer):

@@ -202,4 +202,4 @@ def test_two_jobs_train_different_datasets_into_one_run_folder(tiny_model_dir, t
     run_dir = tmp_path / "runs" / "t"
     assert is_complete(run_dir / "adapters" / "a") and is_complete(run_dir / "adapters" / "b")
     assert json.loads((run_dir / "run.json").read_text())["recipe_fingerprint"]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["adapters", "recipe.resolved.yaml", "run.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".locks", "adapters", "recipe.resolved.yaml", "run.json"]

@@ -301,11 +301,11 @@ def test_resume_after_kill_matches_the_uninterrupted_run(point, killed_runs):
     assert not is_complete(adapter_dir)
     if point == "checkpoint-4":
         # a checkpoint folder cut short (no trainer_state.json, written last) must not be resumed from
-        assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-4"]
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-4", "fingerprint.json"]
         (checkpoints / "checkpoint-8").mkdir()
         shutil.copy(checkpoints / "checkpoint-4" / "adapter_model.safetensors", checkpoints / "checkpoint-8")
     elif point == "checkpoint-8":
-        assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-8"]  # save_total_limit=1
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-8", "fingerprint.json"]  # limit 1
     else:
         # killed inside atomic_dir: the PEFT files sit in a temporary folder, the adapter name does not exist
         (tmp,) = [p for p in adapter_dir.parent.iterdir() if p.name.startswith(".a.") and p.name.endswith(".tmp")]

@@ -105,15 +105,18 @@ def test_only_trains_the_named_dataset(tiny_model_dir, tmp_path):
     assert not (result.run_dir / "adapters" / "a").exists()
 
 
-def test_refuses_a_run_folder_of_another_recipe(tiny_model_dir, tmp_path):
+def test_a_finished_adapter_is_kept_until_its_settings_change(tiny_model_dir, tmp_path):
     recipe = make_recipe(tmp_path, tiny_model_dir, max_steps=1)
-    train(recipe, only=["a"], progress=False)
-    with pytest.raises(LoraplexError, match="already trained"):
-        train(recipe, only=["a"], progress=False)
+    first = train(recipe, only=["a"], progress=False)
+    again = train(recipe, only=["a"], progress=False)
+    assert [(s.name, s.action) for s in again.steps if s.name == "a"] == [("a", "kept")]
+    assert again.adapters["a"] == first.adapters["a"]
     recipe["defaults"]["lora"]["r"] = 2
-    with pytest.raises(LoraplexError, match="different recipe"):
-        train(recipe, only=["a"], progress=False)
-    assert train(recipe, only=["a"], overwrite=True, progress=False).adapters["a"]["config"]["lora"]["r"] == 2
+    changed = train(recipe, only=["a"], progress=False)
+    assert [(s.action, s.reason) for s in changed.steps if s.name == "a"] == [("retrained", "lora.r 4 -> 2")]
+    assert changed.adapters["a"]["config"]["lora"]["r"] == 2
+    assert [s.action for s in train(recipe, only=["a"], overwrite=True, progress=False).steps
+            if s.name == "a"] == ["retrained"]
 
 
 def test_packed_batch_equals_sequences_one_by_one(tiny_model_dir, tiny_tokenizer):

@@ -195,16 +195,16 @@ def content_place(messages: list[dict]) -> float:
 
 def split_rows(rows: list, places: list[float], val_size: float,
                held_out_elsewhere: float = 0.0) -> tuple[list, list]:
-    """Held out: the rows placed below `val_size` (at least one when val_size > 0, at most all rows but one);
-    trained on: the rows placed at or above both `val_size` and `held_out_elsewhere` (another dataset's val_size)."""
-    if val_size <= 0 or len(rows) < 2:
-        return [r for r, p in zip(rows, places) if p >= held_out_elsewhere], []
-    order = sorted(range(len(rows)), key=lambda i: places[i])
-    below = sum(places[i] < val_size for i in order)
-    held = set(order[:min(len(rows) - 1, max(1, below))])
-    floor = max(val_size, held_out_elsewhere)
-    train = [r for i, r in enumerate(rows) if i not in held and (places[i] >= floor or i == order[-1])]
-    return train, [r for i, r in enumerate(rows) if i in held]
+    """Held out: the rows placed below `val_size`, or else those at the lowest place (copies of one content share a
+    place, so they always share a side); trained on: the rest, less the rows placed below `held_out_elsewhere`
+    (another dataset's val_size). When every row would be held out, the rows at the highest place are trained on."""
+    if val_size <= 0 or len(set(places)) < 2:
+        return [r for r, p in zip(rows, places) if p >= held_out_elsewhere] or rows, []
+    cut = val_size if min(places) < val_size else math.nextafter(min(places), 1.0)
+    cut = min(cut, max(places))  # the highest place always trains
+    floor = max(cut, held_out_elsewhere)
+    train = [r for r, p in zip(rows, places) if p >= floor] or [r for r, p in zip(rows, places) if p >= cut]
+    return train, [r for r, p in zip(rows, places) if p < cut]
 
 
 def percentile(sorted_values: list[int], q: float) -> int:

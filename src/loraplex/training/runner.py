@@ -29,7 +29,7 @@ from ..models import base_fingerprint, load_model
 from ..pipeline import Workspace, open_recipe
 from ..quantize import describe, gradient_checkpointing, prepare_for_training, quantization_config
 from ..recipe import DatasetSpec, Recipe
-from ..run import (ADAPTER_META, RUN_META, adapter_dir, adapter_metadata, base_changed_message, checkpoint_dir,
+from ..run import (ADAPTER_META, ADAPTER_WEIGHTS, RUN_META, adapter_dir, adapter_metadata, base_changed_message, checkpoint_dir,
                    is_complete, percent_of_base, record_entries, stale_outputs, weights_hash, writer_lock)
 from ..select import choose_modules, resolved_spec
 from .batching import heldout_metrics
@@ -62,6 +62,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     ws = open_recipe(recipe, overrides, only)
     run_dir = ws.recipe.run_dir()
     names = [spec.name for spec in ws.selected()]
+    _check_run_meta(run_dir / RUN_META)
     prepared = ws.prepare()
     with _writer(run_dir, [f"adapter-{name}" for name in names], say):
         if is_main():
@@ -159,6 +160,19 @@ def _open_run_dir(run_dir: Path, ws: Workspace, steps: list[Step], prune: bool, 
             step.action = REMOVED
     record_entries(run_dir, ws.recipe, [s.name for s in steps if s.action in (NEW, KEEP)],
                    drop=[s.name for s in pruned])
+
+
+def _check_run_meta(path: Path) -> None:
+    """A run folder's run.json is loraplex's own (a JSON object); any other file of that name is someone else's."""
+    if not path.exists():
+        return
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or "recipe_fingerprint" not in meta:
+        raise LoraplexError(f"{path} was not written by loraplex, so {path.parent} is not a loraplex run folder; set "
+                            "another run_name or output_dir (nothing was changed)")
 
 
 def _prepare_checkpoints(folder: Path, key: str, resume: bool, say: Callable[[str], None]) -> bool:
@@ -267,7 +281,7 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     trainer, stats = make_trainer(peft_model, spec, data, checkpoints, progress=progress and is_main(),
                                   stats=TrainStats(earlier.tokens if is_main() else 0, earlier.seconds))
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    _train_or_restore(trainer, last)
     wall = time.perf_counter() - started + earlier.seconds
     tokens = sum_over_processes(stats.tokens)
     composed_val = heldout_metrics(peft_model, data.val) if composed else None  # the model it trained in
@@ -335,6 +349,21 @@ def compose(peft_model, spec: DatasetSpec, run_dir: Path) -> dict[str, str]:
     for name, param in peft_model.named_parameters():  # ...and only what trained before they came, trained
         param.requires_grad_(name in trainable)
     return fingerprints
+
+
+def _train_or_restore(trainer, last: Path | None) -> None:
+    """Train, from `last` if given. A checkpoint of the final step is restored instead: the Trainer resumed from it
+    would run one more step whenever the step count is not a whole number of epochs."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(last / "trainer_state.json")) if last else None
+    if state is None or not state.max_steps or state.global_step < state.max_steps:
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
+        return
+    set_peft_model_state_dict(trainer.model, load_file(last / ADAPTER_WEIGHTS), adapter_name=DEFAULT_ADAPTER)
+    trainer.state = state
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
