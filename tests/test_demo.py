@@ -9,7 +9,9 @@ from typer.testing import CliRunner
 from loraplex.cli import app
 from loraplex.data.demo import DEMO_ADAPTERS
 from loraplex.demo import demo_recipe, run_demo, targets_met
+from loraplex.errors import LoraplexError
 from loraplex.recipe import load_recipe
+from loraplex.run import adapter_metadata
 
 SMALL = {"n_train": 16, "n_val": 4, "n_test": 4}
 
@@ -60,6 +62,30 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     # the recipe written into the run folder is a valid recipe with the generated data beside it
     recipe = load_recipe(out / "demo.yaml")
     assert recipe.resolve(recipe.dataset("ja").files("test_path")[0]).is_file()
+    # a bad override is refused before anything is replaced
+    data = {p: p.read_bytes() for p in sorted((out / "data").rglob("*.jsonl"))}
+    adapters = {p: p.read_bytes() for p in sorted((out / "adapters").rglob("adapter_model.safetensors"))}
+    with pytest.raises(LoraplexError, match="defaults.lora.r"):
+        run_demo(out, seed=2, overrides=overrides + ["defaults.lora.r=0"], sizes=SMALL, progress=False)
+    assert data == {p: p.read_bytes() for p in sorted((out / "data").rglob("*.jsonl"))}
+    assert adapters == {p: p.read_bytes() for p in sorted((out / "adapters").rglob("adapter_model.safetensors"))}
+    # run again into its own folder with another seed: new data, every adapter retrained on it, a full summary
+    again = run_demo(out, seed=2, overrides=overrides, sizes=SMALL, progress=False)
+    assert again["seed"] == 2 and {r["dataset"] for r in again["results"]} == set(DEMO_ADAPTERS)
+    assert data != {p: p.read_bytes() for p in sorted((out / "data").rglob("*.jsonl"))}
+    assert all(adapter_metadata(out / "adapters" / name)["config"]["train"]["seed"] == 2 for name in DEMO_ADAPTERS)
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == sorted(DEMO_ADAPTERS)
+
+
+@pytest.mark.parametrize("inside", [["notes.txt"], ["run.json", "notes.txt"]])
+def test_demo_refuses_a_folder_it_did_not_make(inside, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in inside:
+        (out / name).write_text('{"recipe_fingerprint": "x"}', encoding="utf-8")
+    with pytest.raises(LoraplexError, match=f"--out {out} exists and was not made by `loraplex demo`; choose a new"):
+        run_demo(out, seed=0, sizes=SMALL, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(inside)
 
 
 @pytest.mark.slow

@@ -312,3 +312,24 @@ def test_a_kill_during_a_retrain_leaves_every_finished_adapter_whole(point, kill
     assert adapter_metadata(root / "b")["config"]["train"]["lr"] == 5e-3
     assert sorted(p.name for p in root.iterdir()) == ["a", "b"]  # nothing left behind
     assert torch.isfinite(torch.cat([t.flatten().float() for t in load_file(root / "b" / "adapter_model.safetensors").values()])).all()
+
+
+def test_the_train_command_says_what_it_did_to_each_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from loraplex.cli import app
+
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path / "home"))
+    recipe = make_recipe(tmp_path, tiny_model_dir)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    first = CliRunner().invoke(app, ["train", str(path)])
+    assert first.exit_code == 0, first.output
+    assert " ".join(first.output.split()).count("trained (new)") == 2
+    recipe["datasets"][1]["train"] = {"lr": 5e-3}
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    second = CliRunner().invoke(app, ["train", str(path), "--only", "b"])
+    assert second.exit_code == 0, second.output
+    said = " ".join(second.output.split())
+    assert "b: retrained (train.lr 0.01 -> 0.005)" in said and "not named by --only" in said

@@ -181,10 +181,13 @@ def eval_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/dem
     """Evaluate the base, every adapter and merged models on every dataset's held-out and test data."""
     from .evaluate import GenerationSettings, evaluate_run
     from .display import eval_table
+    from .run import stale_outputs
 
     settings = GenerationSettings(enabled=not no_generate, max_new_tokens=max_new_tokens, max_examples=max_examples)
     result = _run(evaluate_run, run, merged or [], settings, log=lambda message: console.print(f"[dim]{message}[/]"))
     stdout.print(eval_table(result))
+    for line in stale_outputs(run):  # merged folders made with adapters that were retrained since
+        console.print(f"[yellow]stale:[/] {escape(line)} (merge again to refresh it)", highlight=False)
     stdout.print(f"saved {run / 'eval.json'}")
 
 
