@@ -190,3 +190,15 @@ def test_bad_rows_are_printed_verbatim(tmp_path, tiny_model_dir):
     assert "- dataset 'd': 1 bad row(s) of 3" in text
     assert f"- {data} line 2: field 'history' must be a list of [user, assistant] string pairs, got 'x'" in text
     assert "set on_bad_rows: skip for dataset 'd'" in text
+
+
+def test_demo_data_refuses_to_replace_files(tmp_path):
+    first = runner.invoke(app, ["demo-data", str(tmp_path / "d")])
+    assert first.exit_code == 0, first.output
+    mine = tmp_path / "d" / "en" / "train.jsonl"
+    mine.write_text("my edits\n", encoding="utf-8")
+    again = runner.invoke(app, ["demo-data", str(tmp_path / "d"), "--seed", "1"])
+    assert again.exit_code == 2 and "pass --force to replace them" in flat(again.output)
+    assert mine.read_text(encoding="utf-8") == "my edits\n"
+    assert runner.invoke(app, ["demo-data", str(tmp_path / "d"), "--force"]).exit_code == 0
+    assert mine.read_text(encoding="utf-8") != "my edits\n"

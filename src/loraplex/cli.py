@@ -161,10 +161,16 @@ def demo(overrides: Optional[list[str]] = OVERRIDES_ARG,
 
 @app.command("demo-data")
 def demo_data(out_dir: Path = typer.Argument(..., help="folder to write <dataset>/{train,val,test}.jsonl into"),
-              seed: int = typer.Option(0, "--seed")) -> None:
+              seed: int = typer.Option(0, "--seed"),
+              force: bool = typer.Option(False, "--force", help="replace demo files already in OUT_DIR")) -> None:
     """Write the demo datasets as JSONL, to see the format (nothing is trained)."""
-    from .data.demo import write_demo_data
+    from .data.demo import DEMO_DATASETS, write_demo_data
 
+    existing = [p for name in DEMO_DATASETS for p in sorted((out_dir / name).glob("*.jsonl"))]
+    if existing and not force:
+        console.print(f"[bold red]error:[/] {escape(str(out_dir))} already holds {len(existing)} demo file(s) "
+                      f"({escape(str(existing[0]))}, ...); pass --force to replace them")
+        raise typer.Exit(2)
     paths = write_demo_data(out_dir, seed=seed)
     for name, splits in paths.items():
         stdout.print(f"{name}: " + ", ".join(f"{split} {path}" for split, path in splits.items()))
