@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from loraplex.report import write_report
@@ -87,7 +88,13 @@ def test_report_reuses_eval_json_until_an_adapter_changes(report):
     write_report(run_dir)
     assert eval_json.stat().st_mtime_ns == before
     meta = run_dir / "adapters" / "zh" / "loraplex.json"
-    os.utime(meta, ns=(before + 10**9, before + 10**9))
+    os.utime(meta, ns=(before + 10**9, before + 10**9))  # touched, not changed: eval.json still holds
+    write_report(run_dir)
+    assert eval_json.stat().st_mtime_ns == before
+    weights = run_dir / "adapters" / "zh" / "adapter_model.safetensors"  # zh replaced: evaluated again
+    tensors = load_file(weights)
+    first = next(iter(tensors))
+    save_file({**tensors, first: tensors[first] + 1e-3}, weights)
     write_report(run_dir)
     assert eval_json.stat().st_mtime_ns > before
 
