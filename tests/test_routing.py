@@ -38,16 +38,18 @@ def test_held_out_prompts_are_routed_to_their_datasets_adapter(run):
     # en and en_mlp share a data file: one centroid, routed to the one with the lower held-out loss
     best_en = min(("en", "en_mlp"), key=lambda n: result.adapters[n]["heldout_loss"])
     assert routing["routes_to"] == sorted([best_en, "zh"])
+    heldout = {c["name"]: c["heldout_examples"] for c in evaluation["columns"]}
     for name, right in (("en", {"en", "en_mlp"}), ("zh", {"zh"}), ("en_mlp", {"en", "en_mlp"})):
         cell = routing["datasets"][name]
-        assert set(cell["right"]) == right and cell["prompts"] == 6
+        assert set(cell["right"]) == right and cell["prompts"] == heldout[name] >= 5
         assert cell["accuracy"] == 1.0, cell  # English and Chinese prompts are far apart for any base
-        assert sum(cell["routed"].values()) == 6 and set(cell["routed"]) <= right | {"base"}
+        assert sum(cell["routed"].values()) == heldout[name] and set(cell["routed"]) <= right | {"base"}
 
 
 def test_eval_command_prints_the_routing_row(run):
-    result, _ = run
+    result, evaluation = run
     done = CliRunner().invoke(app, ["eval", str(result.run_dir), "--no-generate"])
     assert done.exit_code == 0, done.output
     flat = " ".join(done.output.split())
-    assert "auto: routed to its" in flat and "100% of 6" in flat
+    assert "auto: routed to its" in flat
+    assert all(f"100% of {cell['prompts']}" in flat for cell in evaluation["routing"]["datasets"].values())

@@ -98,14 +98,15 @@ def _train_steps(ws: Workspace, prepared: dict, run_dir: Path, steps: list[Step]
         spec = ws.recipe.dataset(step.name)
         composed = {name: weights_hash(adapter_dir(run_dir, name)) for name in spec.compose_with}
         parts = fingerprint_parts(spec, ws.recipe, prepared[spec.name], composed)
-        resume_here = _prepare_checkpoints(checkpoint_dir(run_dir, spec.name), fingerprint(parts), resume, say)
+        key = fingerprint(parts)
+        resume_here = _prepare_checkpoints(checkpoint_dir(run_dir, spec.name), key, resume, say)
         selection = None
         if spec.target_modules == "auto":
             selection = gather(choose_modules(model, spec, prepared[spec.name], pristine, micro_batch_tokens(spec),
                                               progress and is_main()))[0]  # every process trains what main chose
         meta = train_adapter(model, resolved_spec(spec, selection) if selection else spec, prepared[spec.name], ws,
                              run_dir, pristine, resume_here, progress, base_record=base_record,
-                             extra={"fingerprint": fingerprint(parts), "fingerprint_parts": parts,
+                             extra={"fingerprint": key, "fingerprint_parts": parts,
                                     **({"selection": selection} if selection else {})})
         after = gather(base_fingerprint(model, dtype))  # the isolation check, in every process
         changed = [(rank, fp) for rank, fp in enumerate(after) if fp != pristine]
