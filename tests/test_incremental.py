@@ -172,7 +172,7 @@ def test_compose_with_hashes_are_checked_where_the_adapter_is_used(run, tmp_path
     load(recipe["model"]["path"], folders, dtype="float32")  # consistent again
 
 
-def test_stale_eval_and_merges_are_named_not_deleted(run, tmp_path):
+def test_stale_eval_and_merges_are_named_not_deleted(run, tmp_path, monkeypatch):
     from loraplex.evaluate import evaluate_run
     from loraplex.merging import merge
     from loraplex.run import stale_outputs
@@ -188,6 +188,19 @@ def test_stale_eval_and_merges_are_named_not_deleted(run, tmp_path):
         "eval.json, row 'b': made with 'b' before it was retrained",
         "eval.json, row 'merged:a+b': made with 'b' before it was retrained",
         "merged/a+b: made with 'b' before it was retrained"])
+    # serve says so too, at start (the server itself is not started here)
+    import types
+
+    import uvicorn
+
+    import loraplex.serve as serving
+    fake = types.SimpleNamespace(state=types.SimpleNamespace(engine=types.SimpleNamespace(entries={}), router=None))
+    monkeypatch.setattr(serving, "app", lambda *args, **kwargs: fake)
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    heard = []
+    serving.serve(run_dir, merged=[run_dir / "merged" / "a+b"], log=heard.append)
+    assert f"warning: {run_dir / 'merged' / 'a+b'} is stale: made with 'b' before it was retrained; merge again " \
+           "to refresh it" in heard
 
 
 def test_export_refuses_to_replace_a_file(run, tmp_path):

@@ -32,8 +32,8 @@ from .errors import DataError, LoraplexError
 from .models import load_model, resolve_base, stop_token_ids
 from .quantize import is_quantized
 from .routing import Router, mean_hidden_state
-from .run import (EVAL_FILE, MERGE_REPORT, adapter_dir, adapter_metadata, is_complete, merge_inputs, open_run,
-                  weights_hash, writer_lock)
+from .run import (EVAL_FILE, adapter_dir, adapter_metadata, is_complete, merged_from, open_run, weights_hash,
+                  writer_lock)
 from .training.batching import heldout_metrics
 
 
@@ -265,7 +265,7 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
         log(f"evaluating {label}")
         builder.add_row(label, _to_accelerator(load_model(ref, pick_dtype(ws.recipe.model.dtype))))
         rows.append({"name": label, "kind": "merged", "path": ref.location,
-                     "adapter_weights": _merged_from(Path(ref.location), run_dir)})
+                     "adapter_weights": merged_from(Path(ref.location), run_dir)})
     result = {
         "run": run_dir.resolve().name, "base_model": ws.base.name, "rows": rows,
         "base_precision": base_precision, "base_loaded_as": precision,
@@ -280,14 +280,6 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
     }
     atomic_write_json(run_dir / EVAL_FILE, result)
     return result
-
-
-def _merged_from(folder: Path, run_dir: Path) -> dict[str, str]:
-    """The weights hashes of this run's adapters that a merged folder was made from (its merge_report.json)."""
-    path = folder / MERGE_REPORT
-    report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    same_run = Path(report.get("run_dir", "")).resolve() == run_dir.resolve()
-    return merge_inputs(report) if same_run else {}
 
 
 def _quantization(model_spec, base_precision: str):

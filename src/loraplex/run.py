@@ -182,15 +182,26 @@ def stale_outputs(run_dir: str | Path) -> list[str]:
             if changed:
                 lines.append(f"{EVAL_FILE}, row '{row['name']}': made with {_changes(changed)}")
     for report in sorted((run_dir / "merged").glob(f"*/{MERGE_REPORT}")):
-        changed = changed_adapters(run_dir / "adapters", merge_inputs(json.loads(report.read_text(encoding="utf-8"))))
-        if changed:
-            lines.append(f"merged/{report.parent.name}: made with {_changes(changed)}")
+        stale = stale_merge(report.parent, run_dir)
+        if stale:
+            lines.append(f"merged/{report.parent.name}: {stale}")
     return lines
 
 
-def merge_inputs(merge_report: dict) -> dict[str, str]:
-    """Adapter name -> weights hash of what a merge used (empty for merges written before hashes were recorded)."""
-    return {a["name"]: a["weights_sha256"] for a in merge_report.get("adapters", []) if a.get("weights_sha256")}
+def merged_from(folder: Path, run_dir: Path) -> dict[str, str]:
+    """Adapter name -> weights hash of the adapters of `run_dir` that the merged model in `folder` was made from
+    (its merge_report.json; empty for another run's merge, or one written before hashes were recorded)."""
+    path = Path(folder) / MERGE_REPORT
+    report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if Path(report.get("run_dir", "")).resolve() != Path(run_dir).resolve():
+        return {}
+    return {a["name"]: a["weights_sha256"] for a in report.get("adapters", []) if a.get("weights_sha256")}
+
+
+def stale_merge(folder: Path, run_dir: Path) -> str | None:
+    """'made with ...' when the merged model in `folder` used adapters of `run_dir` that were replaced since."""
+    changed = changed_adapters(Path(run_dir) / "adapters", merged_from(folder, run_dir))
+    return f"made with {_changes(changed)}" if changed else None
 
 
 def _changes(changed: dict[str, str]) -> str:

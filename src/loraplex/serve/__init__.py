@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import LoraplexError
+from ..run import stale_merge
 
 
 def _needs_extra():
@@ -36,6 +37,10 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, merged
     import uvicorn
 
     asgi = app(run_dir, merged, api_key, **options)
+    for folder in merged:
+        stale = stale_merge(Path(folder), Path(run_dir))
+        if stale:
+            log(f"warning: {folder} is stale: {stale}; merge again to refresh it")
     log(f"serving {', '.join(e['id'] for e in _model_ids(asgi))} on http://{host}:{port}/v1")
     uvicorn.run(asgi, host=host, port=port, log_level="warning")
 
