@@ -135,17 +135,18 @@ def test_leftovers_of_an_interrupted_replace_are_never_adapters(run):
     recipe, run_dir = run
     root = run_dir / "adapters"
     import shutil
-    shutil.copytree(root / "a", root / ".a.x1.tmp")  # a complete-looking temporary folder
+    shutil.copytree(root / "a", root / ".a.x1y2z3w4.tmp")  # a complete-looking temporary folder
+    shutil.copytree(root / "a", root / ".a.b.k3j2h1g0.tmp")  # another adapter's ('a.b'), maybe being written now
     assert complete_adapters(run_dir) == ["a", "b"]
     b_hash = weights_hash(root / "b")
-    os.replace(root / "b", root / ".b.old-x2")  # killed between the two renames of a replace
+    os.replace(root / "b", root / ".b.old-q9r8s7t6")  # killed between the two renames of a replace
     assert complete_adapters(run_dir) == ["a"]
     heard = []
     result = train(recipe, progress=False, say=heard.append)
     assert actions(result) == {"a": KEEP, "b": KEEP}  # b was put back, not retrained
     assert weights_hash(root / "b") == b_hash
-    assert sorted(p.name for p in root.iterdir()) == ["a", "b"]
-    assert any(".a.x1.tmp" in line for line in heard)
+    assert sorted(p.name for p in root.iterdir()) == [".a.b.k3j2h1g0.tmp", "a", "b"]
+    assert any(".a.x1y2z3w4.tmp" in line for line in heard)
 
 
 def test_compose_with_hashes_are_checked_where_the_adapter_is_used(run, tmp_path):

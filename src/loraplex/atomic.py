@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -93,13 +94,21 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
+def _leftovers(folder: Path, name: str) -> tuple[list[Path], list[Path]]:
+    """(previous folders renamed aside, temporary ones) that writes of `folder/name` left; exact names only, so
+    the leftovers of another name ('a.b' beside 'a') are never taken."""
+    random = r"[a-z0-9_]{8}"  # tempfile's random part
+    old = re.compile(rf"\.{re.escape(name)}\.old-{random}")
+    tmp = re.compile(rf"\.{re.escape(name)}\.{random}\.tmp")
+    entries = sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []
+    return [e for e in entries if old.fullmatch(e.name)], [e for e in entries if tmp.fullmatch(e.name)]
+
+
 def recover_replaced(path: Path) -> bool:
     """Put back the previous folder of an `atomic_dir` replace that died between its two renames."""
     path = Path(path)
-    if path.exists():
-        return False
-    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if not olds:
+    olds = sorted(_leftovers(path.parent, path.name)[0], key=lambda p: p.stat().st_mtime)
+    if path.exists() or not olds:
         return False
     os.replace(olds[-1], path)
     return True
@@ -108,19 +117,13 @@ def recover_replaced(path: Path) -> bool:
 def remove_leftovers(folder: Path, name: str) -> list[str]:
     """Remove what an interrupted `atomic_dir` or `atomic_write_text` of `folder/name` left; the names removed.
 
-    A previous folder renamed aside and never replaced is put back instead. Only for a `name` that no other
+    A previous folder renamed aside and never replaced is put back first. Only for a `name` that no other
     process is writing (the caller holds its lock)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed = []
-    for entry in sorted(folder.glob(f".{name}.*")):
-        if ".old-" in entry.name and recover_replaced(folder / name):
-            continue
-        if entry.name.endswith(".tmp") or entry.name.startswith(f".{name}.old-"):
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-            removed.append(entry.name)
-    return removed
+    recover_replaced(Path(folder) / name)
+    olds, tmps = _leftovers(folder, name)
+    for entry in olds + tmps:
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return [entry.name for entry in olds + tmps]
 
 
 def _readable(folder: Path) -> None:

@@ -103,10 +103,11 @@ def compose_problems(adapters: dict[str, Path]) -> list[str]:
 
 
 def writer_lock(run_dir: str | Path, parts: list[str], what: str, say=None) -> contextlib.ExitStack:
-    """Exclusive locks on parts of a run folder ('adapter-en', 'eval', 'merged-zh+en', ...), held while writing.
+    """Exclusive locks on parts of a run folder ('adapter-en', 'eval', 'report', 'demo', 'merge-zh+en'), held while
+    writing: use it as a context manager.
 
     A part another process holds is refused at once, naming that process; a lock whose process died is taken
-    over (`say` hears a line about it). Every process of a launch is one writer: only the main one locks."""
+    over (`say` hears a line about it). The processes of a launch are one writer: lock in the main one only."""
     stack = contextlib.ExitStack()
     try:
         for part in parts:
