@@ -483,6 +483,41 @@ def test_a_poisoned_request_beside_a_long_stream(client, server, reference, monk
     assert "".join(parts) == expected
 
 
+def test_a_batch_that_keeps_running_lets_go_of_finished_requests(client, server, monkeypatch):
+    """Under steady traffic one batch runs for as long as the traffic lasts: the requests that joined it and
+    ended must not stay referenced by it (memory grew with every request served)."""
+    import gc
+    import weakref
+
+    from loraplex.serve import batch as batch_module
+
+    engine, step = server[1].state.engine, batch_module.Batch.step
+    submitted, submit = [], engine.submit
+
+    def slow_step(self):
+        time.sleep(0.04)
+        step(self)
+
+    def recording_submit(job):
+        submitted.append(weakref.ref(job))
+        submit(job)
+
+    monkeypatch.setattr(batch_module.Batch, "step", slow_step)
+    monkeypatch.setattr(engine, "submit", recording_submit)
+    stream = chat(client, "base", PROMPTS["en"], max_tokens=LIMIT, stream=True)
+    chunks = iter(stream)
+    next(c for c in chunks if c.choices and c.choices[0].delta.content)
+    joined_before = engine.stats["joined"]
+    for word in ("one", "two", "three", "four"):
+        chat(client, "en", f"Say {word}.", max_tokens=2)
+    assert engine.stats["joined"] - joined_before == 4  # all four ran inside the long answer's batch
+    # the server lets go of a request a moment after its answer is sent
+    assert wait_for(lambda: gc.collect() >= 0 and all(ref() is None for ref in submitted[1:]), seconds=1.0)
+    assert submitted[0]() is not None  # the long answer is still decoding
+    rest = [c for c in chunks if c.choices]
+    assert rest[-1].choices[0].finish_reason == "length"
+
+
 def wait_for(condition, seconds: float = 10.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

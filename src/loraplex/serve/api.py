@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions, /v1/completions (streamed or not).
 
-Every error is a JSON body in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, never a traceback.
+Every error is a JSON body in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, never a traceback;
+what a request may hold is in `schema`.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from .schema import (ApiError, ChatRequest, CompletionRequest, decode_body, is_j
                      text_of)
 
 AUTO = "auto"
-DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
+DISCONNECT_POLL_S = 0.25  # how often a request checks that its client is still there (uvicorn does not say)
 log = logging.getLogger("loraplex.serve")
 
 

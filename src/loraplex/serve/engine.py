@@ -4,7 +4,9 @@ The run's base is loaded once with every adapter of the run attached (PEFT); a r
 or a merged model folder. Requests wait in a small queue; the worker takes up to `max_batch_size` of them that run
 on the same model (all adapters and the base share one) and decodes them together in one forward pass per token,
 each row with its own adapter (PEFT's `adapter_names`, "__base__" for the base), its own sampling settings and its
-own stopping point. A request's events (text deltas, then the end) reach its caller through `Job.emit`.
+own stopping point (`batch`). A request's events (text deltas, then the end or an error) reach its caller through
+`Job.emit`. Between decoding steps the worker also runs the router's forward passes (`call_on_worker`); it is the
+only thread that touches the models.
 """
 from __future__ import annotations
 
@@ -128,7 +130,7 @@ class Engine:
                       "cancelled": 0}
         self._pending: deque[Job] = deque()
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()  # work for the model between steps
-        self._running: list[Job] = []
+        self._running: list[Job] = []  # the requests of the batch being decoded (to tell them if it fails)
         self._cond = threading.Condition()
         self._closing = False
         self.failure: str | None = None  # why the worker stopped, if it did
@@ -285,7 +287,8 @@ class Engine:
         if joined:
             self.stats["requests"] += len(joined)
             self.stats["joined"] += len(joined)
-            self._running += joined
+        # a new list of the live ones: a batch that runs as long as traffic lasts must not keep every request
+        self._running = [job for job in self._running if not job.finished] + joined
         return joined
 
     def _cancelled(self) -> None:
