@@ -205,3 +205,16 @@ def test_the_servers_own_model_names_are_refused_as_dataset_names(name):
 
     with pytest.raises(ValidationError, match="name the dataset otherwise"):
         DatasetSpec(name=name, path="data.jsonl")
+
+
+def test_an_adapter_is_served_with_its_datasets_system_prompt(tiny_tokenizer):
+    """Trained on rows given the dataset's `system` prompt, an adapter sees it when a conversation brings none."""
+    from loraplex.data.render import chat_template_for
+    from loraplex.serve.engine import Engine, ModelEntry
+
+    entry = ModelEntry("chat", "adapter", "run", tiny_tokenizer, chat_template_for(tiny_tokenizer), "chat",
+                       system="You are a travel agent.")
+    user = [{"role": "user", "content": "Hi"}]
+    assert "<|im_start|>system\nYou are a travel agent.<|im_end|>" in Engine.chat_prompt(None, entry, user)
+    own = Engine.chat_prompt(None, entry, [{"role": "system", "content": "Be brief."}, *user])
+    assert "Be brief." in own and "travel agent" not in own
