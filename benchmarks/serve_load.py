@@ -1,6 +1,7 @@
 """Load test of `loraplex serve`: N requests from K clients over loopback, batched vs one request at a time.
 
     python benchmarks/serve_load.py runs/<run> [--requests 32] [--clients 8] [--max-tokens 32] [--max-batch-size 8]
+    python benchmarks/serve_load.py runs/<run> --minutes 10 --clients 8     (soak: see serve_soak.py)
 
 The server runs in this process on a free 127.0.0.1 port, twice: with --max-batch-size, then with 1. Requests
 cycle over the base and every adapter (greedy chat completions of a fixed length: `ignore_eos` is not an OpenAI
@@ -72,10 +73,19 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on one)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--minutes", type=float, help="soak instead: keep --clients busy this long (serve_soak.py)")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.minutes:
+        from serve_soak import run_soak
+
+        summary = run_soak(args.run, args)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
+        return
     rows = [load(args.run, args.max_batch_size, args), load(args.run, 1, args)]
     print(f"{'batch':>5} {'requests':>8} {'clients':>7} {'wall s':>7} {'p50 s':>7} {'p95 s':>7} {'tokens':>6} "
           f"{'tok/s':>7} {'errors':>6} {'batches':>7} {'largest':>7}")

@@ -26,12 +26,12 @@ from .adapters import load
 from .atomic import atomic_write_json
 from .data.demo import demo_checkers
 from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages
-from .data.render import chat_template_for, prompt_text
+from .data.render import chat_template_for, end_of_turn_ids, prompt_text
 from .device import pick_dtype, to_accelerator
 from .errors import DataError, LoraplexError
 from .models import load_model, resolve_base, stop_token_ids
 from .quantize import is_quantized
-from .routing import Router, mean_hidden_state
+from .routing import Router, mean_hidden_state, measured_rows
 from .run import (EVAL_FILE, adapter_dir, adapter_metadata, is_complete, merged_from, open_run, weights_hash,
                   writer_lock)
 from .training.batching import heldout_metrics
@@ -43,12 +43,14 @@ Checker = Callable[[Any, str], bool]
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of rendered prompts, batched with left padding."""
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
+             stop_ids: set[int] = frozenset()) -> list[str]:
+    """Greedy continuations of rendered prompts, batched with left padding; each ends at an eos of the model or
+    at one of `stop_ids` (the end-of-turn tokens the adapters were trained to write)."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    eos = sorted(stop_token_ids(model, tokenizer))
+    eos = sorted(stop_token_ids(model, tokenizer) | set(stop_ids))
     was_training = model.training
     model.eval()
     outputs: list[str] = []
@@ -162,8 +164,8 @@ class _Column:
 class _MatrixBuilder:
     """Computes one row of the matrix per model; columns over identical data share their results."""
 
-    def __init__(self, columns: list[_Column], tokenizer, settings: GenerationSettings):
-        self.columns, self.tokenizer, self.settings = columns, tokenizer, settings
+    def __init__(self, columns: list[_Column], tokenizer, settings: GenerationSettings, stop_ids: set[int]):
+        self.columns, self.tokenizer, self.settings, self.stop_ids = columns, tokenizer, settings, stop_ids
         self.metrics: dict[str, dict[str, dict]] = {}
         self.samples: dict[str, dict[str, list[str]]] = {}  # row -> column -> first predictions
 
@@ -181,7 +183,8 @@ class _MatrixBuilder:
             if col.test is not None and col.test.prompts and generates:
                 if col.test_key not in predictions:
                     predictions[col.test_key] = generate(model, self.tokenizer, col.test.prompts,
-                                                         self.settings.max_new_tokens, self.settings.batch_size)
+                                                         self.settings.max_new_tokens, self.settings.batch_size,
+                                                         self.stop_ids)
                 answers = predictions[col.test_key]
                 references = col.test.rows if col.checker else col.test.references
                 cell.update(exact_match=exact_match(answers, references, col.checker),
@@ -243,7 +246,7 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
     started = time.perf_counter()
     prepared = ws.prepare()
     builder = _MatrixBuilder(_columns(ws, prepared, settings, demo_checkers(ws.recipe) if checkers is None else checkers),
-                             ws.tokenizer, settings)
+                             ws.tokenizer, settings, _end_of_turn_ids(ws))
     base_row = "base" if "base" not in adapter_dirs else "base model"
     rows = [{"name": base_row, "kind": "base"}]
     adapter_set = load(ws.base, adapter_dirs, dtype=ws.recipe.model.dtype,
@@ -312,9 +315,16 @@ def _columns(ws, prepared: dict, settings: GenerationSettings, checkers: dict[st
     return columns
 
 
+def _end_of_turn_ids(ws) -> set[int]:
+    """The end-of-turn tokens of every dataset's chat template: generation stops on whichever an adapter learned."""
+    return set().union(*(end_of_turn_ids(ws.tokenizer, chat_template_for(ws.tokenizer, spec.template))
+                         for spec in ws.recipe.datasets))
+
+
 def routing_report(base_model, ws, prepared: dict, adapter_dirs: dict[str, Path]) -> dict:
     """How often `model: auto` (`loraplex.routing`) sends a dataset's held-out prompts to an adapter trained on
-    that dataset's data files; `base_model`: the base as the router embeds with it (adapters off)."""
+    that dataset's data files; `base_model`: the base as the router embeds with it (adapters off). The held-out
+    rows the router calibrated its radii on (`routing.calibration_rows`) are not among those measured."""
     specs = {s.name: s for s in ws.recipe.datasets}
     files = {name: tuple(specs[name].files("path")) for name in adapter_dirs}
     heldout = {name: adapter_metadata(folder).get("heldout_loss") for name, folder in adapter_dirs.items()}
@@ -323,7 +333,7 @@ def routing_report(base_model, ws, prepared: dict, adapter_dirs: dict[str, Path]
     for name, spec in specs.items():
         val, right = prepared[name].val, {n for n, f in files.items() if f == tuple(spec.files("path"))}
         if val is not None and len(val) and right:
-            datasets[name] = {**router.accuracy(val, right), "right": sorted(right)}
+            datasets[name] = {**router.accuracy(measured_rows(val), right), "right": sorted(right)}
     return {"threshold": router.threshold, "routes_to": sorted(router.centroids), "datasets": datasets}
 
 

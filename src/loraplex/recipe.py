@@ -21,6 +21,7 @@ from .errors import RecipeError, friendly_validation_message, unknown_name_messa
 from .overrides import apply_override
 
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+RESERVED_NAMES = ("base", "auto")  # the server's names for the base model and the router
 COLUMN_ROLES = ("instruction", "input", "output", "system", "history", "messages")
 
 
@@ -122,6 +123,14 @@ class DatasetSpec(_Strict):
     compose_with: list[str] = Field(
         default_factory=list, description="adapters of this recipe loaded, active and frozen while this one trains: "
         "it learns on top of them, so their sum is the model it trained in (they train first)")
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_served_name(cls, value: str) -> str:
+        if value in RESERVED_NAMES:
+            raise ValueError(f"'{value}' is a name `loraplex serve` gives to a model of its own (base: the base model, "
+                             "auto: the router); name the dataset otherwise")
+        return value
 
     @field_validator("columns")
     @classmethod

@@ -1,11 +1,13 @@
 """Which adapter fits a prompt: the router behind `model: auto`, and how often it picks right.
 
-Each adapter's training prompts (the tokens before the first answer token, where labels are -100) are embedded
-by the base model (its last hidden states, mean-pooled over the prompt) and averaged into one centroid per data
-file. Adapters trained on the same data file share a centroid, which routes to the one with the best held-out
-loss. A prompt is embedded the same way and goes to the nearest centroid by cosine similarity, all embeddings
-first centered on the mean of every training prompt's (what all prompts share, the chat template above all, says
-nothing about which adapter fits). Below `threshold` the base answers instead.
+Each adapter's training prompts (the tokens before the first answer token, where labels are -100), taken evenly
+over the whole training split, are embedded by the base model (its last hidden states, mean-pooled over the
+prompt) and averaged into one centroid per data file. Adapters trained on the same data file share a centroid,
+which routes to the one with the best held-out loss. Each centroid gets a radius: a high quantile of the distances
+of held-out prompts to it (every other held-out row; the rows between them are the ones routing accuracy is
+measured on). A prompt goes to the centroid it is nearest to relative to that radius; farther than `threshold`
+radii from every centroid (a question unlike all the adapters' data), the base answers instead. One adapter
+alone routes and abstains the same way.
 """
 from __future__ import annotations
 
@@ -18,17 +20,35 @@ from .data.render import IGNORE_INDEX
 from .training.batching import causal_lm, final_hidden_states
 
 BASE = "base"
-DEFAULT_THRESHOLD = 0.2  # centered cosine similarity below which `auto` answers with the base
+DEFAULT_THRESHOLD = 1.5  # farther than this many calibrated radii from every centroid: `auto` answers with the base
+RADIUS_QUANTILE = 0.95  # the radius holds this share of the calibration prompts
 PROMPTS_PER_ADAPTER = 64  # training prompts embedded per data file
 
 Embed = Callable[[list[int]], torch.Tensor]  # prompt token ids -> the base model's mean-pooled hidden state
 
 
+def spread(rows, count: int):
+    """`count` rows taken evenly over the whole of `rows` (a datasets.Dataset), not its first ones."""
+    if len(rows) <= count:
+        return rows
+    return rows.select(sorted({round(i * (len(rows) - 1) / (count - 1)) for i in range(count)}))
+
+
+def calibration_rows(val):
+    """The held-out rows that calibrate the router's radii: every other one (the rest measure its accuracy)."""
+    return val.select(range(0, len(val), 2)) if val is not None and len(val) >= 2 else None
+
+
+def measured_rows(val):
+    """The held-out rows routing accuracy is measured on: those `calibration_rows` leaves out."""
+    return val.select(range(1, len(val), 2)) if val is not None and len(val) >= 2 else val
+
+
 class Router:
-    def __init__(self, embed: Embed, centroids: dict[str, torch.Tensor], center: torch.Tensor, threshold: float,
+    def __init__(self, embed: Embed, centroids: dict[str, torch.Tensor], radii: dict[str, float], threshold: float,
                  groups: dict[str, list[str]]):
-        self.embed, self.centroids, self.center, self.threshold, self.groups = (embed, centroids, center,
-                                                                                threshold, groups)
+        self.embed, self.centroids, self.radii, self.threshold, self.groups = (embed, centroids, radii, threshold,
+                                                                               groups)
 
     @classmethod
     def build(cls, embed: Embed, prepared: dict, files: dict[str, tuple], heldout: dict[str, float | None],
@@ -37,36 +57,48 @@ class Router:
         by_file: dict[tuple, list[str]] = {}
         for name, paths in files.items():
             by_file.setdefault(tuple(paths), []).append(name)
-        centroids, groups, every = {}, {}, []
+        centroids, radii, groups = {}, {}, {}
         for members in by_file.values():
             best = min(members, key=lambda n: heldout[n] if isinstance(heldout[n], (int, float)) else math.inf)
-            rows = prepared[best].train.select(range(min(PROMPTS_PER_ADAPTER, len(prepared[best].train))))
-            prompts = [prompt_ids(r["input_ids"], r["labels"]) for r in rows]
-            vectors = torch.stack([embed(ids) for ids in prompts if ids])
-            every.append(vectors)
-            centroids[best], groups[best] = vectors.mean(0), sorted(members)
-        center = torch.cat(every).mean(0) if every else torch.zeros(1)
-        return cls(embed, centroids, center, threshold, groups)
+            rows = spread(prepared[best].train, PROMPTS_PER_ADAPTER)
+            vectors = torch.stack([embed(ids) for ids in _prompts(rows)])
+            centroid = vectors.mean(0)
+            calibration = calibration_rows(prepared[best].val)
+            # without held-out rows, the training prompts themselves (a tighter radius: fewer prompts routed)
+            distances = ([float(torch.dist(embed(ids), centroid)) for ids in _prompts(calibration)]
+                         if calibration is not None else [float(torch.dist(v, centroid)) for v in vectors])
+            centroids[best], groups[best] = centroid, sorted(members)
+            radii[best] = max(float(torch.quantile(torch.tensor(distances), RADIUS_QUANTILE)), 1e-6)
+        return cls(embed, centroids, radii, threshold, groups)
+
+    def route_vectors(self, vectors: dict[str, torch.Tensor]) -> tuple[str, float]:
+        """(the adapter to answer with, or `base`; the prompt's distance to its centroid in calibrated radii).
+        `vectors`: per centroid, the prompt embedded as that adapter's training prompts were."""
+        if not self.centroids:
+            return BASE, math.inf
+        distances = {name: float(torch.dist(vectors[name], c)) / self.radii[name]
+                     for name, c in self.centroids.items()}
+        best = min(distances, key=distances.get)
+        return (best if distances[best] <= self.threshold else BASE), distances[best]
 
     def route_ids(self, ids: list[int]) -> tuple[str, float]:
-        """(the adapter to answer with, or `base`; the centered cosine similarity to its centroid)."""
-        vector = self.embed(ids) - self.center
-        scores = {name: float(torch.nn.functional.cosine_similarity(vector, c - self.center, dim=0))
-                  for name, c in self.centroids.items()}
-        if not scores:
-            return BASE, 0.0
-        best = max(scores, key=scores.get)
-        return (best if scores[best] >= self.threshold else BASE), scores[best]
+        vector = self.embed(ids)
+        return self.route_vectors({name: vector for name in self.centroids})
 
     def accuracy(self, rows, right: set[str]) -> dict:
         """Share of held-out `rows` (input_ids, labels) routed to one of the `right` adapters, and where all went."""
         routed: dict[str, int] = {}
-        for row in rows:
-            picked, _ = self.route_ids(prompt_ids(row["input_ids"], row["labels"]))
+        for ids in _prompts(rows):
+            picked, _ = self.route_ids(ids)
             routed[picked] = routed.get(picked, 0) + 1
         total = sum(routed.values())
         hits = sum(count for name, count in routed.items() if name in right)
         return {"accuracy": hits / total if total else None, "prompts": total, "routed": routed}
+
+
+def _prompts(rows) -> list[list[int]]:
+    prompts = [prompt_ids(r["input_ids"], r["labels"]) for r in rows] if rows is not None else []
+    return [ids for ids in prompts if ids]
 
 
 def prompt_ids(input_ids: list[int], labels: list[int]) -> list[int]:

@@ -120,6 +120,18 @@ def _end_of_turn(answer: str, content: str, tokenizer) -> int:
     return len(answer)
 
 
+def end_of_turn_ids(tokenizer, template: str) -> set[int]:
+    """The special token that ends an assistant turn under `template`: the last token an adapter trained with
+    that template learned to write (`<|eot_id|>` for llama3, even on a base whose eos is `<|end_of_text|>`)."""
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": "answer"}]
+    try:
+        trained = [text for text, is_trained in render_segments(tokenizer, messages, template) if is_trained]
+    except ValueError:
+        return set()
+    ids = tokenizer(trained[-1], add_special_tokens=False)["input_ids"] if trained else []
+    return {ids[-1]} if ids and ids[-1] in set(tokenizer.all_special_ids) else set()
+
+
 def encode(tokenizer, messages: list[dict[str, str]], template: str, max_seq_length: int) -> Encoded:
     input_ids: list[int] = []
     labels: list[int] = []

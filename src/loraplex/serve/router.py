@@ -1,17 +1,22 @@
 """`model: auto` in the server: `loraplex.routing.Router` over the served run, embedding with the served base.
 
 See `loraplex.routing` for the rule. The router is built when the server starts, from each adapter's training
-prompts; it embeds on the same model the worker generates with, under the same lock.
+prompts and held-out prompts. Its forward passes run on the worker thread between two decoding steps
+(`Engine.call_on_worker`), so a request for `auto` never waits for a running batch to end. A prompt is embedded
+as each adapter's training prompts were: with that adapter's chat template and dataset system prompt.
 """
 from __future__ import annotations
 
+import asyncio
+from typing import Awaitable, Callable
+
 import torch
 
-from ..routing import BASE, DEFAULT_THRESHOLD, Router, mean_hidden_state
+from ..routing import DEFAULT_THRESHOLD, Router, mean_hidden_state
 from .engine import PEFT_BASE
 
-RULE = ("nearest centroid of the adapters' training prompts (base model, mean-pooled last hidden states, centered "
-        "cosine); below the threshold: base")
+RULE = ("nearest centroid of the adapters' training prompts (base model, mean-pooled last hidden states, euclidean "
+        "distance in radii calibrated on held-out prompts); farther than the threshold from every centroid: base")
 
 
 class ServedRouter:
@@ -34,11 +39,20 @@ class ServedRouter:
         prepared = ws.prepare() if specs else {}
         files = {name: tuple(spec.files("path")) for name, spec in specs.items()}
         heldout = {name: engine.entries[name].info.get("heldout_loss") for name in specs}
-        return cls(engine, Router.build(lambda ids: embed(engine, ids), prepared, files, heldout, threshold))
+        return cls(engine, Router.build(lambda ids: engine.call_on_worker(lambda: embed(engine, ids)).result(),
+                                        prepared, files, heldout, threshold))
 
-    def route(self, prompt: str) -> tuple[str, float]:
-        """(the adapter to answer with, or `base`; the centered cosine similarity to its centroid)."""
-        return self.router.route_ids(self.engine.encode(self.engine.entries[BASE], prompt))
+    async def route(self, tokens: Callable[[object], Awaitable[list[int]]]) -> tuple[str, float]:
+        """(the adapter to answer with, or `base`; the distance to its centroid in calibrated radii).
+        `tokens(entry)`: the request's prompt token ids as that entry renders it."""
+        vectors, embedded = {}, {}
+        for name in self.router.centroids:
+            ids = tuple(await tokens(self.engine.entries[name]))
+            if ids not in embedded:
+                future = self.engine.call_on_worker(lambda ids=ids: embed(self.engine, list(ids)))
+                embedded[ids] = await asyncio.wrap_future(future)
+            vectors[name] = embedded[ids]
+        return self.router.route_vectors(vectors)
 
     def describe(self) -> dict:
         return {"id": "auto", "object": "model", "created": 0, "owned_by": "loraplex",
@@ -49,12 +63,12 @@ class ServedRouter:
 
 @torch.no_grad()
 def embed(engine, ids: list[int]) -> torch.Tensor:
-    """The served base's mean-pooled last hidden states over `ids` (the worker generates on the same model)."""
-    with engine.model_lock:
-        if engine.mixed:
-            return mean_hidden_state(engine.models["run"], ids, adapter_names=[PEFT_BASE])
-        engine.adapters.use(None)
-        try:
-            return mean_hidden_state(engine.models["run"], ids)
-        finally:
-            engine.adapters.use(engine.adapters.names[0])
+    """The served base's mean-pooled last hidden states over `ids`; called on the worker thread only."""
+    if engine.mixed:
+        return mean_hidden_state(engine.models["run"], ids, adapter_names=[PEFT_BASE])
+    active = engine.adapters.active  # the running batch's adapter (a DoRA run batches one adapter at a time)
+    engine.adapters.use(None)
+    try:
+        return mean_hidden_state(engine.models["run"], ids)
+    finally:
+        engine.adapters.use(active)
