@@ -19,8 +19,8 @@ from loraplex.targets import candidates, default_budget, matched_alpha, module_g
 from loraplex.training.batching import heldout_metrics
 from loraplex.training.runner import select
 
-ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
-        for w in ["apple", "river", "stone", "cloud", "amber", "pilot", "maple", "ocean"] * 6]
+ROWS = [{"instruction": f"Repeat the word {w} {n} times.", "input": "", "output": " ".join([w] * n)}
+        for w in ["apple", "river", "stone", "cloud", "amber", "pilot", "maple", "ocean"] for n in range(1, 7)]
 LEAVES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -119,8 +119,9 @@ def test_trials_keep_the_better_half_see_the_same_batches_and_leave_the_base_alo
     first = [t.train_loss[0] for t in done]  # B = 0 before the first step: every trial's first loss is the base's
     assert max(first) - min(first) < 1e-6
     for name in ("q_proj", "k_proj", "gate_proj"):  # they cannot change the output: their loss stays the base's
-        assert by_name[name].heldout and all(x == pytest.approx(base_loss, abs=1e-6) for x in by_name[name].heldout)
-    assert by_name["o_proj"].heldout[-1] < base_loss - 0.1
+        assert by_name[name].selection_loss and all(x == pytest.approx(base_loss, abs=1e-6)
+                                                    for x in by_name[name].selection_loss)
+    assert by_name["o_proj"].selection_loss[-1] < base_loss - 0.1
 
 
 def test_train_with_auto_trains_the_winner_and_records_the_decision(tmp_path, tiny_model_dir):
@@ -133,7 +134,7 @@ def test_train_with_auto_trains_the_winner_and_records_the_decision(tmp_path, ti
     trialled = [c for c in decision["candidates"] if c["trial"]]
     assert {"q_proj+v_proj", "all-linear"} <= {c["label"] for c in trialled} and len(trialled) >= 3
     best = min((c for c in trialled if c["trial"]["steps"] == decision["trials"]["horizon"]),
-               key=lambda c: c["trial"]["heldout"][-1])
+               key=lambda c: c["trial"]["selection_loss"][-1])
     assert decision["winner"] == best["label"]
     config = json.loads((result.run_dir / "adapters" / "a" / "adapter_config.json").read_text())
     modules = config["target_modules"]  # PEFT writes all-linear as the full module names
@@ -164,6 +165,62 @@ def test_a_selection_is_cached_and_reused(tmp_path, tiny_model_dir, monkeypatch)
         select(recipe, progress=False)
 
 
+def rows_read_by_the_selection(monkeypatch) -> dict[str, list[tuple]]:
+    """Every row the probe or a trial trains on ("fit") and every row a trial is scored on ("scored"), as token ids."""
+    from loraplex.select import trials
+
+    read: dict[str, list[tuple]] = {"fit": [], "scored": []}
+    rows_of, metrics = trials.Batches.rows_of, trials.heldout_metrics
+
+    def recorded_rows_of(self, step):
+        rows = rows_of(self, step)
+        read["fit"] += [tuple(r["input_ids"]) for r in rows]
+        return rows
+
+    def recorded_metrics(model, dataset, *args, **kwargs):
+        read["scored"] += [tuple(ids) for ids in dataset["input_ids"]]
+        return metrics(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(trials.Batches, "rows_of", recorded_rows_of)
+    monkeypatch.setattr(trials, "heldout_metrics", recorded_metrics)
+    return read
+
+
+def test_the_selection_never_reads_a_held_out_row_nor_scores_on_rows_it_trained_on(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    from loraplex.pipeline import open_recipe
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 1, "cost": 1.0, "selection_rows": 8})
+    recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials
+    ws = open_recipe(recipe)
+    data = ws.prepare()["a"]
+    read = rows_read_by_the_selection(monkeypatch)
+    decision = choose.choose_modules(load_model(ws.base), ws.recipe.datasets[0], data, "base", None, progress=False)
+    assert decision["decided_by"] == "trials"
+    heldout = {tuple(ids) for ids in data.val["input_ids"]}
+    train = {tuple(ids) for ids in data.train["input_ids"]}
+    assert read["fit"] and read["scored"] and len(heldout) == 12
+    assert not heldout & set(read["fit"]) and not heldout & set(read["scored"])
+    assert set(read["scored"]) <= train and len(set(read["scored"])) == 8 == decision["rows"]["trials_scored_on"]
+    assert not set(read["fit"]) & set(read["scored"])  # a trial is never scored on rows it trained on
+
+
+def test_a_decision_does_not_change_when_the_held_out_rows_are_poisoned(tmp_path, tiny_model_dir):
+    """The same training rows with two different held-out files: one of them another task entirely."""
+    poison = [{"instruction": f"Say {w} backwards.", "input": "", "output": w[::-1] * 3}
+              for w in ["apple", "river", "stone", "cloud", "amber", "pilot"]]
+    decisions = []
+    for name, rows in (("clean", ROWS[::4]), ("poisoned", poison)):
+        recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 2, "cost": 1.0})
+        recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials
+        recipe["datasets"][0]["val_path"] = str(write_jsonl(tmp_path / f"{name}.jsonl", rows))
+        decisions.append(select(recipe, progress=False)["a"])
+    clean, poisoned = decisions
+    assert clean["decided_by"] == "trials" and clean["cached"] is False and poisoned["cached"] is False
+    assert [c["trial"] for c in clean["candidates"]] == [c["trial"] for c in poisoned["candidates"]]
+    assert clean["winner"] == poisoned["winner"] and clean["candidates"] == poisoned["candidates"]
+
+
 @pytest.mark.parametrize("auto, message", [
     ({"candidates": ["q_prj"]}, "'q_prj' is not a linear module of LlamaForCausalLM; did you mean 'q_proj'?"),
     ({"candidates": []}, "auto.candidates: empty"),
@@ -179,13 +236,15 @@ def test_bad_auto_settings_get_clear_errors(tmp_path, tiny_model_dir, auto, mess
     assert message in str(info.value)
 
 
-def test_auto_without_a_held_out_split_says_how_to_get_one(tmp_path, tiny_model_dir):
-    recipe = make_recipe(tmp_path, tiny_model_dir)
+def test_auto_needs_no_held_out_split_and_says_when_the_training_rows_are_too_few(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 1, "cost": 1.0})
     recipe["defaults"]["val_size"] = 0
-    with pytest.raises(LoraplexError, match="set val_size > 0 or val_path"):
+    recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials
+    decision = select(recipe, progress=False)["a"]
+    assert decision["decided_by"] == "trials" and decision["rows"]["trials_scored_on"] == 16
+    recipe["datasets"][0]["auto"]["selection_rows"] = 46  # of 48 rows: 2 left, fewer than a batch of 4
+    with pytest.raises(RecipeError, match=r"auto.selection_rows: 46 of the 48 training rows scored leaves 2"):
         select(recipe, progress=False)
-    recipe["datasets"][0]["auto"] = {"trials": 0}  # the probe needs no held-out rows
-    assert select(recipe, progress=False)["a"]["decided_by"] == "probe (auto.trials is 0)"
 
 
 def test_user_candidates_and_groups(tmp_path, tiny_model_dir):
@@ -224,7 +283,7 @@ def test_auto_in_every_precision_trains_the_winner_on_an_untouched_base(tmp_path
     decision = meta["selection"]
     assert decision["decided_by"] == "trials"
     assert all(c["probe_score"] > 0 and math.isfinite(c["probe_score"]) for c in decision["candidates"])
-    assert all(math.isfinite(x) for c in decision["candidates"] if c["trial"] for x in c["trial"]["heldout"])
+    assert all(math.isfinite(x) for c in decision["candidates"] if c["trial"] for x in c["trial"]["selection_loss"])
     assert meta["heldout_loss"] < meta["heldout_loss_base"] and meta["dtype"] == dtype
     assert meta["trainable_params"] == next(c["params"] for c in decision["candidates"]
                                             if c["label"] == decision["winner"])

@@ -65,17 +65,18 @@ def select_table(name: str, decision: dict) -> Table:
     rounds = ", ".join(f"{alive} to step {stop}" for stop, alive in trials["rounds"]) or "none"
     table = Table(title=f"{name}: modules at a budget of {count_text(decision['budget'])} trainable parameters",
                   title_justify="left", caption_justify="left")
-    for col in ("modules", "r", "params", "probe\nscore", "trial held-out loss\nper round"):
+    for col in ("modules", "r", "params", "probe\nscore", "trial loss on the\nselection rows per round"):
         table.add_column(col, justify="left" if col == "modules" else "right", overflow="fold")
     for c in decision["candidates"]:
         trial = c["trial"]
-        losses = " → ".join(f"{x:.3f}" for x in trial["heldout"]) if trial else "–"
+        losses = " → ".join(f"{x:.3f}" for x in trial["selection_loss"]) if trial else "–"
         label = f"[bold]{c['label']} ✓[/]" if c["label"] == decision["winner"] else c["label"]
         table.add_row(label, str(c["rank"]), count_text(c["params"]), f"{c['probe_score']:.3g}", losses)
     spent = f"{decision['seconds']:.0f}s" + (" earlier (cached)" if decision.get("cached") else "")
     full = decision.get("full_training_s")
     table.caption = (f"chosen: {decision['winner']}, r={decision['r']}, alpha={decision['alpha']:g} (decided by "
                      f"{decision['decided_by']}; trial rounds: {rounds}); selection {spent}"
+                     + (f"; {decision['rows']['note']}" if "rows" in decision else "")
                      + (f", full training {full:.0f}s ({decision['seconds'] / full:.0%})" if full else ""))
     return table
 

@@ -13,13 +13,13 @@ import time
 from ..atomic import atomic_write_json
 from ..data.prepare import PreparedDataset
 from ..device import loraplex_home
-from ..errors import RecipeError
 from ..recipe import DatasetSpec
 from ..targets import candidates as candidate_sets, default_budget, matched_alpha, references
 from .probe import probe, score
+from .split import SelectionSplit, selection_split
 from .trials import Batches, Trial, rounds, run_trials, step_cost, with_modules
 
-VERSION = 2  # part of the cache key: a change to the method invalidates old decisions
+VERSION = 3  # part of the cache key: a change to the method invalidates old decisions
 PROBE_COST = 1.5  # a probe pass (forward, backward, weight gradients) against a LoRA training step, per token
 EVAL_COST = 1 / 3  # a forward pass against a training step, per token
 MIN_TRIAL_STEPS = 8  # a shorter trial ranks the sets by their first steps' noise: the probe decides alone
@@ -47,9 +47,6 @@ def choose_modules(model, spec: DatasetSpec, data: PreparedDataset, base_fingerp
     path = loraplex_home() / "selections" / f"{key}.json"
     if path.is_file():
         return {**json.loads(path.read_text(encoding="utf-8")), "cached": True}
-    if spec.auto.trials and (data.val is None or len(data.val) == 0):
-        raise RecipeError(f"datasets[{spec.name}].target_modules: auto scores its trials on held-out rows; set "
-                          "val_size > 0 or val_path (or auto.trials: 0, and the probe decides alone)")
     record = _select(model, spec, data, micro_batch_tokens, progress)
     record["cache_key"] = key
     atomic_write_json(path, record)
@@ -63,7 +60,8 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
     sets = candidate_sets(model, auto.candidates, layers)
     ranks = {c.label: c.rank_for(budget) for c in sets}
     alphas = {label: matched_alpha(lora.alpha, lora.r, rank, lora.use_rslora) for label, rank in ranks.items()}
-    batches = Batches(data.train, spec.train.batch_size, spec.train.seed)
+    split = _split(spec, data)
+    batches = Batches(split.fit, spec.train.batch_size, spec.train.seed)
     probe_rows = [row for step in range(auto.probe_batches) for row in batches.rows_of(step)]
     probed = probe(model, probe_rows, spec.train.batch_size, micro_batch_tokens)
     scores = {c.label: score(probed["row_norms"], c, ranks[c.label]) for c in sets}
@@ -72,7 +70,7 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
     budget_tokens = auto.cost * full_training_tokens(spec, data)
     left = budget_tokens - PROBE_COST * probed["tokens"]
     trial_started = time.perf_counter()
-    trials, horizon, skipped = _run_trials_that_fit(model, spec, data, trials, left, micro_batch_tokens, progress)
+    trials, horizon, skipped = _run_trials_that_fit(model, spec, split, trials, left, micro_batch_tokens, progress)
     trial_seconds = time.perf_counter() - trial_started
     winner = trials[0].candidate if horizon else ranked[0]
     by_label = {tr.candidate.label: tr for tr in trials} if horizon else {}
@@ -88,10 +86,27 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
         "trials": {"horizon": horizon, "batch_size": spec.train.batch_size, "seconds": trial_seconds if horizon else 0.0,
                    "rounds": [list(r) for r in rounds(len(trials), horizon)] if horizon else []},
         "seconds": time.perf_counter() - started, "budget_tokens": budget_tokens,
+        "rows": _rows_record(split, len(probe_rows), horizon),
     }
 
 
-def _run_trials_that_fit(model, spec: DatasetSpec, data: PreparedDataset, trials: list[Trial], tokens: float,
+def _split(spec: DatasetSpec, data: PreparedDataset) -> SelectionSplit:
+    """The training rows the selection fits and scores on; the probe alone (auto.trials 0) scores nothing."""
+    if not spec.auto.trials:
+        return SelectionSplit(data.train, None)
+    return selection_split(data.train, spec.auto.selection_rows, spec.train.batch_size, f"datasets[{spec.name}]")
+
+
+def _rows_record(split: SelectionSplit, probe_rows: int, horizon: int) -> dict:
+    """Which rows each of the decision's figures comes from (the held-out split: none of them)."""
+    scored = len(split.score) if split.score is not None and horizon else 0
+    return {"fit": len(split.fit), "probe": probe_rows, "trials_scored_on": scored, "heldout_read": 0,
+            "note": f"probe and trials train on {len(split.fit)} training rows; trials are scored on "
+                    f"{scored} other training rows (auto.selection_rows, chosen by a hash of their token ids); "
+                    "the held-out split is not read"}
+
+
+def _run_trials_that_fit(model, spec: DatasetSpec, split: SelectionSplit, trials: list[Trial], tokens: float,
                          micro_batch_tokens: int | None, progress: bool) -> tuple[list[Trial], int, str]:
     """As many of `trials` (in order of priority) as fit in `tokens` with at least MIN_TRIAL_STEPS each, run.
 
@@ -99,18 +114,18 @@ def _run_trials_that_fit(model, spec: DatasetSpec, data: PreparedDataset, trials
     auto = spec.auto
     if len(trials) < 2:
         return trials, 0, "auto.trials is 0"
-    val = data.val.select(range(min(auto.val_rows, len(data.val))))
-    row_tokens, val_tokens = _mean_length(data.train), sum(val["length"])
+    row_tokens, score_tokens = _mean_length(split.fit), sum(split.score["length"])
     while len(trials) > 1:
-        horizon = _horizon(tokens, len(trials), spec.train.batch_size, row_tokens, val_tokens)
+        horizon = _horizon(tokens, len(trials), spec.train.batch_size, row_tokens, score_tokens)
         if horizon >= MIN_TRIAL_STEPS:
-            return run_trials(model, spec, data.train, val, trials, horizon, micro_batch_tokens, progress), horizon, ""
+            return run_trials(model, spec, split.fit, split.score, trials, horizon, micro_batch_tokens,
+                              progress), horizon, ""
         trials = trials[:-1]  # the least wanted: _trial_sets lists them in order of priority
     return trials, 0, f"no two trials of {MIN_TRIAL_STEPS} steps fit in auto.cost = {auto.cost:g} of the full training"
 
 
 def _trial_record(trial: Trial | None) -> dict | None:
-    return {"steps": trial.steps, "heldout": trial.heldout, "train_loss": trial.train_loss} if trial else None
+    return {"steps": trial.steps, "selection_loss": trial.selection_loss, "train_loss": trial.train_loss} if trial else None
 
 
 def _trial_sets(ranked: list, refs: list, count: int) -> list:
@@ -129,12 +144,12 @@ def _mean_length(rows) -> float:
     return sum(rows["length"]) / max(len(rows), 1)
 
 
-def _horizon(tokens: float, trials: int, batch_size: int, row_tokens: float, val_tokens: float) -> int:
-    """The longest trial (in steps) whose successive halving, with its held-out passes, fits in `tokens`."""
+def _horizon(tokens: float, trials: int, batch_size: int, row_tokens: float, score_tokens: float) -> int:
+    """The longest trial (in steps) whose successive halving, with its scoring passes, fits in `tokens`."""
     plan = rounds(trials, 1)
     evaluations = sum(alive for _, alive in plan)
     per_step = step_cost(trials) * batch_size * row_tokens
-    steps = math.floor((tokens - EVAL_COST * evaluations * val_tokens) / per_step)
+    steps = math.floor((tokens - EVAL_COST * evaluations * score_tokens) / per_step)
     return max(len(plan), steps)
 
 

@@ -1,10 +1,10 @@
 """Stage 2 of `target_modules: auto`: short trainings of the best candidates at one parameter budget, with
-successive halving on held-out rows.
+successive halving on the selection rows (training rows the trials do not train on: `select.split`).
 
 All trials share one copy of the base: each candidate is a named PEFT adapter on it, trained only while it is
 the active one, with its own optimizer and learning-rate schedule (the recipe's, over the trial's length).
-Every trial sees the same batches in the same order and the same held-out rows. After each round the better
-half (by held-out loss) trains on; the last round's best wins. The adapters are unloaded at the end (never
+Every trial sees the same batches in the same order and is scored on the same rows. After each round the better
+half (by loss on the selection rows) trains on; the last round's best wins. The adapters are unloaded at the end (never
 merged), which leaves the base as it was.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Trial:
     alpha: float
     params: int = 0  # trainable parameters, counted on the model
     steps: int = 0
-    heldout: list[float] = field(default_factory=list)  # held-out loss after each round it trained in
+    selection_loss: list[float] = field(default_factory=list)  # loss on the selection rows after each round
     train_loss: list[float] = field(default_factory=list)  # per step
 
 
@@ -82,7 +82,7 @@ class Batches:
         return self.cache[step]
 
 
-def run_trials(model, spec: DatasetSpec, train_rows, val_rows, trials: list[Trial], horizon: int,
+def run_trials(model, spec: DatasetSpec, train_rows, score_rows, trials: list[Trial], horizon: int,
                micro_batch_tokens: int | None, progress: bool = True) -> list[Trial]:
     """Train `trials` by successive halving up to `horizon` steps; returns them ordered best first."""
     from peft import get_peft_model
@@ -124,12 +124,12 @@ def run_trials(model, spec: DatasetSpec, train_rows, val_rows, trials: list[Tria
                     schedulers[name].step()
                     trial.steps += 1
                     bar.update(1)
-                trial.heldout.append(heldout_metrics(peft_model, val_rows)["loss"])
-            alive = sorted(alive, key=lambda k: trials[k].heldout[-1])[:math.ceil(len(alive) / 2)]
+                trial.selection_loss.append(heldout_metrics(peft_model, score_rows)["loss"])
+            alive = sorted(alive, key=lambda k: trials[k].selection_loss[-1])[:math.ceil(len(alive) / 2)]
     finally:
         bar.close()
         peft_model.unload()  # removes every trial's layers without merging them
-    return sorted(trials, key=lambda tr: (-tr.steps, tr.heldout[-1]))
+    return sorted(trials, key=lambda tr: (-tr.steps, tr.selection_loss[-1]))
 
 
 def _step(model, batch: dict, device, micro_batch_tokens: int | None, params, optimizer, max_grad_norm: float) -> float:
