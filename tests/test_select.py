@@ -15,7 +15,7 @@ from loraplex.errors import LoraplexError, RecipeError
 from loraplex.models import base_fingerprint, load_model, resolve_base
 from loraplex.select import choose
 from loraplex.select.trials import Trial, rounds, run_trials, step_cost
-from loraplex.targets import candidates, default_budget, matched_alpha, module_groups
+from loraplex.targets import candidates, default_budget, matched_alpha, matched_candidates, module_groups
 from loraplex.training.batching import heldout_metrics
 from loraplex.training.runner import select
 
@@ -70,7 +70,7 @@ def test_the_probe_is_not_fixed_on_one_answer(tmp_path, tiny_model_dir):
     assert set(decision["probe"]["row_norms"]) == set(LEAVES)
 
 
-def test_matched_budgets_are_equal_within_one_rank_step(tiny_model_dir):
+def test_matched_budgets_are_equal_within_half_a_rank_step(tiny_model_dir):
     from loraplex.models import meta_model
 
     meta = meta_model(resolve_base(str(tiny_model_dir)))
@@ -78,9 +78,16 @@ def test_matched_budgets_are_equal_within_one_rank_step(tiny_model_dir):
     assert budget == 8 * 2 * ((64 + 64) + (64 + 32))  # q_proj and v_proj in both layers at r=8
     sets = candidates(meta)
     assert [c.label for c in sets] == LEAVES + ["attention", "mlp", "q_proj+v_proj", "all-linear"]
-    for c in sets:
-        rank = c.rank_for(budget)
-        assert abs(rank * c.params_per_rank - budget) <= c.params_per_rank / 2 or rank in (1, c.max_rank), c
+    for r in (1, 2, 4, 8, 64):  # at r 1 and 2 one rank of all-linear costs over twice the budget; at 64 k_proj
+        kept, dropped = matched_candidates(sets, default_budget(meta, r))  # cannot reach it (rank 32 at most)
+        for c in kept:
+            rank = c.rank_for(default_budget(meta, r))
+            assert abs(rank * c.params_per_rank - default_budget(meta, r)) <= c.params_per_rank / 2, (r, c)
+        assert set(dropped) == {c.label for c in sets} - {c.label for c in kept}
+    assert set(matched_candidates(sets, default_budget(meta, 1))[1]) == {"mlp", "all-linear"}
+    assert "4.57x the budget of 448" in matched_candidates(sets, default_budget(meta, 1))[1]["all-linear"]
+    assert "rank 32, the most it can have" in matched_candidates(sets, default_budget(meta, 64))[1]["k_proj"]
+    assert not matched_candidates(sets, budget)[1]
     model = load_model(resolve_base(str(tiny_model_dir)))
     from peft import LoraConfig, get_peft_model
     for c in sets:  # the counted parameters are those the candidate's LoRA really has
@@ -89,6 +96,21 @@ def test_matched_budgets_are_equal_within_one_rank_step(tiny_model_dir):
         assert sum(p.numel() for p in peft.parameters() if p.requires_grad) == c.rank_for(budget) * c.params_per_rank
     assert module_groups(model) == {"attention": LEAVES[:4], "mlp": LEAVES[4:]}
     assert matched_alpha(16, 8, 2, False) == 4 and matched_alpha(16, 8, 2, True) == pytest.approx(8)
+
+
+def test_a_selection_leaves_out_the_sets_that_cannot_meet_the_budget_and_says_why(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 1, "cost": 1.0})
+    recipe["defaults"]["lora"]["r"] = 1
+    recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials, which would train all-linear
+    decision = select(recipe, progress=False)["a"]
+    assert decision["decided_by"] == "trials"
+    assert {d["label"] for d in decision["dropped"]} == {"mlp", "all-linear"}
+    assert not {"mlp", "all-linear"} & {c["label"] for c in decision["candidates"]}
+    for c in decision["candidates"]:
+        assert abs(c["params"] - decision["budget"]) <= c["params"] / c["rank"] / 2, c
+    recipe["datasets"][0]["auto"]["candidates"] = ["mlp"]
+    with pytest.raises(RecipeError, match=r"mlp: rank 1, the least it can have, gives 1,152 parameters"):
+        select(recipe, progress=False)
 
 
 def test_successive_halving_schedule():

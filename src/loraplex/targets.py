@@ -116,6 +116,18 @@ class Candidate:
         """The rank whose parameter count is nearest the budget (at least 1, at most max_rank)."""
         return max(1, min(self.max_rank, round(budget / self.params_per_rank)))
 
+    def budget_miss(self, budget: int) -> str | None:
+        """Why this set cannot have `budget` parameters within half a rank step (None when it can): a set whose
+        one rank costs more than twice the budget, or whose largest rank costs less, would be compared at
+        another budget than the others."""
+        rank = self.rank_for(budget)
+        params = rank * self.params_per_rank
+        if abs(params - budget) <= self.params_per_rank / 2:
+            return None
+        bound = "least" if rank == 1 else "most"
+        return (f"rank {rank}, the {bound} it can have, gives {params:,} parameters: {params / budget:.2f}x the "
+                f"budget of {budget:,}")
+
     def target_modules(self) -> list[str] | str:
         return ALL_LINEAR if self.label == ALL_LINEAR else list(self.modules)
 
@@ -173,6 +185,12 @@ def candidates(model: nn.Module, entries: list | None = None, layers: list[int] 
         label, names = _resolve_entry(entry, leaves, groups)
         out.setdefault(frozenset(names), make_candidate(label, names, shapes))
     return list(out.values())
+
+
+def matched_candidates(sets: list[Candidate], budget: int) -> tuple[list[Candidate], dict[str, str]]:
+    """(the sets that can meet `budget` within half a rank step, label -> why each other one cannot)."""
+    misses = {c.label: c.budget_miss(budget) for c in sets}
+    return [c for c in sets if misses[c.label] is None], {label: why for label, why in misses.items() if why}
 
 
 def references(model: nn.Module, layers: list[int] | None = None) -> list[Candidate]:

@@ -25,6 +25,7 @@ def selection_section(data: RunData) -> Section | None:
         cost = f"; selection {decision['seconds']:.0f}s" + (f" = {decision['seconds'] / full:.0%} of the full "
                                                               f"training ({full:.0f}s)" if full else "")
         rows_note = f"; {decision['rows']['note']}" if "rows" in decision else ""
+        rows_note += "".join(f"; {d['label']} left out: {d['reason']}" for d in decision.get("dropped", []))
         blocks.append(Table(["modules", "r", "params", "probe score", "trial loss on the selection rows per round"], rows,
                             "selection", {(i, 0) for i, c in enumerate(decision["candidates"])
                                           if c["label"] == decision["winner"]},

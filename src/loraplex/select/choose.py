@@ -14,7 +14,8 @@ from ..atomic import atomic_write_json
 from ..data.prepare import PreparedDataset
 from ..device import loraplex_home
 from ..recipe import DatasetSpec
-from ..targets import candidates as candidate_sets, default_budget, matched_alpha, references
+from ..errors import RecipeError
+from ..targets import candidates as candidate_sets, default_budget, matched_alpha, matched_candidates, references
 from .probe import probe, score
 from .split import SelectionSplit, selection_split
 from .trials import Batches, Trial, rounds, run_trials, step_cost, with_modules
@@ -57,7 +58,11 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
     started = time.perf_counter()
     auto, lora, layers = spec.auto, spec.lora, spec.lora.layers_to_transform
     budget = auto.budget or default_budget(model, lora.r, layers)
-    sets = candidate_sets(model, auto.candidates, layers)
+    sets, dropped = matched_candidates(candidate_sets(model, auto.candidates, layers), budget)
+    if not sets:
+        raise RecipeError([f"datasets[{spec.name}].auto: no candidate can have the budget of {budget:,} parameters "
+                           "within half a rank step"] + [f"{label}: {why}" for label, why in dropped.items()]
+                          + ["set auto.budget (or lora.r) to a budget the candidates can meet"])
     ranks = {c.label: c.rank_for(budget) for c in sets}
     alphas = {label: matched_alpha(lora.alpha, lora.r, rank, lora.use_rslora) for label, rank in ranks.items()}
     split = _split(spec, data)
@@ -66,7 +71,8 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
     probed = probe(model, probe_rows, spec.train.batch_size, micro_batch_tokens)
     scores = {c.label: score(probed["row_norms"], c, ranks[c.label]) for c in sets}
     ranked = sorted(sets, key=lambda c: -scores[c.label])
-    trials = [Trial(c, ranks[c.label], alphas[c.label]) for c in _trial_sets(ranked, references(model, layers), auto.trials)]
+    refs = [c for c in references(model, layers) if c.label not in dropped]
+    trials = [Trial(c, ranks[c.label], alphas[c.label]) for c in _trial_sets(ranked, refs, auto.trials)]
     budget_tokens = auto.cost * full_training_tokens(spec, data)
     left = budget_tokens - PROBE_COST * probed["tokens"]
     trial_started = time.perf_counter()
@@ -80,6 +86,7 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
     return {
         "winner": winner.label, "target_modules": winner.target_modules(), "r": ranks[winner.label],
         "alpha": alphas[winner.label], "budget": budget, "candidates": rows,
+        "dropped": [{"label": label, "reason": why} for label, why in dropped.items()],
         "decided_by": "trials" if horizon else f"probe ({skipped})",
         "probe": {"batches": auto.probe_batches, "tokens": probed["tokens"], "seconds": probed["seconds"],
                   "row_norms": probed["row_norms"]},
