@@ -36,12 +36,12 @@ def make_recipe(tmp_path: Path, model_dir: Path, auto: dict | None = None, dtype
     }
 
 
-def zeroed_model_dir(source: Path, target: Path, zero: set[str]) -> Path:
-    """The tiny model with the weights of the `zero` modules set to 0 in every layer."""
+def zeroed_model_dir(source: Path, target: Path, zero: set[str], layers: set[int] = {0, 1}) -> Path:
+    """The tiny model with the weights of the `zero` modules set to 0 in `layers` (default: both)."""
     model = LlamaForCausalLM.from_pretrained(source)
     with torch.no_grad():
         for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in zero:
+            if name.rsplit(".", 1)[-1] in zero and int(name.split(".")[2]) in layers:
                 module.weight.zero_()
     model.save_pretrained(target)
     AutoTokenizer.from_pretrained(source).save_pretrained(target)
@@ -61,6 +61,19 @@ def test_the_probe_ranks_the_only_module_that_can_learn_the_task_first(tmp_path,
     assert decision["candidates"][0]["label"] == only
     for c in decision["candidates"]:
         assert (c["probe_score"] > 0) == (only in c["modules"]), (c["label"], scores)
+
+
+def test_the_probe_measures_only_the_layers_to_transform(tmp_path, tiny_model_dir):
+    """Layer 1 as in the down_proj case above, layer 0 untouched: on layer 1 alone only down_proj has a gradient."""
+    model_dir = zeroed_model_dir(tiny_model_dir, tmp_path / "model", {"v_proj", "o_proj", "down_proj"}, {1})
+    recipe = make_recipe(tmp_path, model_dir, {"trials": 0})
+    recipe["defaults"]["lora"]["layers_to_transform"] = [1]
+    decision = select(recipe, progress=False)["a"]
+    assert decision["winner"] == "down_proj"
+    for c in decision["candidates"]:
+        assert (c["probe_score"] > 0) == ("down_proj" in c["modules"]), c
+    recipe["defaults"]["lora"]["layers_to_transform"] = [0]  # the untouched layer: every module has a gradient
+    assert all(c["probe_score"] > 0 for c in select(recipe, progress=False)["a"]["candidates"])
 
 
 def test_the_probe_is_not_fixed_on_one_answer(tmp_path, tiny_model_dir):

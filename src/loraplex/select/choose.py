@@ -68,7 +68,7 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
     split = _split(spec, data)
     batches = Batches(split.fit, spec.train.batch_size, spec.train.seed)
     probe_rows = [row for step in range(auto.probe_batches) for row in batches.rows_of(step)]
-    probed = probe(model, probe_rows, spec.train.batch_size, micro_batch_tokens)
+    probed = probe(model, probe_rows, spec.train.batch_size, micro_batch_tokens, layers)
     scores = {c.label: score(probed["row_norms"], c, ranks[c.label]) for c in sets}
     ranked = sorted(sets, key=lambda c: -scores[c.label])
     refs = [c for c in references(model, layers) if c.label not in dropped]
