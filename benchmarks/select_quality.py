@@ -106,7 +106,7 @@ def run_one(which: str, seed: int, work: Path) -> dict:
               "datasets": datasets}
     path = work / f"{run_name}.yaml"
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False))
-    train(path, overwrite=True, progress=False)
+    train(path, overwrite=True, resume=True, progress=False)  # adapters an interrupted run of this recipe finished stay
     out = {"seed": seed, "budget": budget, "adapters": {}, "left_out": left_out}
     for d in datasets:
         m = adapter_metadata(adapter_dir(work / "runs" / run_name, d["name"]))
@@ -155,11 +155,13 @@ def main() -> None:
     results: dict = {"cpu": cpu_line(), "seeds": args.seeds, "datasets": {}}
     for which in args.datasets:
         started = time.perf_counter()
-        runs = [run_one(which, seed, work) for seed in range(args.seeds)]
-        results["datasets"][which] = {"runs": runs, "summary": summary(runs)}
+        runs = []
+        for seed in range(args.seeds):  # saved after every seed: an interrupted benchmark keeps what it measured
+            runs.append(run_one(which, seed, work))
+            results["datasets"][which] = {"runs": runs, "summary": summary(runs)}
+            if args.out:
+                Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False))
         print_dataset(which, runs, results["datasets"][which]["summary"], time.perf_counter() - started)
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False))
 
 
 def print_dataset(which: str, runs: list[dict], s: dict, seconds: float) -> None:

@@ -271,15 +271,18 @@ def test_bad_auto_settings_get_clear_errors(tmp_path, tiny_model_dir, auto, mess
     assert message in str(info.value)
 
 
-def test_auto_needs_no_held_out_split_and_says_when_the_training_rows_are_too_few(tmp_path, tiny_model_dir):
+def test_auto_needs_no_held_out_split_and_says_when_the_training_rows_are_too_few_for_trials(tmp_path,
+                                                                                             tiny_model_dir):
     recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 1, "cost": 1.0})
     recipe["defaults"]["val_size"] = 0
     recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials
     decision = select(recipe, progress=False)["a"]
     assert decision["decided_by"] == "trials" and decision["rows"]["trials_scored_on"] == 16
     recipe["datasets"][0]["auto"]["selection_rows"] = 46  # of 48 rows: 2 left, fewer than a batch of 4
-    with pytest.raises(RecipeError, match=r"auto.selection_rows: 46 of the 48 training rows scored leaves 2"):
-        select(recipe, progress=False)
+    decision = select(recipe, progress=False)["a"]
+    assert decision["decided_by"] == "probe (48 training rows: too few to score trials on auto.selection_rows = 46 " \
+                                     "and train them on a batch of others)"
+    assert decision["rows"]["trials_scored_on"] == 0 and decision["rows"]["fit"] == 48
 
 
 def test_user_candidates_and_groups(tmp_path, tiny_model_dir):

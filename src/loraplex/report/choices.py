@@ -92,7 +92,7 @@ def one_model_section(data: RunData) -> Section | None:
         if cell.get("accuracy") is not None:
             rows.append(["model: auto (routing)", "each prompt to the adapter the router picks", name, "-", "-",
                          f"routed right {cell['accuracy']:.0%}", str(cell["prompts"]), "a router at serving time"])
-    table = Table(["model", "method (weights)", "data", "held-out loss\n(all rows)", "exact match", "gain kept", "rows",
+    table = Table(["model", "method (weights)", "data", "held-out loss\n(rows listed)", "exact match", "gain kept", "rows",
                    "extra cost"], rows, "one-model",
                   caption="gain kept = (base loss − merged loss) / (base loss − adapter loss) on the rows listed: all "
                           "held-out rows, or for weights-search the half its search never saw")

@@ -65,7 +65,7 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
                           + ["set auto.budget (or lora.r) to a budget the candidates can meet"])
     ranks = {c.label: c.rank_for(budget) for c in sets}
     alphas = {label: matched_alpha(lora.alpha, lora.r, rank, lora.use_rslora) for label, rank in ranks.items()}
-    split = _split(spec, data)
+    split, no_trials = _split(spec, data)
     batches = Batches(split.fit, spec.train.batch_size, spec.train.seed)
     probe_rows = [row for step in range(auto.probe_batches) for row in batches.rows_of(step)]
     probed = probe(model, probe_rows, spec.train.batch_size, micro_batch_tokens, layers)
@@ -76,7 +76,8 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
     budget_tokens = auto.cost * full_training_tokens(spec, data)
     left = budget_tokens - PROBE_COST * probed["tokens"]
     trial_started = time.perf_counter()
-    trials, horizon, skipped = _run_trials_that_fit(model, spec, split, trials, left, micro_batch_tokens, progress)
+    trials, horizon, skipped = _run_trials_that_fit(model, spec, split, trials, left, micro_batch_tokens, progress,
+                                                    no_trials)
     trial_seconds = time.perf_counter() - trial_started
     winner = trials[0].candidate if horizon else ranked[0]
     by_label = {tr.candidate.label: tr for tr in trials} if horizon else {}
@@ -97,11 +98,16 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
     }
 
 
-def _split(spec: DatasetSpec, data: PreparedDataset) -> SelectionSplit:
-    """The training rows the selection fits and scores on; the probe alone (auto.trials 0) scores nothing."""
+def _split(spec: DatasetSpec, data: PreparedDataset) -> tuple[SelectionSplit, str]:
+    """The training rows the selection fits and scores on, and why no trial can run ("" when they can)."""
+    rows = spec.auto.selection_rows
     if not spec.auto.trials:
-        return SelectionSplit(data.train, None)
-    return selection_split(data.train, spec.auto.selection_rows, spec.train.batch_size, f"datasets[{spec.name}]")
+        return SelectionSplit(data.train, None), "auto.trials is 0"
+    split = selection_split(data.train, rows, spec.train.batch_size)
+    if split is None:
+        return SelectionSplit(data.train, None), (f"{len(data.train)} training rows: too few to score trials on "
+                                                  f"auto.selection_rows = {rows} and train them on a batch of others")
+    return split, ""
 
 
 def _rows_record(split: SelectionSplit, probe_rows: int, horizon: int) -> dict:
@@ -114,13 +120,14 @@ def _rows_record(split: SelectionSplit, probe_rows: int, horizon: int) -> dict:
 
 
 def _run_trials_that_fit(model, spec: DatasetSpec, split: SelectionSplit, trials: list[Trial], tokens: float,
-                         micro_batch_tokens: int | None, progress: bool) -> tuple[list[Trial], int, str]:
-    """As many of `trials` (in order of priority) as fit in `tokens` with at least MIN_TRIAL_STEPS each, run.
+                         micro_batch_tokens: int | None, progress: bool, no_trials: str) -> tuple[list[Trial], int, str]:
+    """As many of `trials` (in order of priority) as fit in `tokens` with at least MIN_TRIAL_STEPS each, run
+    (none when `no_trials` says why).
 
     Returns (the trials best first, their length in steps, why none ran: "" when they did)."""
     auto = spec.auto
-    if len(trials) < 2:
-        return trials, 0, "auto.trials is 0"
+    if no_trials or len(trials) < 2:
+        return trials, 0, no_trials or "fewer than two sets to trial"
     row_tokens, score_tokens = _mean_length(split.fit), sum(split.score["length"])
     while len(trials) > 1:
         horizon = _horizon(tokens, len(trials), spec.train.batch_size, row_tokens, score_tokens)

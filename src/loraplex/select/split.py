@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from ..errors import RecipeError
-
 
 @dataclass
 class SelectionSplit:
@@ -23,19 +21,16 @@ def row_hash(input_ids: list[int]) -> str:
     return hashlib.sha256(",".join(map(str, input_ids)).encode()).hexdigest()
 
 
-def selection_split(train, rows: int, min_fit_rows: int, where: str) -> SelectionSplit:
-    """`rows` rows of `train` to score trials on (more when the last one has identical copies), the rest to fit.
-
-    Refuses (naming `where`.auto.selection_rows) when fewer than `min_fit_rows` would be left to fit on."""
+def selection_split(train, rows: int, min_fit_rows: int) -> SelectionSplit | None:
+    """`rows` rows of `train` to score trials on (more when the last one has identical copies), the rest to fit;
+    None when fewer than `min_fit_rows` would be left to fit on."""
     hashes = [row_hash(ids) for ids in train["input_ids"]]
     order = sorted(range(len(train)), key=lambda i: hashes[i])
     cut = min(rows, len(order))
     while 0 < cut < len(order) and hashes[order[cut]] == hashes[order[cut - 1]]:
         cut += 1  # a copy of a scored row must not be trained on
     if len(order) - cut < min_fit_rows:
-        raise RecipeError(f"{where}.auto.selection_rows: {rows} of the {len(train)} training rows scored leaves "
-                          f"{len(order) - cut} to train the trials on (at least {min_fit_rows}, a batch, needed); "
-                          "lower auto.selection_rows, add training rows, or set auto.trials: 0 (the probe alone)")
+        return None
     scored = set(order[:cut])
     fit = [i for i in range(len(train)) if i not in scored]
     return SelectionSplit(train.select(fit), train.select(sorted(scored)))
