@@ -256,6 +256,33 @@ def test_a_decision_does_not_change_when_the_held_out_rows_are_poisoned(tmp_path
     assert clean["winner"] == poisoned["winner"] and clean["candidates"] == poisoned["candidates"]
 
 
+def test_a_composed_adapter_is_selected_in_the_model_it_trains_in(tmp_path, tiny_model_dir):
+    """With o_proj = 0 in the base, q, k and v get no gradient and cannot learn, until an adapter on o_proj opens
+    the attention path: selected with that adapter active (and frozen), q_proj+v_proj can learn."""
+    model_dir = zeroed_model_dir(tiny_model_dir, tmp_path / "model", {"o_proj"})
+    recipe = make_recipe(tmp_path, model_dir, {"trials": 1, "cost": 1.0})
+    recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials
+    second = {**recipe["datasets"][0], "name": "second", "compose_with": ["opener"]}
+    recipe["datasets"][0].update(name="opener", target_modules=["o_proj"])
+    recipe["datasets"].append(second)
+    result = train(recipe, progress=False)  # the isolation check after each adapter covers the selection too
+    composed = (result.run_dir / "adapters" / "opener" / "adapter_model.safetensors").read_bytes()
+    decision = result.adapters["second"]["selection"]
+    assert decision["decided_by"] == "trials" and set(decision["composed_with"]) == {"opener"}
+    scores = {c["label"]: c["probe_score"] for c in decision["candidates"]}
+    assert scores["q_proj"] > 0 and scores["v_proj"] > 0, scores  # 0 on the pristine base
+    qv = next(c["trial"] for c in decision["candidates"] if c["label"] == "q_proj+v_proj")
+    from loraplex.pipeline import open_recipe
+    from loraplex.select.split import selection_split
+
+    ws = open_recipe(recipe)
+    scored = selection_split(ws.prepare()["second"].train, 16, 4).score
+    pristine = heldout_metrics(load_model(ws.base), scored)["loss"]  # what q_proj+v_proj keep on the pristine base
+    assert abs(qv["selection_loss"][0] - pristine) > 0.1, (qv, pristine)
+    assert (result.run_dir / "adapters" / "opener" / "adapter_model.safetensors").read_bytes() == composed
+    assert result.adapters["second"]["compose_with"] == decision["composed_with"]  # the same weights, by hash
+
+
 @pytest.mark.parametrize("auto, message", [
     ({"candidates": ["q_prj"]}, "'q_prj' is not a linear module of LlamaForCausalLM; did you mean 'q_proj'?"),
     ({"candidates": []}, "auto.candidates: empty"),

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import time
+from pathlib import Path
 
 from ..atomic import atomic_write_json
 from ..data.prepare import PreparedDataset
@@ -16,6 +17,7 @@ from ..device import loraplex_home
 from ..recipe import DatasetSpec
 from ..errors import RecipeError
 from ..targets import candidates as candidate_sets, default_budget, matched_alpha, matched_candidates, references
+from .composed import composed_model, weights_hashes
 from .probe import probe, score
 from .split import SelectionSplit, selection_split
 from .trials import Batches, Trial, rounds, run_trials, step_cost, with_modules
@@ -26,8 +28,10 @@ EVAL_COST = 1 / 3  # a forward pass against a training step, per token
 MIN_TRIAL_STEPS = 8  # a shorter trial ranks the sets by their first steps' noise: the probe decides alone
 
 
-def cache_key(spec: DatasetSpec, data: PreparedDataset, base_fingerprint: str, micro_batch_tokens: int | None) -> str:
+def cache_key(spec: DatasetSpec, data: PreparedDataset, base_fingerprint: str, micro_batch_tokens: int | None,
+              composed: dict[str, str] | None = None) -> str:
     settings = {"v": VERSION, "base": base_fingerprint, "rows": data.rows_key, "auto": spec.auto.model_dump(),
+                "composed": composed or {},
                 "lora": spec.lora.model_dump(), "micro": micro_batch_tokens,
                 "train": spec.train.model_dump(exclude={"logging_steps", "save_steps"})}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -42,14 +46,19 @@ def full_training_tokens(spec: DatasetSpec, data: PreparedDataset) -> int:
 
 
 def choose_modules(model, spec: DatasetSpec, data: PreparedDataset, base_fingerprint: str,
-                   micro_batch_tokens: int | None, progress: bool = True) -> dict:
-    """The decision record for `spec` (from the cache when the same question was answered before)."""
-    key = cache_key(spec, data, base_fingerprint, micro_batch_tokens)
+                   micro_batch_tokens: int | None, progress: bool = True, composed: dict[str, Path] | None = None) -> dict:
+    """The decision record for `spec` (from the cache when the same question was answered before).
+
+    `composed`: name -> folder of the adapters `spec` is composed with; the decision is made with them loaded,
+    active and frozen, in the model the adapter will train in."""
+    hashes = weights_hashes(composed or {})
+    key = cache_key(spec, data, base_fingerprint, micro_batch_tokens, hashes)
     path = loraplex_home() / "selections" / f"{key}.json"
     if path.is_file():
         return {**json.loads(path.read_text(encoding="utf-8")), "cached": True}
-    record = _select(model, spec, data, micro_batch_tokens, progress)
-    record["cache_key"] = key
+    with composed_model(model, composed or {}) as in_training:
+        record = _select(in_training, spec, data, micro_batch_tokens, progress)
+    record.update(cache_key=key, composed_with=hashes)
     atomic_write_json(path, record)
     return {**record, "cached": False}
 
