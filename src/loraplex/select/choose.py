@@ -1,7 +1,10 @@
 """`target_modules: auto`: probe every candidate module set, trial the best few, keep the winner.
 
+Every candidate gets one parameter budget (a set that cannot meet it within half a rank step is left out, with
+the reason); the probe and the trials read training rows only (`split`), so the held-out split grades the choice.
 The decision is cached under `$LORAPLEX_HOME/selections/` by everything it depends on (the base's fingerprint,
-the tokenized rows' cache key, the `auto` settings, the LoRA and training settings): the same question is answered once.
+the tokenized rows' cache key, the composed adapters' weights, the `auto` settings, the LoRA and training
+settings): the same question is answered once.
 """
 from __future__ import annotations
 
