@@ -82,8 +82,8 @@ def matched(model_meta, budget: int, targets) -> dict | str:
     return {"r": rank, "alpha": 2.0 * rank}  # the recipes' alpha / r = 2
 
 
-def run_one(which: str, seed: int, work: Path) -> dict:
-    """Train auto and every fixed choice at one seed; returns each adapter's held-out loss and auto's decision."""
+def run_one(which: str, seed: int, work: Path, fixed: list[str]) -> dict:
+    """Train auto and the `fixed` choices at one seed; returns each adapter's held-out loss and auto's decision."""
     from loraplex.models import meta_model, resolve_base
     from loraplex.run import adapter_dir, adapter_metadata
     from loraplex.targets import default_budget
@@ -95,13 +95,14 @@ def run_one(which: str, seed: int, work: Path) -> dict:
     meta = meta_model(resolve_base(base))
     budget = default_budget(meta, defaults["lora"]["r"])
     datasets, left_out = [{**entry, "name": "auto", "target_modules": "auto"}], {}
-    for name, targets in FIXED.items():
+    for name in fixed:
+        targets = FIXED[name]
         lora = matched(meta, budget, targets)
         if isinstance(lora, str):
             left_out[name] = lora
             continue
         datasets.append({**entry, "name": name, "target_modules": targets, "lora": lora})
-    run_name = f"{which}-seed{seed}"
+    run_name = f"{which}-seed{seed}" + ("" if fixed == list(FIXED) else "-" + "+".join(fixed))
     recipe = {"model": {"path": base}, "run_name": run_name, "output_dir": str(work / "runs"), "defaults": defaults,
               "datasets": datasets}
     path = work / f"{run_name}.yaml"
@@ -145,7 +146,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+",
                         default=["demo-zh", "demo-en", "demo-ja", "alpaca-zh", "alpaca-en", "o0-en"])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per dataset (0, 1, ...)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per dataset (first-seed, first-seed + 1, ...)")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--fixed", nargs="+", choices=list(FIXED), default=list(FIXED),
+                        help="the fixed choices to train beside auto (default: all)")
     parser.add_argument("--work", default="/tmp/loraplex-select-quality")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -156,8 +160,8 @@ def main() -> None:
     for which in args.datasets:
         started = time.perf_counter()
         runs = []
-        for seed in range(args.seeds):  # saved after every seed: an interrupted benchmark keeps what it measured
-            runs.append(run_one(which, seed, work))
+        for seed in range(args.first_seed, args.first_seed + args.seeds):  # saved after every seed: an interrupted
+            runs.append(run_one(which, seed, work, args.fixed))  # benchmark keeps what it measured
             results["datasets"][which] = {"runs": runs, "summary": summary(runs)}
             if args.out:
                 Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False))
