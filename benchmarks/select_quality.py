@@ -102,7 +102,7 @@ def run_one(which: str, seed: int, work: Path, fixed: list[str]) -> dict:
             left_out[name] = lora
             continue
         datasets.append({**entry, "name": name, "target_modules": targets, "lora": lora})
-    run_name = f"{which}-seed{seed}" + ("" if fixed == list(FIXED) else "-" + "+".join(fixed))
+    run_name = f"{which}-seed{seed}" + ("" if fixed == list(FIXED) else "-" + "_".join(fixed))
     recipe = {"model": {"path": base}, "run_name": run_name, "output_dir": str(work / "runs"), "defaults": defaults,
               "datasets": datasets}
     path = work / f"{run_name}.yaml"
