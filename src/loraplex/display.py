@@ -11,6 +11,7 @@ from rich.text import Text
 from .demo import targets_met
 from .merging.plan import REPORT_NAME
 from .run import count_text, percent_of_base
+from .select import trial_losses
 
 
 
@@ -69,7 +70,7 @@ def select_table(name: str, decision: dict) -> Table:
         table.add_column(col, justify="left" if col == "modules" else "right", overflow="fold")
     for c in decision["candidates"]:
         trial = c["trial"]
-        losses = " → ".join(f"{x:.3f}" for x in trial["selection_loss"]) if trial else "–"
+        losses = " → ".join(f"{x:.3f}" for x in trial_losses(trial)) if trial else "–"
         label = f"[bold]{c['label']} ✓[/]" if c["label"] == decision["winner"] else c["label"]
         table.add_row(label, str(c["rank"]), count_text(c["params"]), f"{c['probe_score']:.3g}", losses)
     spent = f"{decision['seconds']:.0f}s" + (" earlier (cached)" if decision.get("cached") else "")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..merging.plan import REPORT_NAME
 from ..run import count_text
+from ..select import trial_losses
 from .blocks import Plot, RunData, Section, Table, ascii_label, figure, num, png
 
 
@@ -19,7 +20,7 @@ def selection_section(data: RunData) -> Section | None:
             continue
         rows = [[c["label"] + (" (chosen)" if c["label"] == decision["winner"] else ""), str(c["rank"]),
                  count_text(c["params"]), f"{c['probe_score']:.4g}",
-                 " → ".join(f"{x:.3f}" for x in c["trial"]["selection_loss"]) if c["trial"] else "-"]
+                 " → ".join(f"{x:.3f}" for x in trial_losses(c["trial"])) if c["trial"] else "-"]
                 for c in decision["candidates"]]
         full = decision.get("full_training_s")
         cost = f"; selection {decision['seconds']:.0f}s" + (f" = {decision['seconds'] / full:.0%} of the full "
@@ -51,8 +52,8 @@ def _selection_plot(name: str, decision: dict) -> Plot:
     tried = [c for c in decision["candidates"] if c["trial"]]
     if tried:  # does the probe predict the trials?
         for c in tried:
-            ax.scatter([c["probe_score"]], [c["trial"]["selection_loss"][-1]], s=40)
-            ax.annotate(ascii_label(f"{c['label']} ({c['trial']['steps']} steps)"), (c["probe_score"], c["trial"]["selection_loss"][-1]),
+            ax.scatter([c["probe_score"]], [trial_losses(c["trial"])[-1]], s=40)
+            ax.annotate(ascii_label(f"{c['label']} ({c['trial']['steps']} steps)"), (c["probe_score"], trial_losses(c["trial"])[-1]),
                         textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.set(xlabel="probe score (expected gain of the first step)",
                ylabel="trial loss on the selection rows (last round)", title=f"{ascii_label(name)}: probe vs trials")

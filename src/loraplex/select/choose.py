@@ -150,6 +150,11 @@ def _run_trials_that_fit(model, spec: DatasetSpec, split: SelectionSplit, trials
     return trials, 0, f"no two trials of {MIN_TRIAL_STEPS} steps fit in auto.cost = {auto.cost:g} of the full training"
 
 
+def trial_losses(trial: dict) -> list[float]:
+    """A trial record's loss after each round (records written before the selection split named them "heldout")."""
+    return trial.get("selection_loss", trial.get("heldout", []))
+
+
 def _trial_record(trial: Trial | None) -> dict | None:
     return {"steps": trial.steps, "selection_loss": trial.selection_loss, "train_loss": trial.train_loss} if trial else None
 
