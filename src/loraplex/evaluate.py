@@ -9,6 +9,8 @@ and, where the dataset has a test split, exact match and chrF of greedy answers.
 once and the adapters are switched on it; two columns over the same data are computed once per row.
 The base is loaded in full precision, QLoRA runs included (their adapters are ordinary LoRA weights);
 `base_precision="quantized"` loads it as the recipe's `model.quantization` instead. eval.json says which.
+A merge whose weights were searched on the even rows of held-out splits (`--method weights-search`) is scored on
+the odd rows of those splits only, beside the merge report's base and adapter losses on the same rows.
 """
 from __future__ import annotations
 
