@@ -170,8 +170,8 @@ def main() -> None:
 
 def print_dataset(which: str, runs: list[dict], s: dict, seconds: float) -> None:
     sel = runs[0]["adapters"]["auto"]["selection"]
-    print(f"\n{which}: budget {runs[0]['budget']:,} params; auto chose {', '.join(s['auto_chose'])} (seed 0 decided "
-          f"by {sel['decided_by']}; {(sel.get('rows') or {}).get('note', '')})")
+    print(f"\n{which}: budget {runs[0]['budget']:,} params; auto chose {', '.join(s['auto_chose'])} (seed {runs[0]['seed']} "
+          f"decided by {sel['decided_by']}; {(sel.get('rows') or {}).get('note', '')})")
     for name, why in runs[0]["left_out"].items():
         print(f"  {name}: left out, {why}")
     print(f"  {'adapter':8} {'modules':28} {'r':>4} {'params':>9}  held-out loss per seed      mean")
