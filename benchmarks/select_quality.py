@@ -1,14 +1,18 @@
-"""Does `target_modules: auto` choose well? Its adapter against q_proj, v_proj, q_proj+v_proj and all-linear,
-each trained in full at the same parameter budget (rank matched), on the demo data and the shared alpaca data.
+"""Does `target_modules: auto` choose well? Its adapter against every fixed choice (q_proj, v_proj, q_proj+v_proj,
+o_proj, mlp, all-linear), each trained in full at the same parameter budget (rank matched), over several seeds.
 
-    python benchmarks/select_quality.py [--datasets demo-zh demo-en demo-ja alpaca-zh alpaca-en] [--seeds 3]
+    python benchmarks/select_quality.py [--datasets demo-zh demo-en demo-ja alpaca-zh alpaca-en o0-en] [--seeds 3]
                                         [--out benchmarks/results/select_quality.json]
 
-For every dataset one run trains `auto` and the four references (same seed, data order and budget). The
-references on --seed-datasets are also trained with --seeds seeds: the spread of their held-out losses is the
-noise a choice has to be judged against. --reuse keeps the references of an earlier run in --work (only `auto`
-trains again). Prints, per dataset, each adapter's held-out loss, the winner and the selection's time against
-its full training's.
+`auto` decides on its selection rows (`auto.selection_rows`, carved from the training split); every adapter,
+auto's included, is graded on the held-out split, which no decision read. For every dataset and seed one run
+trains `auto` and the fixed choices (same seed, data order and budget). Per dataset it prints each adapter's
+held-out loss per seed and its mean, auto's regret against the best fixed choice (the lowest mean) at each seed
+and on average, and the seed spread (max - min over seeds) of that best choice.
+
+`o0-en` is a dataset built so that the best set is not v_proj: the demo's English data on SmolLM2 with every
+o_proj weight set to 0. The attention blocks then add nothing to the residual stream, so no change of q_proj,
+k_proj or v_proj reaches the output: only o_proj and the MLP modules can learn the task.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -23,12 +28,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
-REFERENCES = {"q": ["q_proj"], "v": ["v_proj"], "qv": ["q_proj", "v_proj"], "all": "all-linear"}
+FIXED = {"q": ["q_proj"], "v": ["v_proj"], "qv": ["q_proj", "v_proj"], "o": ["o_proj"],
+         "mlp": ["gate_proj", "up_proj", "down_proj"], "all": "all-linear"}
+ZEROED = "o_proj"  # the modules set to 0 in the o0-* datasets' base
 
 
-def dataset_entries(which: str, work: Path) -> tuple[dict, dict]:
-    """(recipe defaults, dataset entry without name/targets) for one benchmark dataset."""
-    if which.startswith("demo-"):
+def dataset_entries(which: str, work: Path) -> tuple[dict, dict, str]:
+    """(recipe defaults, dataset entry without name/targets, base model path) for one benchmark dataset."""
+    if which.startswith(("demo-", "o0-")):
         from loraplex.data.demo import demo_file, write_demo_data
         from loraplex.demo import DEMO_SIZES, DEMO_SYSTEM, demo_recipe
 
@@ -36,62 +43,94 @@ def dataset_entries(which: str, work: Path) -> tuple[dict, dict]:
         if not (work / "data").is_dir():
             write_demo_data(work / "data", seed=0, **DEMO_SIZES)
         defaults = demo_recipe(0)["defaults"]
-        return defaults, {"path": str(work / demo_file(lang, "train")), "val_path": str(work / demo_file(lang, "val")),
-                          "system": DEMO_SYSTEM}
+        entry = {"path": str(work / demo_file(lang, "train")), "val_path": str(work / demo_file(lang, "val")),
+                 "system": DEMO_SYSTEM}
+        return defaults, entry, zeroed_base(work) if which.startswith("o0-") else "default"
     lang = which.split("-", 1)[1]
     defaults = {"max_samples": 240, "max_seq_length": 384, "val_size": 0.1, "lora": {"r": 16, "alpha": 32},
                 "train": {"epochs": 1, "lr": 3.0e-4, "batch_size": 4, "logging_steps": 2, "seed": 0}}
-    return defaults, {"path": str(SHARED / f"alpaca_{lang}_demo.json")}
+    return defaults, {"path": str(SHARED / f"alpaca_{lang}_demo.json")}, "default"
 
 
-def matched(model_meta, budget: int, targets) -> dict:
+def zeroed_base(work: Path) -> str:
+    """SmolLM2 with every ZEROED weight set to 0, saved once under `work`."""
+    import torch
+    from loraplex.models import load_model, load_tokenizer, resolve_base
+
+    folder = work / f"base-{ZEROED}-zeroed"
+    if not (folder / "config.json").is_file():
+        ref = resolve_base("default")
+        model = load_model(ref, torch.float32)
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if name.rsplit(".", 1)[-1] == ZEROED:
+                    module.weight.zero_()
+        model.save_pretrained(folder)
+        load_tokenizer(ref).save_pretrained(folder)
+    return str(folder)
+
+
+def matched(model_meta, budget: int, targets) -> dict | str:
+    """The rank and alpha that give `targets` the budget, or why no rank does."""
     from loraplex.targets import candidates
 
     candidate = candidates(model_meta, [targets] if isinstance(targets, str) else [targets])[0]
+    miss = candidate.budget_miss(budget)
+    if miss:
+        return miss
     rank = candidate.rank_for(budget)
     return {"r": rank, "alpha": 2.0 * rank}  # the recipes' alpha / r = 2
 
 
-def run_one(which: str, seed: int, with_auto: bool, work: Path, reuse: bool = False) -> dict:
+def run_one(which: str, seed: int, work: Path, fixed: list[str]) -> dict:
+    """Train auto and the `fixed` choices at one seed; returns each adapter's held-out loss and auto's decision."""
     from loraplex.models import meta_model, resolve_base
+    from loraplex.run import adapter_dir, adapter_metadata
     from loraplex.targets import default_budget
     from loraplex.training.runner import train
 
-    defaults, entry = dataset_entries(which, work)
+    defaults, entry, base = dataset_entries(which, work)
     defaults = json.loads(json.dumps(defaults))
     defaults["train"]["seed"] = seed
-    meta = meta_model(resolve_base("default"))
+    meta = meta_model(resolve_base(base))
     budget = default_budget(meta, defaults["lora"]["r"])
-    datasets = [{**entry, "name": "auto", "target_modules": "auto"}] if with_auto else []
-    for name, targets in REFERENCES.items():
-        datasets.append({**entry, "name": name, "target_modules": targets, "lora": matched(meta, budget, targets)})
-    from loraplex.run import adapter_dir, adapter_metadata, complete_adapters
-
-    refs_dir = work / "runs" / f"{which}-seed{seed}"
-    kept = reuse and refs_dir.is_dir() and set(REFERENCES) <= set(complete_adapters(refs_dir))
-    if kept:  # --reuse: the references of the earlier run stay where they are; auto trains in a run of its own
-        datasets = datasets[:1] if with_auto else []
-    folders = {name: refs_dir for name in REFERENCES}
-    if datasets:
-        run_name = f"{which}-seed{seed}" + ("-auto" if kept else "")
-        recipe = {"model": "default", "run_name": run_name, "output_dir": str(work / "runs"), "defaults": defaults,
-                  "datasets": datasets}
-        path = work / f"{run_name}.yaml"
-        path.write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False))
-        train(path, overwrite=True, progress=False)
-        folders.update({d["name"]: work / "runs" / run_name for d in datasets})
-    out = {"budget": budget, "adapters": {}, "references_reused": bool(kept)}
-    for name, folder in sorted(folders.items(), key=lambda item: item[0] != "auto"):
-        m = adapter_metadata(adapter_dir(folder, name))
-        cfg = m["config"]
-        out["adapters"][name] = {"target_modules": cfg["target_modules"], "r": cfg["lora"]["r"],
-                                 "params": m["trainable_params"], "heldout_loss": m["heldout_loss"],
-                                 "heldout_loss_base": m["heldout_loss_base"], "wall_time_s": m["wall_time_s"]}
+    datasets, left_out = [{**entry, "name": "auto", "target_modules": "auto"}], {}
+    for name in fixed:
+        targets = FIXED[name]
+        lora = matched(meta, budget, targets)
+        if isinstance(lora, str):
+            left_out[name] = lora
+            continue
+        datasets.append({**entry, "name": name, "target_modules": targets, "lora": lora})
+    run_name = f"{which}-seed{seed}" + ("" if fixed == list(FIXED) else "-" + "_".join(fixed))
+    recipe = {"model": {"path": base}, "run_name": run_name, "output_dir": str(work / "runs"), "defaults": defaults,
+              "datasets": datasets}
+    path = work / f"{run_name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False))
+    train(path, overwrite=True, resume=True, progress=False)  # adapters an interrupted run of this recipe finished stay
+    out = {"seed": seed, "budget": budget, "adapters": {}, "left_out": left_out}
+    for d in datasets:
+        m = adapter_metadata(adapter_dir(work / "runs" / run_name, d["name"]))
+        out["adapters"][d["name"]] = {"target_modules": m["config"]["target_modules"], "r": m["config"]["lora"]["r"],
+                                      "params": m["trainable_params"], "heldout_loss": m["heldout_loss"],
+                                      "heldout_loss_base": m["heldout_loss_base"], "wall_time_s": m["wall_time_s"]}
         if "selection" in m:
             s = m["selection"]
-            out["adapters"][name]["selection"] = {k: s[k] for k in ("winner", "decided_by", "seconds", "cached",
-                                                                     "full_training_s", "candidates", "trials")}
+            out["adapters"][d["name"]]["selection"] = {k: s.get(k) for k in (
+                "winner", "decided_by", "seconds", "full_training_s", "candidates", "trials", "rows", "dropped")}
     return out
+
+
+def summary(runs: list[dict]) -> dict:
+    """Per adapter the mean held-out loss; the best fixed choice; auto's regret against it; its seed spread."""
+    names = [n for n in runs[0]["adapters"]]
+    mean = {n: statistics.mean(r["adapters"][n]["heldout_loss"] for r in runs) for n in names}
+    best = min((n for n in names if n != "auto"), key=mean.get)
+    regrets = [r["adapters"]["auto"]["heldout_loss"] - r["adapters"][best]["heldout_loss"] for r in runs]
+    best_losses = [r["adapters"][best]["heldout_loss"] for r in runs]
+    return {"mean": mean, "best_fixed": best, "regret_per_seed": regrets, "mean_regret": statistics.mean(regrets),
+            "best_fixed_spread": max(best_losses) - min(best_losses),
+            "auto_chose": [r["adapters"]["auto"]["selection"]["winner"] for r in runs]}
 
 
 def cpu_line() -> str:
@@ -105,44 +144,44 @@ def cpu_line() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=["demo-zh", "demo-en", "demo-ja", "alpaca-zh", "alpaca-en"])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds for the references on --seed-datasets")
-    parser.add_argument("--seed-datasets", nargs="+", default=None, help="default: the first of --datasets")
+    parser.add_argument("--datasets", nargs="+",
+                        default=["demo-zh", "demo-en", "demo-ja", "alpaca-zh", "alpaca-en", "o0-en"])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per dataset (first-seed, first-seed + 1, ...)")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--fixed", nargs="+", choices=list(FIXED), default=list(FIXED),
+                        help="the fixed choices to train beside auto (default: all)")
     parser.add_argument("--work", default="/tmp/loraplex-select-quality")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--reuse", action="store_true", help="keep the references an earlier run of the same recipe "
-                        "trained (in --work); train only the auto adapter")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     print(cpu_line(), flush=True)
-    results: dict = {"cpu": cpu_line(), "datasets": {}}
+    results: dict = {"cpu": cpu_line(), "seeds": args.seeds, "datasets": {}}
     for which in args.datasets:
         started = time.perf_counter()
-        runs = [run_one(which, 0, True, work, args.reuse)]
-        for seed in range(1, args.seeds if which in (args.seed_datasets or args.datasets[:1]) else 1):
-            runs.append(run_one(which, seed, False, work, args.reuse))
-        results["datasets"][which] = runs
-        print_dataset(which, runs, time.perf_counter() - started)
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        runs = []
+        for seed in range(args.first_seed, args.first_seed + args.seeds):  # saved after every seed: an interrupted
+            runs.append(run_one(which, seed, work, args.fixed))  # benchmark keeps what it measured
+            results["datasets"][which] = {"runs": runs, "summary": summary(runs)}
+            if args.out:
+                Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        print_dataset(which, runs, results["datasets"][which]["summary"], time.perf_counter() - started)
 
 
-def print_dataset(which: str, runs: list[dict], seconds: float) -> None:
-    first = runs[0]["adapters"]
-    auto = first["auto"]
-    sel = auto["selection"]
-    print(f"\n{which}: budget {runs[0]['budget']:,} params; winner {sel['winner']} (decided by {sel['decided_by']}, "
-          f"r={auto['r']}); selection {sel['seconds']:.1f}s vs full training {sel['full_training_s']:.1f}s "
-          f"({100 * sel['seconds'] / sel['full_training_s']:.0f}%){' [cached]' if sel['cached'] else ''}")
-    print(f"  {'adapter':8} {'modules':28} {'r':>4} {'params':>9} {'held-out (seed 0)':>18}  seeds")
-    for name, a in first.items():
-        seeds = [r["adapters"][name]["heldout_loss"] for r in runs if name in r["adapters"]]
-        spread = f"{min(seeds):.4f}..{max(seeds):.4f} (n={len(seeds)})" if len(seeds) > 1 else ""
+def print_dataset(which: str, runs: list[dict], s: dict, seconds: float) -> None:
+    sel = runs[0]["adapters"]["auto"]["selection"]
+    print(f"\n{which}: budget {runs[0]['budget']:,} params; auto chose {', '.join(s['auto_chose'])} (seed {runs[0]['seed']} "
+          f"decided by {sel['decided_by']}; {(sel.get('rows') or {}).get('note', '')})")
+    for name, why in runs[0]["left_out"].items():
+        print(f"  {name}: left out, {why}")
+    print(f"  {'adapter':8} {'modules':28} {'r':>4} {'params':>9}  held-out loss per seed      mean")
+    for name, a in runs[0]["adapters"].items():
+        per_seed = " ".join(f"{r['adapters'][name]['heldout_loss']:.4f}" for r in runs)
         modules = a["target_modules"] if isinstance(a["target_modules"], str) else "+".join(a["target_modules"])
-        print(f"  {name:8} {modules:28} {a['r']:>4} {a['params']:>9,} {a['heldout_loss']:>18.4f}  {spread}")
-    best = min((a["heldout_loss"], n) for n, a in first.items() if n != "auto")
-    print(f"  auto - best reference ({best[1]}): {auto['heldout_loss'] - best[0]:+.4f}   [{seconds:.0f}s]", flush=True)
+        print(f"  {name:8} {modules:28} {a['r']:>4} {a['params']:>9,}  {per_seed:26} {s['mean'][name]:.4f}")
+    print(f"  best fixed: {s['best_fixed']}; auto's regret per seed "
+          f"{' '.join(f'{x:+.4f}' for x in s['regret_per_seed'])}, mean {s['mean_regret']:+.4f}; seed spread of "
+          f"{s['best_fixed']} {s['best_fixed_spread']:.4f}   [{seconds:.0f}s]", flush=True)
 
 
 if __name__ == "__main__":

@@ -104,3 +104,21 @@ def test_cli_merge_weights_search_says_where_the_weights_come_from(run):
     text = " ".join(result.output.split())
     assert "method weights-search → sum, exact" in text and "weights found: a " in text
     assert "the table below is on the other rows" in text
+
+
+def test_the_eval_matrix_grades_a_searched_merge_only_on_rows_the_search_never_read(run):
+    from loraplex.evaluate import evaluate_run
+
+    report = merge(run, ["a", "b"], method="weights-search", out_dir=run.parent / "ab-eval")
+    result = evaluate_run(run, merged=[run.parent / "ab-eval"], generation={"enabled": False})
+    merged, columns = result["metrics"]["merged:ab-eval"], {c["name"]: c for c in result["columns"]}
+    for name in ("a", "b", "b2"):  # b2 holds b's data: the search read the even rows of that split too
+        kept = report["heldout"]["datasets"][name if name != "b2" else "b"]
+        cell = merged[name]
+        assert cell["loss"] == pytest.approx(kept["merged"], abs=1e-4)  # the merge report's own unsearched rows
+        assert cell["heldout_examples"] == kept["rows"] == columns[name]["heldout_examples"] // 2
+        assert cell["same_rows_adapter"] == kept["adapter"] and cell["same_rows_base"] == kept["base"]
+        assert "the weight search read the even ones" in cell["heldout_rows"]
+    for name in ("a", "b"):  # the adapters' own rows still cover the whole held-out split, as training reported it
+        assert result["metrics"][name][name]["loss"] == pytest.approx(
+            json.loads((run / "adapters" / name / "loraplex.json").read_text())["heldout_loss"], abs=1e-5)

@@ -140,3 +140,19 @@ def test_report_renders_in_a_headless_browser(report, tmp_path):
     for name in ("base", "en", "en_all", "zh"):
         assert f"<th>{name}</th>" in matrix
     assert "重复：苹果" in dom
+
+
+def test_a_selection_recorded_before_the_selection_split_still_renders():
+    """Trial records written before the trials scored on selection rows call their losses "heldout"."""
+    from loraplex.display import select_table
+    from loraplex.select import trial_losses
+
+    old = {"steps": 8, "heldout": [1.5, 1.25], "train_loss": [2.0]}
+    assert trial_losses(old) == [1.5, 1.25] and trial_losses({**old, "selection_loss": [0.5]}) == [0.5]
+    decision = {"winner": "v_proj", "r": 4, "alpha": 8.0, "budget": 100, "decided_by": "trials", "seconds": 1.0,
+                "trials": {"rounds": [[8, 2]]}, "candidates": [{"label": "v_proj", "rank": 4, "params": 100,
+                                                                 "probe_score": 1.0, "trial": old}]}
+    from rich.console import Console
+    console = Console(record=True, width=200)
+    console.print(select_table("a", decision))
+    assert "1.500 → 1.250" in console.export_text()

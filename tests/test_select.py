@@ -15,12 +15,12 @@ from loraplex.errors import LoraplexError, RecipeError
 from loraplex.models import base_fingerprint, load_model, resolve_base
 from loraplex.select import choose
 from loraplex.select.trials import Trial, rounds, run_trials, step_cost
-from loraplex.targets import candidates, default_budget, matched_alpha, module_groups
+from loraplex.targets import candidates, default_budget, matched_alpha, matched_candidates, module_groups
 from loraplex.training.batching import heldout_metrics
 from loraplex.training.runner import select
 
-ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
-        for w in ["apple", "river", "stone", "cloud", "amber", "pilot", "maple", "ocean"] * 6]
+ROWS = [{"instruction": f"Repeat the word {w} {n} times.", "input": "", "output": " ".join([w] * n)}
+        for w in ["apple", "river", "stone", "cloud", "amber", "pilot", "maple", "ocean"] for n in range(1, 7)]
 LEAVES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -36,12 +36,12 @@ def make_recipe(tmp_path: Path, model_dir: Path, auto: dict | None = None, dtype
     }
 
 
-def zeroed_model_dir(source: Path, target: Path, zero: set[str]) -> Path:
-    """The tiny model with the weights of the `zero` modules set to 0 in every layer."""
+def zeroed_model_dir(source: Path, target: Path, zero: set[str], layers: set[int] = {0, 1}) -> Path:
+    """The tiny model with the weights of the `zero` modules set to 0 in `layers` (default: both)."""
     model = LlamaForCausalLM.from_pretrained(source)
     with torch.no_grad():
         for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in zero:
+            if name.rsplit(".", 1)[-1] in zero and int(name.split(".")[2]) in layers:
                 module.weight.zero_()
     model.save_pretrained(target)
     AutoTokenizer.from_pretrained(source).save_pretrained(target)
@@ -63,6 +63,19 @@ def test_the_probe_ranks_the_only_module_that_can_learn_the_task_first(tmp_path,
         assert (c["probe_score"] > 0) == (only in c["modules"]), (c["label"], scores)
 
 
+def test_the_probe_measures_only_the_layers_to_transform(tmp_path, tiny_model_dir):
+    """Layer 1 as in the down_proj case above, layer 0 untouched: on layer 1 alone only down_proj has a gradient."""
+    model_dir = zeroed_model_dir(tiny_model_dir, tmp_path / "model", {"v_proj", "o_proj", "down_proj"}, {1})
+    recipe = make_recipe(tmp_path, model_dir, {"trials": 0})
+    recipe["defaults"]["lora"]["layers_to_transform"] = [1]
+    decision = select(recipe, progress=False)["a"]
+    assert decision["winner"] == "down_proj"
+    for c in decision["candidates"]:
+        assert (c["probe_score"] > 0) == ("down_proj" in c["modules"]), c
+    recipe["defaults"]["lora"]["layers_to_transform"] = [0]  # the untouched layer: every module has a gradient
+    assert all(c["probe_score"] > 0 for c in select(recipe, progress=False)["a"]["candidates"])
+
+
 def test_the_probe_is_not_fixed_on_one_answer(tmp_path, tiny_model_dir):
     """The same probe on the untouched model gives every module type a gradient."""
     decision = select(make_recipe(tmp_path, tiny_model_dir, {"trials": 0}), progress=False)["a"]
@@ -70,7 +83,7 @@ def test_the_probe_is_not_fixed_on_one_answer(tmp_path, tiny_model_dir):
     assert set(decision["probe"]["row_norms"]) == set(LEAVES)
 
 
-def test_matched_budgets_are_equal_within_one_rank_step(tiny_model_dir):
+def test_matched_budgets_are_equal_within_half_a_rank_step(tiny_model_dir):
     from loraplex.models import meta_model
 
     meta = meta_model(resolve_base(str(tiny_model_dir)))
@@ -78,9 +91,16 @@ def test_matched_budgets_are_equal_within_one_rank_step(tiny_model_dir):
     assert budget == 8 * 2 * ((64 + 64) + (64 + 32))  # q_proj and v_proj in both layers at r=8
     sets = candidates(meta)
     assert [c.label for c in sets] == LEAVES + ["attention", "mlp", "q_proj+v_proj", "all-linear"]
-    for c in sets:
-        rank = c.rank_for(budget)
-        assert abs(rank * c.params_per_rank - budget) <= c.params_per_rank / 2 or rank in (1, c.max_rank), c
+    for r in (1, 2, 4, 8, 64):  # at r 1 and 2 one rank of all-linear costs over twice the budget; at 64 k_proj
+        kept, dropped = matched_candidates(sets, default_budget(meta, r))  # cannot reach it (rank 32 at most)
+        for c in kept:
+            rank = c.rank_for(default_budget(meta, r))
+            assert abs(rank * c.params_per_rank - default_budget(meta, r)) <= c.params_per_rank / 2, (r, c)
+        assert set(dropped) == {c.label for c in sets} - {c.label for c in kept}
+    assert set(matched_candidates(sets, default_budget(meta, 1))[1]) == {"mlp", "all-linear"}
+    assert "4.57x the budget of 448" in matched_candidates(sets, default_budget(meta, 1))[1]["all-linear"]
+    assert "rank 32, the most it can have" in matched_candidates(sets, default_budget(meta, 64))[1]["k_proj"]
+    assert not matched_candidates(sets, budget)[1]
     model = load_model(resolve_base(str(tiny_model_dir)))
     from peft import LoraConfig, get_peft_model
     for c in sets:  # the counted parameters are those the candidate's LoRA really has
@@ -89,6 +109,21 @@ def test_matched_budgets_are_equal_within_one_rank_step(tiny_model_dir):
         assert sum(p.numel() for p in peft.parameters() if p.requires_grad) == c.rank_for(budget) * c.params_per_rank
     assert module_groups(model) == {"attention": LEAVES[:4], "mlp": LEAVES[4:]}
     assert matched_alpha(16, 8, 2, False) == 4 and matched_alpha(16, 8, 2, True) == pytest.approx(8)
+
+
+def test_a_selection_leaves_out_the_sets_that_cannot_meet_the_budget_and_says_why(tmp_path, tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 1, "cost": 1.0})
+    recipe["defaults"]["lora"]["r"] = 1
+    recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials, which would train all-linear
+    decision = select(recipe, progress=False)["a"]
+    assert decision["decided_by"] == "trials"
+    assert {d["label"] for d in decision["dropped"]} == {"mlp", "all-linear"}
+    assert not {"mlp", "all-linear"} & {c["label"] for c in decision["candidates"]}
+    for c in decision["candidates"]:
+        assert abs(c["params"] - decision["budget"]) <= c["params"] / c["rank"] / 2, c
+    recipe["datasets"][0]["auto"]["candidates"] = ["mlp"]
+    with pytest.raises(RecipeError, match=r"mlp: rank 1, the least it can have, gives 1,152 parameters"):
+        select(recipe, progress=False)
 
 
 def test_successive_halving_schedule():
@@ -119,8 +154,9 @@ def test_trials_keep_the_better_half_see_the_same_batches_and_leave_the_base_alo
     first = [t.train_loss[0] for t in done]  # B = 0 before the first step: every trial's first loss is the base's
     assert max(first) - min(first) < 1e-6
     for name in ("q_proj", "k_proj", "gate_proj"):  # they cannot change the output: their loss stays the base's
-        assert by_name[name].heldout and all(x == pytest.approx(base_loss, abs=1e-6) for x in by_name[name].heldout)
-    assert by_name["o_proj"].heldout[-1] < base_loss - 0.1
+        assert by_name[name].selection_loss and all(x == pytest.approx(base_loss, abs=1e-6)
+                                                    for x in by_name[name].selection_loss)
+    assert by_name["o_proj"].selection_loss[-1] < base_loss - 0.1
 
 
 def test_train_with_auto_trains_the_winner_and_records_the_decision(tmp_path, tiny_model_dir):
@@ -133,7 +169,7 @@ def test_train_with_auto_trains_the_winner_and_records_the_decision(tmp_path, ti
     trialled = [c for c in decision["candidates"] if c["trial"]]
     assert {"q_proj+v_proj", "all-linear"} <= {c["label"] for c in trialled} and len(trialled) >= 3
     best = min((c for c in trialled if c["trial"]["steps"] == decision["trials"]["horizon"]),
-               key=lambda c: c["trial"]["heldout"][-1])
+               key=lambda c: c["trial"]["selection_loss"][-1])
     assert decision["winner"] == best["label"]
     config = json.loads((result.run_dir / "adapters" / "a" / "adapter_config.json").read_text())
     modules = config["target_modules"]  # PEFT writes all-linear as the full module names
@@ -164,6 +200,89 @@ def test_a_selection_is_cached_and_reused(tmp_path, tiny_model_dir, monkeypatch)
         select(recipe, progress=False)
 
 
+def rows_read_by_the_selection(monkeypatch) -> dict[str, list[tuple]]:
+    """Every row the probe or a trial trains on ("fit") and every row a trial is scored on ("scored"), as token ids."""
+    from loraplex.select import trials
+
+    read: dict[str, list[tuple]] = {"fit": [], "scored": []}
+    rows_of, metrics = trials.Batches.rows_of, trials.heldout_metrics
+
+    def recorded_rows_of(self, step):
+        rows = rows_of(self, step)
+        read["fit"] += [tuple(r["input_ids"]) for r in rows]
+        return rows
+
+    def recorded_metrics(model, dataset, *args, **kwargs):
+        read["scored"] += [tuple(ids) for ids in dataset["input_ids"]]
+        return metrics(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(trials.Batches, "rows_of", recorded_rows_of)
+    monkeypatch.setattr(trials, "heldout_metrics", recorded_metrics)
+    return read
+
+
+def test_the_selection_never_reads_a_held_out_row_nor_scores_on_rows_it_trained_on(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    from loraplex.pipeline import open_recipe
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 1, "cost": 1.0, "selection_rows": 8})
+    recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials
+    ws = open_recipe(recipe)
+    data = ws.prepare()["a"]
+    read = rows_read_by_the_selection(monkeypatch)
+    decision = choose.choose_modules(load_model(ws.base), ws.recipe.datasets[0], data, "base", None, progress=False)
+    assert decision["decided_by"] == "trials"
+    heldout = {tuple(ids) for ids in data.val["input_ids"]}
+    train = {tuple(ids) for ids in data.train["input_ids"]}
+    assert read["fit"] and read["scored"] and len(heldout) == 12
+    assert not heldout & set(read["fit"]) and not heldout & set(read["scored"])
+    assert set(read["scored"]) <= train and len(set(read["scored"])) == 8 == decision["rows"]["trials_scored_on"]
+    assert not set(read["fit"]) & set(read["scored"])  # a trial is never scored on rows it trained on
+
+
+def test_a_decision_does_not_change_when_the_held_out_rows_are_poisoned(tmp_path, tiny_model_dir):
+    """The same training rows with two different held-out files: one of them another task entirely."""
+    poison = [{"instruction": f"Say {w} backwards.", "input": "", "output": w[::-1] * 3}
+              for w in ["apple", "river", "stone", "cloud", "amber", "pilot"]]
+    decisions = []
+    for name, rows in (("clean", ROWS[::4]), ("poisoned", poison)):
+        recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 2, "cost": 1.0})
+        recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials
+        recipe["datasets"][0]["val_path"] = str(write_jsonl(tmp_path / f"{name}.jsonl", rows))
+        decisions.append(select(recipe, progress=False)["a"])
+    clean, poisoned = decisions
+    assert clean["decided_by"] == "trials" and clean["cached"] is False and poisoned["cached"] is False
+    assert [c["trial"] for c in clean["candidates"]] == [c["trial"] for c in poisoned["candidates"]]
+    assert clean["winner"] == poisoned["winner"] and clean["candidates"] == poisoned["candidates"]
+
+
+def test_a_composed_adapter_is_selected_in_the_model_it_trains_in(tmp_path, tiny_model_dir):
+    """With o_proj = 0 in the base, q, k and v get no gradient and cannot learn, until an adapter on o_proj opens
+    the attention path: selected with that adapter active (and frozen), q_proj+v_proj can learn."""
+    model_dir = zeroed_model_dir(tiny_model_dir, tmp_path / "model", {"o_proj"})
+    recipe = make_recipe(tmp_path, model_dir, {"trials": 1, "cost": 1.0})
+    recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials
+    second = {**recipe["datasets"][0], "name": "second", "compose_with": ["opener"]}
+    recipe["datasets"][0].update(name="opener", target_modules=["o_proj"])
+    recipe["datasets"].append(second)
+    result = train(recipe, progress=False)  # the isolation check after each adapter covers the selection too
+    composed = (result.run_dir / "adapters" / "opener" / "adapter_model.safetensors").read_bytes()
+    decision = result.adapters["second"]["selection"]
+    assert decision["decided_by"] == "trials" and set(decision["composed_with"]) == {"opener"}
+    scores = {c["label"]: c["probe_score"] for c in decision["candidates"]}
+    assert scores["q_proj"] > 0 and scores["v_proj"] > 0, scores  # 0 on the pristine base
+    qv = next(c["trial"] for c in decision["candidates"] if c["label"] == "q_proj+v_proj")
+    from loraplex.pipeline import open_recipe
+    from loraplex.select.split import selection_split
+
+    ws = open_recipe(recipe)
+    scored = selection_split(ws.prepare()["second"].train, 16, 4).score
+    pristine = heldout_metrics(load_model(ws.base), scored)["loss"]  # what q_proj+v_proj keep on the pristine base
+    assert abs(qv["selection_loss"][0] - pristine) > 0.1, (qv, pristine)
+    assert (result.run_dir / "adapters" / "opener" / "adapter_model.safetensors").read_bytes() == composed
+    assert result.adapters["second"]["compose_with"] == decision["composed_with"]  # the same weights, by hash
+
+
 @pytest.mark.parametrize("auto, message", [
     ({"candidates": ["q_prj"]}, "'q_prj' is not a linear module of LlamaForCausalLM; did you mean 'q_proj'?"),
     ({"candidates": []}, "auto.candidates: empty"),
@@ -179,13 +298,18 @@ def test_bad_auto_settings_get_clear_errors(tmp_path, tiny_model_dir, auto, mess
     assert message in str(info.value)
 
 
-def test_auto_without_a_held_out_split_says_how_to_get_one(tmp_path, tiny_model_dir):
-    recipe = make_recipe(tmp_path, tiny_model_dir)
+def test_auto_needs_no_held_out_split_and_says_when_the_training_rows_are_too_few_for_trials(tmp_path,
+                                                                                             tiny_model_dir):
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 1, "cost": 1.0})
     recipe["defaults"]["val_size"] = 0
-    with pytest.raises(LoraplexError, match="set val_size > 0 or val_path"):
-        select(recipe, progress=False)
-    recipe["datasets"][0]["auto"] = {"trials": 0}  # the probe needs no held-out rows
-    assert select(recipe, progress=False)["a"]["decided_by"] == "probe (auto.trials is 0)"
+    recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials
+    decision = select(recipe, progress=False)["a"]
+    assert decision["decided_by"] == "trials" and decision["rows"]["trials_scored_on"] == 16
+    recipe["datasets"][0]["auto"]["selection_rows"] = 46  # of 48 rows: 2 left, fewer than a batch of 4
+    decision = select(recipe, progress=False)["a"]
+    assert decision["decided_by"] == "probe (48 training rows: too few to score trials on auto.selection_rows = 46 " \
+                                     "and train them on a batch of others)"
+    assert decision["rows"]["trials_scored_on"] == 0 and decision["rows"]["fit"] == 48
 
 
 def test_user_candidates_and_groups(tmp_path, tiny_model_dir):
@@ -224,7 +348,7 @@ def test_auto_in_every_precision_trains_the_winner_on_an_untouched_base(tmp_path
     decision = meta["selection"]
     assert decision["decided_by"] == "trials"
     assert all(c["probe_score"] > 0 and math.isfinite(c["probe_score"]) for c in decision["candidates"])
-    assert all(math.isfinite(x) for c in decision["candidates"] if c["trial"] for x in c["trial"]["heldout"])
+    assert all(math.isfinite(x) for c in decision["candidates"] if c["trial"] for x in c["trial"]["selection_loss"])
     assert meta["heldout_loss"] < meta["heldout_loss_base"] and meta["dtype"] == dtype
     assert meta["trainable_params"] == next(c["params"] for c in decision["candidates"]
                                             if c["label"] == decision["winner"])

@@ -123,6 +123,9 @@ def demo_rows(evaluation: dict, adapters: dict[str, dict], merged_label: str | N
             "heldout_loss_base": base["loss"], "heldout_loss_adapter": own["loss"],
             "exact_match_base": base.get("exact_match"), "exact_match_adapter": own.get("exact_match"),
             "heldout_loss_merged": merged["loss"] if merged else None,
+            # a searched merge is scored on the held-out rows its search never read: the adapter on those rows
+            "heldout_loss_adapter_same_rows": merged.get("same_rows_adapter") if merged else None,
+            "heldout_rows_merged": merged.get("heldout_examples") if merged else None,
             "exact_match_merged": merged.get("exact_match") if merged else None,
         })
     return rows

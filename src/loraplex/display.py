@@ -10,6 +10,7 @@ from rich.text import Text
 
 from .demo import targets_met
 from .run import MERGE_REPORT, count_text, percent_of_base
+from .select import trial_losses
 
 
 
@@ -73,17 +74,18 @@ def select_table(name: str, decision: dict) -> Table:
     rounds = ", ".join(f"{alive} to step {stop}" for stop, alive in trials["rounds"]) or "none"
     table = Table(title=f"{name}: modules at a budget of {count_text(decision['budget'])} trainable parameters",
                   title_justify="left", caption_justify="left")
-    for col in ("modules", "r", "params", "probe\nscore", "trial held-out loss\nper round"):
+    for col in ("modules", "r", "params", "probe\nscore", "trial loss on the\nselection rows per round"):
         table.add_column(col, justify="left" if col == "modules" else "right", overflow="fold")
     for c in decision["candidates"]:
         trial = c["trial"]
-        losses = " → ".join(f"{x:.3f}" for x in trial["heldout"]) if trial else "–"
+        losses = " → ".join(f"{x:.3f}" for x in trial_losses(trial)) if trial else "–"
         label = f"[bold]{c['label']} ✓[/]" if c["label"] == decision["winner"] else c["label"]
         table.add_row(label, str(c["rank"]), count_text(c["params"]), f"{c['probe_score']:.3g}", losses)
     spent = f"{decision['seconds']:.0f}s" + (" earlier (cached)" if decision.get("cached") else "")
     full = decision.get("full_training_s")
     table.caption = (f"chosen: {decision['winner']}, r={decision['r']}, alpha={decision['alpha']:g} (decided by "
                      f"{decision['decided_by']}; trial rounds: {rounds}); selection {spent}"
+                     + (f"; {decision['rows']['note']}" if "rows" in decision else "")
                      + (f", full training {full:.0f}s ({decision['seconds'] / full:.0%})" if full else ""))
     return table
 
@@ -97,12 +99,22 @@ def demo_table(summary: dict) -> Table:
         targets = row["target_modules"] if isinstance(row["target_modules"], str) else ",".join(row["target_modules"])
         targets = f"auto: {targets}" if row.get("auto") else targets
         marks = " / ".join("[green]yes[/]" if ok else "[red]no[/]" for ok in targets_met(row).values())
-        merged_loss = f" ({row['heldout_loss_merged']:.3f})" if row["heldout_loss_merged"] is not None else ""
+        merged_loss = _merged_loss(row)
         merged_em = f" ({row['exact_match_merged']:.0%})" if row["exact_match_merged"] is not None else ""
         table.add_row(row["dataset"], targets,
                       f"{row['heldout_loss_base']:.3f} → {row['heldout_loss_adapter']:.3f}{merged_loss}",
                       f"{_percent(row['exact_match_base'])} → {_percent(row['exact_match_adapter'])}{merged_em}", marks)
     return table
+
+
+def _merged_loss(row: dict) -> str:
+    """" (merged)", or for a merge scored on the rows its weight search never read, the adapter's loss there too."""
+    if row["heldout_loss_merged"] is None:
+        return ""
+    if row.get("heldout_loss_adapter_same_rows") is None:
+        return f" ({row['heldout_loss_merged']:.3f})"
+    return (f" ({row['heldout_loss_merged']:.3f}; adapter {row['heldout_loss_adapter_same_rows']:.3f} on the same "
+            f"{row['heldout_rows_merged']} unsearched rows)")
 
 
 def _percent(value: float | None) -> str:
@@ -121,6 +133,8 @@ def eval_table(result: dict) -> Table:
         for col in result["columns"]:
             m = result["metrics"][row["name"]][col["name"]]
             text = "-" if m["loss"] is None else f"{m['loss']:.3f} ({m['token_accuracy']:.0%})"
+            if m.get("heldout_rows"):  # a searched merge: the rows its search never read
+                text += f" *{m['heldout_examples']} rows"
             if m.get("exact_match") is not None:
                 text += f"\nEM {m['exact_match']:.0%} chrF {m['chrf']:.1f}"
             cells.append(f"[bold]{text}[/]" if row.get("dataset") == col["name"] else text)
@@ -130,6 +144,9 @@ def eval_table(result: dict) -> Table:
     if routing:
         table.add_row("auto: routed to its\ndataset's adapter",
                       *(_routed(routing.get(col["name"])) for col in result["columns"]))
+    if any(cell.get("heldout_rows") for cells in result["metrics"].values() for cell in cells.values()):
+        table.caption = ("*: a merge whose weights were searched on the even held-out rows, scored on the odd ones "
+                         "only (its merge_report.json has the base and the adapter on those rows)")
     return table
 
 

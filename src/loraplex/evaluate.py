@@ -9,6 +9,8 @@ and, where the dataset has a test split, exact match and chrF of greedy answers.
 once and the adapters are switched on it; two columns over the same data are computed once per row.
 The base is loaded in full precision, QLoRA runs included (their adapters are ordinary LoRA weights);
 `base_precision="quantized"` loads it as the recipe's `model.quantization` instead. eval.json says which.
+A merge whose weights were searched on the even rows of held-out splits (`--method weights-search`) is scored on
+the odd rows of those splits only, beside the merge report's base and adapter losses on the same rows.
 """
 from __future__ import annotations
 
@@ -29,10 +31,11 @@ from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages
 from .data.render import chat_template_for, end_of_turn_ids, prompt_text
 from .device import pick_dtype, to_accelerator
 from .errors import DataError, LoraplexError
+from .merging.search import report_half
 from .models import load_model, resolve_base, stop_token_ids
 from .quantize import is_quantized
 from .routing import Router, mean_hidden_state, measured_rows
-from .run import (EVAL_FILE, adapter_dir, adapter_metadata, is_complete, merged_from, open_run, weights_hash,
+from .run import (EVAL_FILE, MERGE_REPORT, adapter_dir, adapter_metadata, is_complete, merged_from, open_run, weights_hash,
                   writer_lock)
 from .training.batching import heldout_metrics
 
@@ -169,16 +172,22 @@ class _MatrixBuilder:
         self.metrics: dict[str, dict[str, dict]] = {}
         self.samples: dict[str, dict[str, list[str]]] = {}  # row -> column -> first predictions
 
-    def add_row(self, label: str, model, own: str | None = None) -> None:
-        """`own`: the adapter's dataset; without `settings.cross` it generates only on that test split."""
+    def add_row(self, label: str, model, own: str | None = None, unseen: dict[str, dict] | None = None) -> None:
+        """`own`: the adapter's dataset; without `settings.cross` it generates only on that test split.
+        `unseen`: column -> {"rows": held-out rows to score instead of the whole split, "note", ...} (for a model
+        whose weights were chosen on the other rows); the rest of the entry is kept in the cell."""
         own_keys = {c.test_key for c in self.columns if c.name == own}
         heldout: dict[str, dict] = {}
         predictions: dict[str, list[str]] = {}
         row, kept = {}, {}
         for col in self.columns:
-            if col.heldout_key not in heldout:
-                heldout[col.heldout_key] = heldout_metrics(model, col.heldout)
-            cell = dict(heldout[col.heldout_key])
+            restricted = (unseen or {}).get(col.name)
+            key = (col.heldout_key, bool(restricted))
+            if key not in heldout:
+                heldout[key] = heldout_metrics(model, restricted["rows"] if restricted else col.heldout)
+            cell = dict(heldout[key])
+            if restricted:
+                cell.update({k: v for k, v in restricted.items() if k != "rows"}, heldout_examples=len(restricted["rows"]))
             generates = self.settings.cross or own is None or col.test_key in own_keys
             if col.test is not None and col.test.prompts and generates:
                 if col.test_key not in predictions:
@@ -266,7 +275,8 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
         label = f"merged:{Path(ref.location).name}"
         label = label if label not in builder.metrics else f"{label}#{i + 1}"  # two folders of one name
         log(f"evaluating {label}")
-        builder.add_row(label, _to_accelerator(load_model(ref, pick_dtype(ws.recipe.model.dtype))))
+        builder.add_row(label, _to_accelerator(load_model(ref, pick_dtype(ws.recipe.model.dtype))),
+                        unseen=_rows_the_search_never_read(Path(ref.location), builder.columns))
         rows.append({"name": label, "kind": "merged", "path": ref.location,
                      "adapter_weights": merged_from(Path(ref.location), run_dir)})
     result = {
@@ -283,6 +293,28 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
     }
     atomic_write_json(run_dir / EVAL_FILE, result)
     return result
+
+
+def _rows_the_search_never_read(folder: Path, columns: list[_Column]) -> dict[str, dict]:
+    """For a model merged at weights searched on held-out rows (`--method weights-search`): per column over the data
+    of a searched adapter, the rows the search never read (`merging.search.report_half`), the note saying so and the
+    merge report's base and adapter losses on those rows (to compare on the same rows); {} for any other folder."""
+    try:
+        report = json.loads((folder / MERGE_REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    searched = set((report.get("weights_search") or {}).get("search_rows") or {})
+    same_rows = (report.get("heldout") or {}).get("datasets") or {}
+    keys = {c.heldout_key: c.name for c in columns if c.name in searched and c.heldout is not None}
+    unseen = {}
+    for col in columns:
+        if col.heldout_key in keys:
+            adapter = keys[col.heldout_key]
+            on_rows = same_rows.get(adapter) or {}
+            unseen[col.name] = {"rows": report_half(col.heldout), "heldout_rows": "odd rows: the weight search read "
+                                f"the even ones (of {adapter}'s held-out split)", "same_rows_base": on_rows.get("base"),
+                                "same_rows_adapter": on_rows.get("adapter"), "same_rows_adapter_name": adapter}
+    return unseen
 
 
 def _quantization(model_spec, base_precision: str):

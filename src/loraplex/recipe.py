@@ -97,7 +97,9 @@ class AutoSettings(_Strict):
                         "and all-linear (0: the probe alone decides)")
     probe_batches: int = Field(2, gt=0, description="training batches the probe measures gradients on")
     cost: float = Field(0.25, gt=0, le=1, description="the selection's share of the full training's tokens")
-    val_rows: int = Field(16, gt=0, description="held-out rows each trial is scored on")
+    selection_rows: int = Field(16, gt=0, description="training rows each trial is scored on: carved from the "
+                                "training split (never the held-out one, which grades the adapter) and left out of "
+                                "the trials' training")
 
 
 class DatasetSpec(_Strict):

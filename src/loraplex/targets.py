@@ -21,11 +21,25 @@ def output_layer_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if out is not None and module is out}
 
 
-def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Full name -> module for every linear layer LoRA can target (the LM head excluded)."""
+def linear_modules(model: nn.Module, layers: list[int] | None = None) -> dict[str, nn.Module]:
+    """Full name -> module for every linear layer LoRA can target (the LM head excluded), only those of `layers`
+    when given. Where PEFT wrapped a layer, its name maps to the wrapped base layer (listed after the wrapper)."""
     skip = output_layer_names(model)
-    return {name: m for name, m in model.named_modules()
-            if _is_linear(m) and name not in skip and "lora_" not in name}
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not _is_linear(module) or name in skip or "lora_" in name:
+            continue
+        name = name.removesuffix(".base_layer")
+        index = layer_index(name)
+        if layers is None or index is None or index in layers:
+            found[name] = module
+    return found
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a module's full name is in ("model.layers.3.mlp.up_proj" -> 3), or None."""
+    index = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(index.group(1)) if index else None
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -116,6 +130,18 @@ class Candidate:
         """The rank whose parameter count is nearest the budget (at least 1, at most max_rank)."""
         return max(1, min(self.max_rank, round(budget / self.params_per_rank)))
 
+    def budget_miss(self, budget: int) -> str | None:
+        """Why this set cannot have `budget` parameters within half a rank step (None when it can): a set whose
+        one rank costs more than twice the budget, or whose largest rank costs less, would be compared at
+        another budget than the others."""
+        rank = self.rank_for(budget)
+        params = rank * self.params_per_rank
+        if abs(params - budget) <= self.params_per_rank / 2:
+            return None
+        bound = "least" if rank == 1 else "most"
+        return (f"rank {rank}, the {bound} it can have, gives {params:,} parameters: {params / budget:.2f}x the "
+                f"budget of {budget:,}")
+
     def target_modules(self) -> list[str] | str:
         return ALL_LINEAR if self.label == ALL_LINEAR else list(self.modules)
 
@@ -123,10 +149,7 @@ class Candidate:
 def module_shapes(model: nn.Module, layers: list[int] | None = None) -> dict[str, list[tuple[int, int]]]:
     """Leaf name -> (in, out) of each of its linear modules (only in `layers` when given)."""
     shapes: dict[str, list[tuple[int, int]]] = {}
-    for full, module in linear_modules(model).items():
-        index = re.search(r"\.(\d+)\.", f".{full}.")
-        if layers is not None and index and int(index.group(1)) not in layers:
-            continue
+    for full, module in linear_modules(model, layers).items():
         shapes.setdefault(full.rsplit(".", 1)[-1], []).append((module.in_features, module.out_features))
     return shapes
 
@@ -173,6 +196,12 @@ def candidates(model: nn.Module, entries: list | None = None, layers: list[int] 
         label, names = _resolve_entry(entry, leaves, groups)
         out.setdefault(frozenset(names), make_candidate(label, names, shapes))
     return list(out.values())
+
+
+def matched_candidates(sets: list[Candidate], budget: int) -> tuple[list[Candidate], dict[str, str]]:
+    """(the sets that can meet `budget` within half a rank step, label -> why each other one cannot)."""
+    misses = {c.label: c.budget_miss(budget) for c in sets}
+    return [c for c in sets if misses[c.label] is None], {label: why for label, why in misses.items() if why}
 
 
 def references(model: nn.Module, layers: list[int] | None = None) -> list[Candidate]:

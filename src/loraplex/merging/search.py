@@ -21,6 +21,16 @@ ROUNDS = 2  # passes over the adapters
 MIN_ROWS = 4  # per held-out split: two to search on, two to report on
 
 
+def search_half(split):
+    """The rows of a held-out split the weight search reads: the even ones."""
+    return split.select(range(0, len(split), 2))
+
+
+def report_half(split):
+    """The rows of a held-out split the weight search never reads, which its figures come from: the odd ones."""
+    return split.select(range(1, len(split), 2))
+
+
 def halves(plan: MergePlan) -> tuple[dict, dict]:
     """(search rows, report rows) per adapter: the even and the odd rows of its held-out split."""
     search, report, problems = {}, {}, []
@@ -30,8 +40,7 @@ def halves(plan: MergePlan) -> tuple[dict, dict]:
         elif len(split) < MIN_ROWS:
             problems.append(f"{name}: {len(split)} held-out rows; the search needs at least {MIN_ROWS}")
         else:
-            search[name] = split.select(range(0, len(split), 2))
-            report[name] = split.select(range(1, len(split), 2))
+            search[name], report[name] = search_half(split), report_half(split)
     if problems:
         raise LoraplexError(problems, title="--method weights-search scores weights on each adapter's held-out split")
     return search, report

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..run import MERGE_REPORT, count_text
+from ..select import trial_losses
 from .blocks import Plot, RunData, Section, Table, ascii_label, figure, num, png
 
 
@@ -18,16 +19,19 @@ def selection_section(data: RunData) -> Section | None:
             continue
         rows = [[c["label"] + (" (chosen)" if c["label"] == decision["winner"] else ""), str(c["rank"]),
                  count_text(c["params"]), f"{c['probe_score']:.4g}",
-                 " → ".join(f"{x:.3f}" for x in c["trial"]["heldout"]) if c["trial"] else "-"]
+                 " → ".join(f"{x:.3f}" for x in trial_losses(c["trial"])) if c["trial"] else "-"]
                 for c in decision["candidates"]]
         full = decision.get("full_training_s")
         cost = f"; selection {decision['seconds']:.0f}s" + (f" = {decision['seconds'] / full:.0%} of the full "
                                                               f"training ({full:.0f}s)" if full else "")
-        blocks.append(Table(["modules", "r", "params", "probe score", "trial held-out loss per round"], rows,
+        rows_note = f"; {decision['rows']['note']}" if "rows" in decision else ""
+        rows_note += "".join(f"; {d['label']} left out: {d['reason']}" for d in decision.get("dropped", []))
+        blocks.append(Table(["modules", "r", "params", "probe score", "trial loss on the selection rows per round"], rows,
                             "selection", {(i, 0) for i, c in enumerate(decision["candidates"])
                                           if c["label"] == decision["winner"]},
                             caption=f"{name}: budget {count_text(decision['budget'])} parameters; decided by "
-                                    f"{decision['decided_by']}{cost}{' (cached decision)' if decision.get('cached') else ''}"))
+                                    f"{decision['decided_by']}{cost}{' (cached decision)' if decision.get('cached') else ''}"
+                                    f"{rows_note}"))
         blocks.append(_selection_plot(name, decision))
     if not blocks:
         return None
@@ -35,8 +39,10 @@ def selection_section(data: RunData) -> Section | None:
             "(its rank is set to match), scores each with a gradient probe on a few training batches (the expected "
             "loss decrease of the first Adam step of its LoRA: its rank times the row norms of the loss gradient of "
             "its weights), and trains the probe's best sets and the references q_proj+v_proj and all-linear in "
-            "short trials, keeping the better half by held-out loss after each round. Trials are skipped when they "
-            "do not fit in `auto.cost` of the full training; then the probe decides.")
+            "short trials, keeping the better half by loss on the selection rows after each round: `auto.selection_rows` "
+            "training rows the trials do not train on. No decision reads the held-out split, so the adapters' "
+            "held-out losses grade the choice on rows it never saw. Trials are skipped when they do not fit in "
+            "`auto.cost` of the full training; then the probe decides.")
     return Section("Module selection (target_modules: auto)", text, blocks)
 
 
@@ -45,11 +51,11 @@ def _selection_plot(name: str, decision: dict) -> Plot:
     tried = [c for c in decision["candidates"] if c["trial"]]
     if tried:  # does the probe predict the trials?
         for c in tried:
-            ax.scatter([c["probe_score"]], [c["trial"]["heldout"][-1]], s=40)
-            ax.annotate(ascii_label(f"{c['label']} ({c['trial']['steps']} steps)"), (c["probe_score"], c["trial"]["heldout"][-1]),
+            ax.scatter([c["probe_score"]], [trial_losses(c["trial"])[-1]], s=40)
+            ax.annotate(ascii_label(f"{c['label']} ({c['trial']['steps']} steps)"), (c["probe_score"], trial_losses(c["trial"])[-1]),
                         textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.set(xlabel="probe score (expected gain of the first step)",
-               ylabel="trial held-out loss (last round)", title=f"{ascii_label(name)}: probe vs trials")
+               ylabel="trial loss on the selection rows (last round)", title=f"{ascii_label(name)}: probe vs trials")
         ax.margins(x=0.25, y=0.15)
     else:
         labels = [c["label"] for c in decision["candidates"]][::-1]
@@ -86,7 +92,7 @@ def one_model_section(data: RunData) -> Section | None:
         if cell.get("accuracy") is not None:
             rows.append(["model: auto (routing)", "each prompt to the adapter the router picks", name, "-", "-",
                          f"routed right {cell['accuracy']:.0%}", str(cell["prompts"]), "a router at serving time"])
-    table = Table(["model", "method (weights)", "data", "held-out loss\n(all rows)", "exact match", "gain kept", "rows",
+    table = Table(["model", "method (weights)", "data", "held-out loss\n(rows listed)", "exact match", "gain kept", "rows",
                    "extra cost"], rows, "one-model",
                   caption="gain kept = (base loss − merged loss) / (base loss − adapter loss) on the rows listed: all "
                           "held-out rows, or for weights-search the half its search never saw")

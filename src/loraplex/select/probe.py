@@ -57,13 +57,15 @@ def _weight_gradients(model, names: dict[str, torch.nn.Module]):
             handle.remove()
 
 
-def probe(model, rows: list[dict], batch_size: int, micro_batch_tokens: int | None) -> dict:
-    """Per linear module type, Σ over layers of Σᵢ ‖Mᵢ‖/√in on `rows` (in batches of `batch_size`).
+def probe(model, rows: list[dict], batch_size: int, micro_batch_tokens: int | None,
+          layers: list[int] | None = None) -> dict:
+    """Per linear module type, Σ over `layers` (default: all; the candidates' `layers_to_transform`) of
+    Σᵢ ‖Mᵢ‖/√in on `rows` (in batches of `batch_size`).
 
     Returns {"row_norms": {leaf: value}, "tokens", "seconds"}.
     """
     started = time.perf_counter()
-    names = linear_modules(model)
+    names = linear_modules(model, layers)
     collate = PackedCollator()
     batches = [collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
     answers = sum(answer_count(b) for b in batches)  # the gradient of the mean answer loss over all batches

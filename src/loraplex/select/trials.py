@@ -1,10 +1,10 @@
 """Stage 2 of `target_modules: auto`: short trainings of the best candidates at one parameter budget, with
-successive halving on held-out rows.
+successive halving on the selection rows (training rows the trials do not train on: `select.split`).
 
 All trials share one copy of the base: each candidate is a named PEFT adapter on it, trained only while it is
 the active one, with its own optimizer and learning-rate schedule (the recipe's, over the trial's length).
-Every trial sees the same batches in the same order and the same held-out rows. After each round the better
-half (by held-out loss) trains on; the last round's best wins. The adapters are unloaded at the end (never
+Every trial sees the same batches in the same order and is scored on the same rows. After each round the better
+half (by loss on the selection rows) trains on; the last round's best wins. The adapters are unloaded at the end (never
 merged), which leaves the base as it was.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..targets import Candidate
 from ..training.batching import PackedCollator, answer_count, backward_answer_loss, heldout_metrics
 from ..training.dropout import use_lora_dropout
 from ..training.trainer import lora_config
+from .composed import composed_names
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Trial:
     alpha: float
     params: int = 0  # trainable parameters, counted on the model
     steps: int = 0
-    heldout: list[float] = field(default_factory=list)  # held-out loss after each round it trained in
+    selection_loss: list[float] = field(default_factory=list)  # loss on the selection rows after each round
     train_loss: list[float] = field(default_factory=list)  # per step
 
 
@@ -82,19 +83,16 @@ class Batches:
         return self.cache[step]
 
 
-def run_trials(model, spec: DatasetSpec, train_rows, val_rows, trials: list[Trial], horizon: int,
+def run_trials(model, spec: DatasetSpec, train_rows, score_rows, trials: list[Trial], horizon: int,
                micro_batch_tokens: int | None, progress: bool = True) -> list[Trial]:
-    """Train `trials` by successive halving up to `horizon` steps; returns them ordered best first."""
-    from peft import get_peft_model
+    """Train `trials` by successive halving up to `horizon` steps; returns them ordered best first. On a model with
+    adapters loaded (`composed.composed_model`) they stay active and frozen beside each trial."""
     from transformers import get_scheduler
 
     t = spec.train
     names = [f"trial{i}" for i in range(len(trials))]
-    torch.manual_seed(t.seed)
-    peft_model = get_peft_model(model, trial_config(spec, trials[0]), adapter_name=names[0])
-    for name, trial in zip(names[1:], trials[1:]):
-        torch.manual_seed(t.seed)
-        peft_model.add_adapter(name, trial_config(spec, trial))
+    composed = composed_names(model)  # a compose_with adapter's trials run with its composed adapters active
+    peft_model = _with_trial_adapters(model, spec, trials, names)
     use_lora_dropout(peft_model)  # the trainer's dropout
     # "...lora_A.trial0.weight", and DoRA's "...lora_magnitude_vector.trial0" (no suffix)
     params = {name: [p for n, p in peft_model.named_parameters() if re.search(rf"\.{name}(\.|$)", n)]
@@ -115,7 +113,7 @@ def run_trials(model, spec: DatasetSpec, train_rows, val_rows, trials: list[Tria
         for stop, _ in plan:
             for k in alive:
                 name, trial = names[k], trials[k]
-                peft_model.set_adapter(name)  # the only adapter in the forward, and the only one with gradients
+                _activate(peft_model, name, composed)
                 peft_model.train()
                 while trial.steps < stop:
                     torch.manual_seed(t.seed * 100_003 + trial.steps)  # the same dropout draws for every trial
@@ -124,12 +122,48 @@ def run_trials(model, spec: DatasetSpec, train_rows, val_rows, trials: list[Tria
                     schedulers[name].step()
                     trial.steps += 1
                     bar.update(1)
-                trial.heldout.append(heldout_metrics(peft_model, val_rows)["loss"])
-            alive = sorted(alive, key=lambda k: trials[k].heldout[-1])[:math.ceil(len(alive) / 2)]
+                trial.selection_loss.append(heldout_metrics(peft_model, score_rows)["loss"])
+            alive = sorted(alive, key=lambda k: trials[k].selection_loss[-1])[:math.ceil(len(alive) / 2)]
     finally:
         bar.close()
-        peft_model.unload()  # removes every trial's layers without merging them
-    return sorted(trials, key=lambda tr: (-tr.steps, tr.heldout[-1]))
+        _remove_trial_adapters(peft_model, names, composed)
+    return sorted(trials, key=lambda tr: (-tr.steps, tr.selection_loss[-1]))
+
+
+def _with_trial_adapters(model, spec: DatasetSpec, trials: list[Trial], names: list[str]):
+    """A PeftModel holding one adapter per trial (each initialised from the same seed) besides any already on it."""
+    from peft import get_peft_model
+
+    peft_model = model if composed_names(model) else None
+    for name, trial in zip(names, trials):
+        torch.manual_seed(spec.train.seed)
+        if peft_model is None:
+            peft_model = get_peft_model(model, trial_config(spec, trial), adapter_name=name)
+        else:
+            peft_model.add_adapter(name, trial_config(spec, trial))
+    return peft_model
+
+
+def _activate(peft_model, name: str, composed: list[str]) -> None:
+    """Trial `name` in the forward with the composed adapters, and the only adapter with gradients."""
+    if not composed:
+        peft_model.set_adapter(name)
+        return
+    peft_model.base_model.set_adapter([name, *composed])  # makes every active adapter trainable...
+    for param_name, param in peft_model.named_parameters():  # ...the composed ones stay frozen
+        param.requires_grad_(bool(re.search(rf"\.{name}(\.|$)", param_name)))
+
+
+def _remove_trial_adapters(peft_model, names: list[str], composed: list[str]) -> None:
+    """Every trial's layers removed without merging them; composed adapters stay loaded and active."""
+    if not composed:
+        peft_model.unload()
+        return
+    peft_model.base_model.set_adapter(composed)
+    for name in names:
+        peft_model.delete_adapter(name)
+    for param in peft_model.parameters():
+        param.requires_grad_(False)
 
 
 def _step(model, batch: dict, device, micro_batch_tokens: int | None, params, optimizer, max_grad_norm: float) -> float:

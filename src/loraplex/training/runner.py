@@ -103,7 +103,8 @@ def _train_steps(ws: Workspace, prepared: dict, run_dir: Path, steps: list[Step]
         selection = None
         if spec.target_modules == "auto":
             selection = gather(choose_modules(model, spec, prepared[spec.name], pristine, micro_batch_tokens(spec),
-                                              progress and is_main()))[0]  # every process trains what main chose
+                                              progress and is_main(), composed_folders(spec, run_dir)))[0]  # every
+            # process trains what the main one chose, and decides in the model it trains in (compose_with)
         meta = train_adapter(model, resolved_spec(spec, selection) if selection else spec, prepared[spec.name], ws,
                              run_dir, pristine, resume_here, progress, base_record=base_record,
                              extra={"fingerprint": key, "fingerprint_parts": parts,
@@ -204,8 +205,9 @@ def select(recipe: str | Path | dict | Recipe, overrides: list[str] | None = Non
     pristine = base_record.get("quantized_base_fingerprint", base_record["base_fingerprint"])
     decisions = {}
     for spec in ws.selected():
+        composed = composed_folders(spec, ws.recipe.run_dir())  # decided in the model the adapter trains in
         decisions[spec.name] = {**choose_modules(model, spec, prepared[spec.name], pristine, micro_batch_tokens(spec),
-                                                 progress), "recipe_target_modules": spec.target_modules}
+                                                 progress, composed), "recipe_target_modules": spec.target_modules}
         after = base_fingerprint(model, pick_dtype(ws.recipe.model.dtype))
         if after != pristine:
             raise LoraplexError(f"the base weights changed while selecting modules for '{spec.name}' (fingerprint "
@@ -336,10 +338,7 @@ def compose(peft_model, spec: DatasetSpec, run_dir: Path) -> dict[str, str]:
     weights fingerprint (name -> sha256 of its safetensors file)."""
     if not spec.compose_with:
         return {}
-    missing = [n for n in spec.compose_with if not is_complete(adapter_dir(run_dir, n))]
-    if missing:
-        raise LoraplexError(f"datasets[{spec.name}].compose_with: {', '.join(missing)} not trained yet in {run_dir}; "
-                            f"train {'them' if len(missing) > 1 else 'it'} first (or leave out --only)")
+    composed_folders(spec, run_dir)
     trainable = {name for name, param in peft_model.named_parameters() if param.requires_grad}
     fingerprints = {}
     for name in spec.compose_with:
@@ -365,6 +364,15 @@ def _train_or_restore(trainer, last: Path | None) -> None:
         return
     set_peft_model_state_dict(trainer.model, load_file(last / ADAPTER_WEIGHTS), adapter_name=DEFAULT_ADAPTER)
     trainer.state = state
+
+
+def composed_folders(spec: DatasetSpec, run_dir: Path) -> dict[str, Path]:
+    """name -> folder of each adapter `spec` is composed with; refuses when one is not trained yet."""
+    missing = [n for n in spec.compose_with if not is_complete(adapter_dir(run_dir, n))]
+    if missing:
+        raise LoraplexError(f"datasets[{spec.name}].compose_with: {', '.join(missing)} not trained yet in {run_dir}; "
+                            f"train {'them' if len(missing) > 1 else 'it'} first (or leave out --only)")
+    return {name: adapter_dir(run_dir, name) for name in spec.compose_with}
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
