@@ -220,35 +220,15 @@ def test_export_refuses_to_replace_a_file(run, tmp_path):
 # --------------------------------------------------------------------------- kills during an incremental retrain
 
 KILL_SCRIPT = """
-import json, os, signal, sys
+import json, os, sys
 import torch
 torch.set_num_threads(1)
-from transformers import TrainerCallback
+from kill_points import die, die_after_checkpoint
 from loraplex import atomic
 from loraplex.training import runner
 
 recipe, point = json.loads(sys.argv[1]), sys.argv[2]
-
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-class KillAfterCheckpoint(TrainerCallback):
-    def on_save(self, args, state, control, **kwargs):
-        if point == "checkpoint":
-            die()
-
-
-make_trainer = runner.make_trainer
-
-
-def make_trainer_that_dies(*args, **kwargs):
-    trainer, stats = make_trainer(*args, **kwargs)
-    trainer.add_callback(KillAfterCheckpoint())
-    return trainer, stats
-
-
+die_after_checkpoint(runner, lambda step: point == "checkpoint")
 write_json = runner.atomic_write_json
 
 
@@ -271,12 +251,12 @@ def replace_or_die(src, dst, *args, **kwargs):
 
 def exchange_or_die(a, b):
     if point == "exchange" and b.name == "b":
-        swapped = real_exchange(a, b)
-        die()
+        real_exchange(a, b)
+        die()  # the new adapter is in place, the old one in the temporary folder
     return real_exchange(a, b) if point != "between-renames" else False
 
 
-runner.make_trainer, runner.atomic_write_json = make_trainer_that_dies, write_json_or_die
+runner.atomic_write_json = write_json_or_die
 atomic.os.replace, atomic._exchange = replace_or_die, exchange_or_die
 runner.train(recipe, only=["b"], progress=False)
 raise SystemExit("not killed")

@@ -209,35 +209,14 @@ def test_output_dir_is_the_users_choice_and_relative_to_the_recipe(tmp_path):
 # --------------------------------------------------------------------------- interruption and resume
 
 KILL_SCRIPT = """
-import json, os, signal, sys
+import json, sys
 import torch
 torch.set_num_threads(1)
-from transformers import TrainerCallback
-import loraplex
+from kill_points import die, die_after_checkpoint
 from loraplex.training import runner as run
 
 recipe, point = json.loads(sys.argv[1]), sys.argv[2]
-
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs
-
-
-class KillAfterCheckpoint(TrainerCallback):
-    def on_save(self, args, state, control, **kwargs):  # the checkpoint folder is complete here
-        if point == f"checkpoint-{state.global_step}":
-            die()
-
-
-make_trainer = run.make_trainer
-
-
-def make_trainer_that_dies(*args, **kwargs):
-    trainer, stats = make_trainer(*args, **kwargs)
-    trainer.add_callback(KillAfterCheckpoint())
-    return trainer, stats
-
-
+die_after_checkpoint(run, lambda step: point == f"checkpoint-{step}")
 write_json = run.atomic_write_json
 
 
@@ -247,7 +226,7 @@ def write_json_or_die(path, data):
     write_json(path, data)
 
 
-run.make_trainer, run.atomic_write_json = make_trainer_that_dies, write_json_or_die
+run.atomic_write_json = write_json_or_die
 run.train(recipe, progress=False)
 raise SystemExit("not killed")
 """
