@@ -43,15 +43,15 @@ def get(url: str) -> tuple[str, str]:
         return res.headers.get("content-type", ""), res.read().decode("utf-8")
 
 
-def answer(site: str, model: str) -> tuple[str, str]:
-    """(model that answered, text) of the API's own greedy, non-streamed answer."""
+def answer(site: str, model: str) -> tuple[str, str, str]:
+    """(model that answered, text, finish reason) of the API's own greedy, non-streamed answer."""
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS,
             "temperature": 0}
     req = urllib.request.Request(f"{site}/v1/chat/completions", json.dumps(body).encode(),
                                  {"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as res:
         data = json.loads(res.read())
-    return data["model"], data["choices"][0]["message"]["content"]
+    return data["model"], data["choices"][0]["message"]["content"], data["choices"][0]["finish_reason"]
 
 
 def test_the_page_is_self_contained(site):
@@ -137,9 +137,12 @@ def test_the_page_compares_models_in_a_browser(site, tmp_path):
     finally:
         page.close()
     assert [p["model"] for p in panels] == models
+    assert sum(bool(panel["text"]) for panel in panels) >= len(panels) - 1, panels  # the page shows answers
     for panel in panels:
-        answered_by, expected = answer(site, panel["model"])
-        assert panel["state"] == "done" and panel["text"] == expected and expected, (panel, expected)
+        answered_by, expected, finish = answer(site, panel["model"])
+        # an empty answer only where the model ended its turn at once (a tiny random adapter may)
+        assert panel["state"] == "done" and panel["text"] == expected and (expected or finish == "stop"), \
+            (panel, expected, finish)
         if panel["model"] == "auto":
             assert panel["routed"] == answered_by and panel["route"].startswith("→ " + answered_by)
     (tmp_path / "playground.png").write_bytes(shot)
