@@ -28,10 +28,10 @@ from .adapters import load
 from .atomic import atomic_write_json
 from .data.demo import demo_checkers
 from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages
+from .data.prepare import graded_rows
 from .data.render import chat_template_for, end_of_turn_ids, prompt_text
 from .device import pick_dtype, to_accelerator
 from .errors import DataError, LoraplexError
-from .merging.search import report_half
 from .models import load_model, resolve_base, stop_token_ids
 from .quantize import is_quantized
 from .routing import Router, mean_hidden_state, measured_rows
@@ -297,7 +297,7 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
 
 def _rows_the_search_never_read(folder: Path, columns: list[_Column]) -> dict[str, dict]:
     """For a model merged at weights searched on held-out rows (`--method weights-search`): per column over the data
-    of a searched adapter, the rows the search never read (`merging.search.report_half`), the note saying so and the
+    of a searched adapter, the rows the search never read (`data.prepare.graded_rows`), the note saying so and the
     merge report's base and adapter losses on those rows (to compare on the same rows); {} for any other folder."""
     try:
         report = json.loads((folder / MERGE_REPORT).read_text(encoding="utf-8"))
@@ -311,7 +311,7 @@ def _rows_the_search_never_read(folder: Path, columns: list[_Column]) -> dict[st
         if col.heldout_key in keys:
             adapter = keys[col.heldout_key]
             on_rows = same_rows.get(adapter) or {}
-            unseen[col.name] = {"rows": report_half(col.heldout), "heldout_rows": "odd rows: the weight search read "
+            unseen[col.name] = {"rows": graded_rows(col.heldout), "heldout_rows": "odd rows: the weight search read "
                                 f"the even ones (of {adapter}'s held-out split)", "same_rows_base": on_rows.get("base"),
                                 "same_rows_adapter": on_rows.get("adapter"), "same_rows_adapter_name": adapter}
     return unseen

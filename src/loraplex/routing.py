@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from .data.prepare import decision_rows, graded_rows
 from .data.render import IGNORE_INDEX
 from .training.batching import causal_lm, final_hidden_states
 
@@ -36,12 +37,12 @@ def spread(rows, count: int):
 
 def calibration_rows(val):
     """The held-out rows that calibrate the router's radii: every other one (the rest measure its accuracy)."""
-    return val.select(range(0, len(val), 2)) if val is not None and len(val) >= 2 else None
+    return decision_rows(val) if val is not None and len(val) >= 2 else None
 
 
 def measured_rows(val):
     """The held-out rows routing accuracy is measured on: those `calibration_rows` leaves out."""
-    return val.select(range(1, len(val), 2)) if val is not None and len(val) >= 2 else val
+    return graded_rows(val) if val is not None and len(val) >= 2 else val
 
 
 class Router:

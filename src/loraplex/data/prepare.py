@@ -207,6 +207,16 @@ def split_rows(rows: list, places: list[float], val_size: float,
     return train, [r for r, p in zip(rows, places) if p < cut]
 
 
+def decision_rows(split):
+    """The held-out rows a decision may read (the weight search, the router's calibration): the even ones."""
+    return split.select(range(0, len(split), 2))
+
+
+def graded_rows(split):
+    """The held-out rows the figures grading such a decision come from: the odd ones, which it never read."""
+    return split.select(range(1, len(split), 2))
+
+
 def percentile(sorted_values: list[int], q: float) -> int:
     if not sorted_values:
         return 0

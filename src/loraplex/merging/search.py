@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.prepare import decision_rows, graded_rows
 from ..errors import LoraplexError
 from ..training.batching import heldout_metrics
 from .plan import MergePlan
@@ -19,16 +20,6 @@ from .verify import all_adapters_active, base_and_adapter_loss, heldout_splits
 GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 ROUNDS = 2  # passes over the adapters
 MIN_ROWS = 4  # per held-out split: two to search on, two to report on
-
-
-def search_half(split):
-    """The rows of a held-out split the weight search reads: the even ones."""
-    return split.select(range(0, len(split), 2))
-
-
-def report_half(split):
-    """The rows of a held-out split the weight search never reads, which its figures come from: the odd ones."""
-    return split.select(range(1, len(split), 2))
 
 
 def halves(plan: MergePlan) -> tuple[dict, dict]:
@@ -40,7 +31,7 @@ def halves(plan: MergePlan) -> tuple[dict, dict]:
         elif len(split) < MIN_ROWS:
             problems.append(f"{name}: {len(split)} held-out rows; the search needs at least {MIN_ROWS}")
         else:
-            search[name], report[name] = search_half(split), report_half(split)
+            search[name], report[name] = decision_rows(split), graded_rows(split)
     if problems:
         raise LoraplexError(problems, title="--method weights-search scores weights on each adapter's held-out split")
     return search, report
