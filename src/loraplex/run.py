@@ -77,12 +77,16 @@ def weights_hash(folder: Path) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def changed_adapters(adapters_root: Path, recorded: dict[str, str]) -> dict[str, str]:
+def changed_adapters(adapters_root: Path, recorded: dict[str, str],
+                     hashes: dict[str, str | None] | None = None) -> dict[str, str]:
     """Of `recorded` (adapter name -> weights hash when something used it), those in `adapters_root` that changed
-    since: name -> how."""
+    since: name -> how. `hashes` (name -> current hash) is filled and reused, so a caller hashes each file once."""
+    hashes = {} if hashes is None else hashes
     changed = {}
     for name, digest in recorded.items():
-        now = weights_hash(Path(adapters_root) / name)
+        if name not in hashes:
+            hashes[name] = weights_hash(Path(adapters_root) / name)
+        now = hashes[name]
         if now != digest:
             changed[name] = "removed" if now is None else "retrained"
     return changed
@@ -174,16 +178,16 @@ def stale_outputs(run_dir: str | Path) -> list[str]:
     """What in the run folder was made with adapters that have been retrained or removed since: one line each,
     'what: made with ...'."""
     run_dir = Path(run_dir)
-    lines = []
+    lines, hashes = [], {}
     evaluation = run_dir / EVAL_FILE
     if evaluation.is_file():
         rows = json.loads(evaluation.read_text(encoding="utf-8")).get("rows", [])
         for row in rows:
-            changed = changed_adapters(run_dir / "adapters", row.get("adapter_weights") or {})
+            changed = changed_adapters(run_dir / "adapters", row.get("adapter_weights") or {}, hashes)
             if changed:
                 lines.append(f"{EVAL_FILE}, row '{row['name']}': made with {_changes(changed)}")
     for report in sorted((run_dir / "merged").glob(f"*/{MERGE_REPORT}")):
-        stale = stale_merge(report.parent, run_dir)
+        stale = stale_merge(report.parent, run_dir, hashes)
         if stale:
             lines.append(f"merged/{report.parent.name}: {stale}")
     return lines
@@ -199,9 +203,9 @@ def merged_from(folder: Path, run_dir: Path) -> dict[str, str]:
     return {a["name"]: a["weights_sha256"] for a in report.get("adapters", []) if a.get("weights_sha256")}
 
 
-def stale_merge(folder: Path, run_dir: Path) -> str | None:
+def stale_merge(folder: Path, run_dir: Path, hashes: dict[str, str | None] | None = None) -> str | None:
     """'made with ...' when the merged model in `folder` used adapters of `run_dir` that were replaced since."""
-    changed = changed_adapters(Path(run_dir) / "adapters", merged_from(folder, run_dir))
+    changed = changed_adapters(Path(run_dir) / "adapters", merged_from(folder, run_dir), hashes)
     return f"made with {_changes(changed)}" if changed else None
 
 
