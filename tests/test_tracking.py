@@ -210,3 +210,25 @@ def test_wandb_offline_and_trackio_runs_read_back(tmp_path, offline_trackers):
     assert [(entry["step"], entry["train/loss"]) for entry in logs if "train/loss" in entry] == [(1, 2.5), (2, 1.5)]
     assert [entry["heldout/loss"] for entry in logs if "heldout/loss" in entry] == [0.75]
     assert offline_trackers.is_dir()
+
+
+def test_selection_figures_and_an_untracked_retrain(tmp_path):
+    from loraplex.recipe import load_recipe
+    from loraplex.tracking import adapter_figures, reopen, start_tracking
+
+    meta = {"steps": 5, "heldout_loss": 1.25, "heldout_loss_base": 2.0, "tokens_per_s": 90.0,
+            "selection": {"seconds": 3.5, "budget": 4096, "r": 8, "candidates": [{}, {}, {}], "probe": {"tokens": 640}}}
+    figures = adapter_figures(meta)
+    assert {key: figures[key] for key in ("heldout/loss", "heldout/loss_base", "train/tokens_per_s", "selection/seconds",
+                                          "selection/budget", "selection/rank", "selection/candidates",
+                                          "selection/probe_tokens")} == \
+        {"heldout/loss": 1.25, "heldout/loss_base": 2.0, "train/tokens_per_s": 90.0, "selection/seconds": 3.5,
+         "selection/budget": 4096, "selection/rank": 8, "selection/candidates": 3, "selection/probe_tokens": 640}
+    write_jsonl(tmp_path / "d.jsonl", sharegpt_rows(2))
+    entry = {"name": "d", "path": str(tmp_path / "d.jsonl")}
+    tracked = load_recipe({"datasets": [{**entry, "report_to": ["tensorboard"]}]}).datasets[0]
+    start_tracking(tmp_path / "run", "r", tracked, resume=False).close(step=1)
+    assert reopen(tmp_path / "run", "d").label == "r/d"
+    untracked = load_recipe({"datasets": [entry]}).datasets[0]
+    assert start_tracking(tmp_path / "run", "r", untracked, resume=False) is None
+    assert reopen(tmp_path / "run", "d") is None  # eval and merge figures of the new adapter go to no old run

@@ -202,9 +202,10 @@ class _TrainingLog(TrainerCallback):
 def start_tracking(run_dir: Path, run_name: str, spec: DatasetSpec, resume: bool) -> AdapterTracking | None:
     """New runs for an adapter about to train (those recorded, when resuming from its checkpoint); None without
     report_to. Logs the entry as parameters."""
-    if not spec.report_to:
-        return None
     path = tracking_dir(run_dir) / f"{spec.name}.json"
+    if not spec.report_to:
+        path.unlink(missing_ok=True)  # the runs of an adapter this one replaces get no figures of it
+        return None
     records = json.loads(path.read_text(encoding="utf-8")) if resume and path.is_file() else None
     tracking = AdapterTracking(run_dir, spec.name, f"{run_name}/{spec.name}", list(spec.report_to), records)
     tracking.log_params(flatten(spec.model_dump(mode="json")))
