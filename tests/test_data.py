@@ -256,7 +256,8 @@ def test_unsupported_extension(tmp_path, tiny_tokenizer):
     path = tmp_path / "d.txt"
     path.write_text("q\ta\n", encoding="utf-8")
     assert data_error(path, tiny_tokenizer).problems == [
-        f"dataset 'ds': {path}: unsupported file type '.txt'; use .json, .jsonl, .parquet or .csv"]
+        f"dataset 'ds': {path}: unsupported file type '.txt'; use .json, .jsonl, .parquet, .csv, .arrow, a save_to_disk folder "
+        "or hf:owner/name[:split]"]
 
 
 def test_parquet_and_csv_files_load(tmp_path, tiny_tokenizer):

@@ -37,6 +37,7 @@ from .quantize import is_quantized
 from .routing import Router, mean_hidden_state, measured_rows
 from .run import (EVAL_FILE, MERGE_REPORT, adapter_dir, adapter_metadata, is_complete, merged_from, open_run, weights_hash,
                   writer_lock)
+from .tracking import log_eval
 from .training.batching import heldout_metrics
 
 
@@ -292,6 +293,7 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
         "wall_time_s": time.perf_counter() - started,
     }
     atomic_write_json(run_dir / EVAL_FILE, result)
+    log_eval(run_dir, result)
     return result
 
 

@@ -17,12 +17,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .atomic import atomic_write_text
+from .columns import canonical_columns
 from .errors import RecipeError, friendly_validation_message, unknown_name_message
 from .overrides import apply_override
 
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 RESERVED_NAMES = ("base", "auto")  # the server's names for the base model and the router
-COLUMN_ROLES = ("instruction", "input", "output", "system", "history", "messages")
+HUB_PREFIX = "hf:"  # a dataset path "hf:owner/name[:split]" is a hub dataset, loaded through `datasets`
 
 
 class _Strict(BaseModel):
@@ -104,11 +105,11 @@ class AutoSettings(_Strict):
 
 class DatasetSpec(_Strict):
     name: str = Field(pattern=DATASET_NAME_PATTERN, description="adapter name; letters, digits, _ . -")
-    path: Union[str, list[str]] = Field(description="json / jsonl / parquet / csv file, or a list of them")
-    val_path: Union[str, list[str], None] = Field(None, description="held-out file(s); else val_size of path")
-    test_path: Union[str, list[str], None] = Field(None, description="test file(s) for generation metrics")
-    format: Literal["auto", "alpaca", "messages"] = "auto"
-    columns: dict[str, str] = Field(default_factory=dict, description="role -> column name, e.g. output: answer")
+    path: Union[str, list[str]] = Field(description="data file, save_to_disk folder, hf:owner/name[:split] or a list")
+    val_path: Union[str, list[str], None] = Field(None, description="held-out source(s); else val_size of path")
+    test_path: Union[str, list[str], None] = Field(None, description="test source(s) for generation metrics")
+    format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict, description="role -> column name; LLaMA-Factory/Axolotl role names too")
     system: str | None = Field(None, description="system prompt for rows that have none")
     template: Literal["chatml", "llama3"] | None = Field(
         None, description="fallback chat template when the tokenizer has none (or to force one)")
@@ -122,6 +123,8 @@ class DatasetSpec(_Strict):
     auto: AutoSettings = Field(default_factory=AutoSettings, description="with target_modules: auto")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        default_factory=list, description="experiment trackers that get one run per adapter (`loraplex[tracking]`)")
     compose_with: list[str] = Field(
         default_factory=list, description="adapters of this recipe loaded, active and frozen while this one trains: "
         "it learns on top of them, so their sum is the model it trained in (they train first)")
@@ -137,10 +140,7 @@ class DatasetSpec(_Strict):
     @field_validator("columns")
     @classmethod
     def _known_roles(cls, value: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(value) - set(COLUMN_ROLES))
-        if unknown:
-            raise ValueError(f"unknown column role(s) {unknown}; roles are {', '.join(COLUMN_ROLES)}")
-        return value
+        return canonical_columns(value)
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -184,6 +184,9 @@ class Recipe(_Strict):
         raise RecipeError(unknown_name_message("dataset", name, [d.name for d in self.datasets]))
 
     def resolve(self, path: str) -> Path:
+        """A path from the recipe, relative to the recipe's folder; a hub id (hf:...) is kept as it is."""
+        if path.startswith(HUB_PREFIX):
+            return Path(path)
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self.base_dir / p)
 
@@ -201,6 +204,7 @@ class Recipe(_Strict):
         empty `compose_with`) are left out, so runs written before those fields existed keep their fingerprint."""
         data = self.to_dict()
         for entry in data["datasets"]:
+            entry.pop("report_to", None)  # where figures are sent changes no weight
             if entry.get("target_modules") != "auto":
                 entry.pop("auto", None)
             if not entry.get("compose_with"):
@@ -420,9 +424,11 @@ def _check_datasets(raw: dict, base_dir: Path) -> list[str]:
         for which in ("path", "val_path", "test_path"):
             files = entry.get(which)
             for file in [files] if isinstance(files, str) else (files if isinstance(files, list) else []):
+                if str(file).startswith(HUB_PREFIX):
+                    continue  # loaded (from the local cache first) when the data is prepared
                 full = Path(str(file)).expanduser()
                 full = full if full.is_absolute() else base_dir / full
-                if not full.is_file():
+                if not full.exists():
                     problems.append(f"datasets[{entry.get('name')}].{which}: file {full} does not exist; "
                                     "check the path (relative paths start at the recipe's folder)")
     return problems
@@ -438,6 +444,7 @@ def resolved_dict(recipe: Recipe) -> dict[str, Any]:
     for entry, spec in zip(data["datasets"], recipe.datasets):
         for which in ("path", "val_path", "test_path"):
             if spec.files(which):
-                absolute = [str(recipe.resolve(f).resolve()) for f in spec.files(which)]
+                absolute = [f if f.startswith(HUB_PREFIX) else str(recipe.resolve(f).resolve())
+                            for f in spec.files(which)]
                 entry[which] = absolute[0] if isinstance(getattr(spec, which), str) else absolute
     return data

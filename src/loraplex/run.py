@@ -38,6 +38,7 @@ MERGE_REPORT = "merge_report.json"  # in every merged model folder
 REPORT_MD, REPORT_HTML, REPORT_ASSETS = "report.md", "report.html", "report-assets"
 DEMO_RECIPE, DEMO_RESULTS = "demo.yaml", "demo_results.json"  # `loraplex demo` writes these too
 LOCKS = ".locks"  # who writes which part of the run folder (`writer_lock`)
+TRACKING = "tracking"  # experiment trackers' local files, and each adapter's tracked runs (`loraplex.tracking`)
 
 
 def adapter_dir(run_dir: str | Path, name: str) -> Path:
@@ -47,6 +48,10 @@ def adapter_dir(run_dir: str | Path, name: str) -> Path:
 def merged_dir(run_dir: str | Path, name: str) -> Path:
     """Where `loraplex demo` puts a merged model of the run (`loraplex merge` writes wherever --out says)."""
     return Path(run_dir) / "merged" / name
+
+
+def tracking_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / TRACKING
 
 
 def checkpoint_dir(run_dir: str | Path, name: str) -> Path:

@@ -1,40 +1,28 @@
-"""Reading dataset files and turning each row into chat messages.
+"""Turning each row of a dataset (read by `sources`) into chat messages.
 
-Two formats, as real files use them:
+Three formats, as real files use them:
 - alpaca: `instruction`, `input`, `output`, optional `system` and `history` ([[user, assistant], ...]);
   a non-empty `input` is appended to the instruction after a newline.
 - messages: OpenAI-style `messages: [{role, content}, ...]`, multi-turn, roles system/user/assistant.
+- sharegpt: `conversations: [{from, value}, ...]`, from human/gpt/system (user/assistant too), and an optional
+  `system` column.
+`columns:` maps each role to the dataset's own column name (`messages` names the list of turns of either chat
+format).
 
 Every row is either converted or reported as a BadRow with its file and line/row number; no row is
 dropped without being counted.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import DataError
+from .sources import BadRow, iter_raw_rows
 
 ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class BadRow:
-    file: str
-    where: str  # "line 12" (jsonl) or "row 12" (json list, parquet, csv); 1-based
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.file} {self.where}: {self.problem}"
-
-
-@dataclass
-class RawRow:
-    file: str
-    where: str
-    value: Any
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass
@@ -53,105 +41,19 @@ class ReadResult:
     format: str = ""
 
 
-# --------------------------------------------------------------------------- files
-
-
-def iter_raw_rows(path: Path) -> Iterator[RawRow | BadRow]:
-    """Yield each row of a json / jsonl / parquet / csv file, or a BadRow for an unreadable line."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        yield from _iter_jsonl(path)
-    elif suffix == ".json":
-        yield from _iter_json(path)
-    elif suffix in (".parquet", ".csv"):
-        yield from _iter_table(path, suffix)
-    else:
-        raise DataError(f"{path}: unsupported file type '{suffix}'; use .json, .jsonl, .parquet or .csv")
-
-
-def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file does not exist; check the dataset's path") from None
-    if not data.strip():
-        raise DataError(f"{path}: file is empty; it needs at least one row")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}: not UTF-8 (line {line}, byte {exc.start}); re-save the file as UTF-8") from None
-
-
-def _iter_jsonl(path: Path) -> Iterator[RawRow | BadRow]:
-    # split on "\n" only: str.splitlines() also splits at U+2028, U+2029 and U+0085, which JSON strings may hold
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield RawRow(str(path), f"line {number}", json.loads(line))
-        except json.JSONDecodeError as exc:
-            yield BadRow(str(path), f"line {number}", f"invalid JSON ({exc.msg} at column {exc.colno})")
-
-
-def _iter_json(path: Path) -> Iterator[RawRow | BadRow]:
-    text = _read_text(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if _looks_like_jsonl(text):
-            raise DataError(f"{path}: this looks like JSON Lines (one object per line); rename it to .jsonl") from None
-        raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); fix the syntax "
-                        "there") from None
-    if isinstance(data, dict):
-        lists = [k for k, v in data.items() if isinstance(v, list)]
-        hint = f"; the rows may be under '{lists[0]}': extract that list" if lists else ""
-        raise DataError(f"{path}: holds a JSON object, but a dataset is a list of rows{hint}")
-    if not isinstance(data, list):
-        raise DataError(f"{path}: holds a JSON {type(data).__name__}, but a dataset is a list of rows")
-    for number, value in enumerate(data, start=1):
-        yield RawRow(str(path), f"row {number}", value)
-
-
-def _looks_like_jsonl(text: str) -> bool:
-    lines = [ln for ln in text.split("\n") if ln.strip()][:3]
-    try:
-        return len(lines) > 1 and all(isinstance(json.loads(ln), dict) for ln in lines)
-    except json.JSONDecodeError:
-        return False
-
-
-def _iter_table(path: Path, suffix: str) -> Iterator[RawRow | BadRow]:
-    import datasets
-
-    try:
-        table = datasets.Dataset.from_parquet(str(path)) if suffix == ".parquet" else \
-            datasets.Dataset.from_csv(str(path), keep_default_na=False, features=_all_string_columns(path))
-    except Exception as exc:  # the readers raise many types; any of them means an unreadable file
-        raise DataError(f"{path}: cannot read as {suffix[1:]} ({exc})") from None
-    for number, value in enumerate(table, start=1):
-        yield RawRow(str(path), f"row {number}", value)
-
-
-def _all_string_columns(path: Path) -> "datasets.Features":  # noqa: F821
-    """Every CSV column as text: a column of numeric answers ("42") must not become int."""
-    import csv
-
-    import datasets
-
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        header = next(csv.reader(fh), [])
-    return datasets.Features({name: datasets.Value("string") for name in header})
-
-
 # --------------------------------------------------------------------------- formats
 
 
 def detect_format(row: Any, columns: dict[str, str]) -> str | None:
     if not isinstance(row, dict):
         return None
-    if columns.get("messages", "messages") in row:
-        return "messages"
+    turns_key = columns.get("messages") or ("messages" if "messages" in row else "conversations")
+    if turns_key in row:
+        turns = row[turns_key]
+        first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
+        if "from" in first or "role" in first:
+            return "sharegpt" if "from" in first else "messages"
+        return "sharegpt" if turns_key == "conversations" else "messages"
     if columns.get("instruction", "instruction") in row and columns.get("output", "output") in row:
         return "alpaca"
     return None
@@ -175,8 +77,8 @@ def read_conversations(paths: list[Path], fmt: str = "auto", columns: dict[str, 
                 if detected is None:
                     keys = sorted(raw.value)[:8] if isinstance(raw.value, dict) else type(raw.value).__name__
                     raise DataError(f"{raw.file} {raw.where}: cannot detect the format from the fields {keys}; "
-                                    "set format: alpaca (instruction/input/output) or messages, and map "
-                                    "other column names with columns:")
+                                    "set format: alpaca (instruction/input/output), messages or sharegpt "
+                                    "(conversations), and map other column names with columns:")
                 result.format = detected
             try:
                 messages = to_messages(raw.value, result.format, columns, system)
@@ -194,7 +96,12 @@ def to_messages(row: Any, fmt: str, columns: dict[str, str], system: str | None)
     """Convert one row; raise ValueError naming the field and the bad value."""
     if not isinstance(row, dict):
         raise ValueError(f"a row must be a JSON object, got {type(row).__name__} {_short(row)}")
-    messages = _alpaca_messages(row, columns) if fmt == "alpaca" else _chat_messages(row, columns)
+    if fmt == "alpaca":
+        messages = _alpaca_messages(row, columns)
+    elif fmt == "sharegpt":
+        messages = _sharegpt_messages(row, columns)
+    else:
+        messages = _chat_messages(row, columns.get("messages", "messages"), "role", "content", {r: r for r in ROLES})
     if system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
@@ -253,26 +160,37 @@ def _alpaca_messages(row: dict, columns: dict[str, str]) -> list[dict[str, str]]
     return messages
 
 
-def _chat_messages(row: dict, columns: dict[str, str]) -> list[dict[str, str]]:
-    key = columns.get("messages", "messages")
+def _sharegpt_messages(row: dict, columns: dict[str, str]) -> list[dict[str, str]]:
+    messages = _chat_messages(row, columns.get("messages", "conversations"), "from", "value", SHAREGPT_ROLES)
+    row_system = _text_field(row, columns.get("system", "system"), required=False)
+    if row_system.strip() and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": row_system})
+    return messages
+
+
+def _chat_messages(row: dict, key: str, role_key: str, content_key: str,
+                   roles: dict[str, str]) -> list[dict[str, str]]:
+    """The turns under `key`, each {role_key: one of `roles` (-> its chat role), content_key: text}."""
     if key not in row:
         raise ValueError(f"missing field '{key}'")
     raw = row[key]
     if not isinstance(raw, list) or not raw:
-        raise ValueError(f"field '{key}' must be a non-empty list of {{role, content}} objects, got {_short(raw)}")
+        raise ValueError(f"field '{key}' must be a non-empty list of {{{role_key}, {content_key}}} objects, "
+                         f"got {_short(raw)}")
     messages = []
     for i, msg in enumerate(raw):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise ValueError(f"{key}[{i}] must be an object with 'role' and 'content', got {_short(msg)}")
-        role, content = msg["role"], msg["content"]
-        if role not in ROLES:
-            raise ValueError(f"{key}[{i}].role is {_short(role)}; use one of {', '.join(ROLES)}")
+        if not isinstance(msg, dict) or role_key not in msg or content_key not in msg:
+            raise ValueError(f"{key}[{i}] must be an object with '{role_key}' and '{content_key}', got {_short(msg)}")
+        role, content = msg[role_key], msg[content_key]
+        if role not in roles:
+            raise ValueError(f"{key}[{i}].{role_key} is {_short(role)}; use one of {', '.join(roles)}")
         if not isinstance(content, str):
-            raise ValueError(f"{key}[{i}].content must be a string, got {type(content).__name__} {_short(content)}")
-        _check_text(content, f"{key}[{i}].content")
-        if role == "system" and i != 0:
+            raise ValueError(f"{key}[{i}].{content_key} must be a string, got {type(content).__name__} "
+                             f"{_short(content)}")
+        _check_text(content, f"{key}[{i}].{content_key}")
+        if roles[role] == "system" and i != 0:
             raise ValueError(f"{key}[{i}] is a system message; only the first message may be one")
-        messages.append({"role": role, "content": content})
+        messages.append({"role": roles[role], "content": content})
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"the last message of '{key}' must be the assistant's answer")
     if messages[0]["role"] == "assistant":

@@ -1,7 +1,7 @@
 """Dataset preparation: read, render, tokenize with answer-only labels, split, cache, and measure.
 
 The tokenized cache (datasets Arrow folders under `$LORAPLEX_HOME/data/`) is keyed by a hash of the
-file bytes, the tokenizer, the chat template, max_seq_length and every format option, so an edited
+sources' bytes (files, save_to_disk folders, a hub dataset's cached files), the tokenizer, the chat template, max_seq_length and every format option, so an edited
 file or another tokenizer never reuses a stale cache.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..errors import DataError
 from ..device import loraplex_home
 from ..recipe import DatasetSpec, Recipe
 from .formats import ReadResult, read_conversations
+from .sources import source_digest
 from .render import chat_template_for, encode
 
 CACHE_VERSION = 2  # 2: rows held out by a hash of their content
@@ -47,12 +48,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def data_fingerprint(spec: DatasetSpec, recipe: Recipe) -> str:
-    """Hash of the dataset's file bytes (train and val files), in order."""
+    """Hash of the dataset's bytes (train and val sources, in order: `sources.source_digest`)."""
     digest = hashlib.sha256()
     for which in ("path", "val_path"):
         for file in spec.files(which):
             digest.update(which.encode())
-            digest.update(recipe.resolve(file).read_bytes())
+            digest.update(source_digest(recipe.resolve(file)))
     return digest.hexdigest()[:16]
 
 

@@ -24,6 +24,7 @@ from ..atomic import atomic_dir, atomic_write_json
 from ..device import to_accelerator
 from ..models import BaseModelRef, load_model
 from ..run import MERGE_REPORT, adapter_dir, weights_hash, writer_lock
+from ..tracking import log_merge
 from .apply import merged_tokenizer, write_merged, reference_model
 from .plan import (SEARCH, MergePlan, claim_out_dir, interference, interference_lines, plan_merge, precision_note,
                    quantized_adapters)
@@ -74,4 +75,5 @@ def _merge(plan: MergePlan, out_dir: Path, seed: int, echo: Callable[[str], None
         for entry in report["adapters"]:  # what the merge used: a retrained adapter makes it stale
             entry["weights_sha256"] = weights_hash(adapter_dir(plan.run_dir, entry["name"]))
         atomic_write_json(tmp / MERGE_REPORT, report)
+    log_merge(plan.run_dir, out_dir.name, report)
     return report

@@ -14,6 +14,11 @@ from ..errors import LoraplexError
 from ..run import stale_merge
 
 
+# asyncio and h11 whatever else is installed (uvicorn picks uvloop and httptools when present, as trackio's
+# uvicorn[standard] brings them): with either, a finished request stayed referenced after its answer was sent
+EVENT_LOOP = {"loop": "asyncio", "http": "h11"}
+
+
 def _needs_extra():
     try:
         import fastapi  # noqa: F401
@@ -42,7 +47,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, merged
         if stale:
             log(f"warning: {folder} is stale: {stale}; merge again to refresh it")
     log(f"serving {', '.join(e['id'] for e in _model_ids(asgi))} on http://{host}:{port}/v1")
-    uvicorn.run(asgi, host=host, port=port, log_level="warning")
+    uvicorn.run(asgi, host=host, port=port, log_level="warning", **EVENT_LOOP)
 
 
 def start_in_thread(asgi, timeout: float = 30.0) -> tuple[str, Callable[[], None]]:
@@ -55,7 +60,7 @@ def start_in_thread(asgi, timeout: float = 30.0) -> tuple[str, Callable[[], None
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(asgi, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(asgi, log_level="warning", lifespan="on", **EVENT_LOOP))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

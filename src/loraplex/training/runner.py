@@ -32,6 +32,7 @@ from ..recipe import DatasetSpec, Recipe
 from ..run import (ADAPTER_META, ADAPTER_WEIGHTS, RUN_META, adapter_dir, adapter_metadata, base_changed_message, checkpoint_dir,
                    is_complete, percent_of_base, record_entries, stale_outputs, weights_hash, writer_lock)
 from ..select import choose_modules, resolved_spec
+from ..tracking import check_trackers, finish_training, start_tracking
 from .batching import heldout_metrics
 from .distributed import gather, is_main, sum_over_processes, wait_for_everyone, world_size
 from .plan import KEEP, NEW, NOT_IN_RECIPE, REMOVED, RETRAIN, Step, fingerprint, fingerprint_parts, plan_run
@@ -63,6 +64,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     run_dir = ws.recipe.run_dir()
     names = [spec.name for spec in ws.selected()]
     _check_run_meta(run_dir / RUN_META)
+    check_trackers(ws.selected())
     prepared = ws.prepare()
     with _writer(run_dir, [f"adapter-{name}" for name in names], say):
         if is_main():
@@ -283,6 +285,9 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     earlier = TrainStats.at(last)  # tokens (of every process) and seconds before the checkpoint resumed from
     trainer, stats = make_trainer(peft_model, spec, data, checkpoints, progress=progress and is_main(),
                                   stats=TrainStats(earlier.tokens if is_main() else 0, earlier.seconds))
+    tracking = start_tracking(run_dir, ws.recipe.run_name, spec, resume=last is not None) if is_main() else None
+    if tracking:
+        trainer.add_callback(tracking.callback(lambda: stats.tokens / max(stats.seconds, 1e-9)))
     started = time.perf_counter()
     _train_or_restore(trainer, last)
     wall = time.perf_counter() - started + earlier.seconds
@@ -322,6 +327,7 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     reloaded = attach(model, {spec.name: folder})
     meta["reload_max_abs_diff"] = float((_logits(reloaded, probe) - expected_logits).abs().max())
     reloaded.unload()
+    finish_training(tracking, meta)
     if is_main():
         atomic_write_json(folder / ADAPTER_META, meta)
         shutil.rmtree(checkpoints, ignore_errors=True)
