@@ -61,7 +61,7 @@ def recipe(work: Path, model: str = "default", max_steps: int | None = None, siz
 def routed_loss(reference, router, rows) -> float:
     """Token-weighted answer loss of `rows`, each answered by the adapter the router picks for its prompt."""
     from loraplex.routing import BASE, prompt_ids
-    from loraplex.training.batching import PackedCollator, answer_loss_sum
+    from loraplex.lm.packed import PackedCollator, answer_loss_sum
 
     total = count = 0
     device = next(reference.parameters()).device
@@ -86,7 +86,7 @@ def measure(run_dir: Path, group: tuple[str, ...], work: Path) -> dict:
     from loraplex.merging.verify import all_adapters_active
     from loraplex.routing import Router, mean_hidden_state
     from loraplex.run import adapter_metadata, adapter_dir, open_run
-    from loraplex.training.batching import heldout_metrics
+    from loraplex.lm.packed import heldout_metrics
 
     started = time.perf_counter()
     report = merge(run_dir, list(group), method="weights-search", out_dir=work / "merged" / "+".join(group),

@@ -160,7 +160,7 @@ def loraplex_trainer(args, variant: str, data, out_dir: str):
     from loraplex.data.prepare import PreparedDataset
     from loraplex.device import pick_dtype
     from loraplex.recipe import DatasetSpec
-    from loraplex.training import batching
+    from loraplex.lm import packed as batching
     from loraplex.training import trainer as trainer_module
     from loraplex.training.trainer import lora_config, make_trainer
 
@@ -193,7 +193,7 @@ def loraplex_trainer(args, variant: str, data, out_dir: str):
 
 def _full_logits_loss(trainer):
     """The model's own loss (LM head on every position), still with per-sequence attention."""
-    from loraplex.training.batching import packed_attention, real_tokens
+    from loraplex.lm.packed import packed_attention, real_tokens
     from loraplex.training.trainer import SOURCES_KEY
 
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -227,7 +227,7 @@ def build_trainer(args, name: str):
     if name == "loraplex-1thread":
         torch.set_num_threads(1)
     if name == "loraplex-one-head-pass":
-        from loraplex.training import batching
+        from loraplex.lm import packed as batching
 
         batching.HEAD_CHUNK_ELEMENTS = 2**62  # the whole [answer tokens, vocab] logits in one chunk
     data = prepare(args)

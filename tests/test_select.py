@@ -16,7 +16,7 @@ from loraplex.models import base_fingerprint, load_model, resolve_base
 from loraplex.select import choose
 from loraplex.select.trials import Trial, rounds, run_trials, step_cost
 from loraplex.targets import candidates, default_budget, matched_alpha, matched_candidates, module_groups
-from loraplex.training.batching import heldout_metrics
+from loraplex.lm.packed import heldout_metrics
 from loraplex.training.runner import select
 
 ROWS = [{"instruction": f"Repeat the word {w} {n} times.", "input": "", "output": " ".join([w] * n)}

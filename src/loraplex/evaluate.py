@@ -1,6 +1,6 @@
 """Evaluation: held-out metrics on answer tokens, greedy generation metrics, and the run's eval matrix.
 
-Training reports its held-out loss through `training.batching.heldout_metrics`, so the evaluation matrix's diagonal
+Training reports its held-out loss through `lm.packed.heldout_metrics`, so the evaluation matrix's diagonal
 equals the numbers recorded at training time.
 
 `evaluate_run` builds the matrix: rows are the base, each trained adapter and any merged model folders;
@@ -37,7 +37,7 @@ from .quantize import is_quantized
 from .routing import Router, mean_hidden_state, measured_rows
 from .run import (EVAL_FILE, MERGE_REPORT, adapter_dir, adapter_metadata, is_complete, merged_from, open_run, weights_hash,
                   writer_lock)
-from .training.batching import heldout_metrics
+from .lm.packed import heldout_metrics
 
 
 # (reference, prediction) -> correct. The reference is whatever the caller lists as references:

@@ -13,7 +13,7 @@ import torch
 
 from ..data.prepare import decision_rows, graded_rows
 from ..errors import LoraplexError
-from ..training.batching import heldout_metrics
+from ..lm.packed import heldout_metrics
 from .plan import MergePlan
 from .verify import all_adapters_active, base_and_adapter_loss, heldout_splits
 

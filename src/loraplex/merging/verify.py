@@ -12,7 +12,7 @@ from ..errors import LoraplexError
 from ..inspect_adapter import AdapterWeights
 from ..models import base_state_items
 from ..run import open_run, read_recipe
-from ..training.batching import heldout_metrics
+from ..lm.packed import heldout_metrics
 from .apply import COMBINED, lora_layer, lora_layers, expected_delta
 from .plan import PEFT_METHODS, MergePlan
 

@@ -32,7 +32,7 @@ from ..recipe import DatasetSpec, Recipe
 from ..run import (ADAPTER_META, ADAPTER_WEIGHTS, RUN_META, adapter_dir, adapter_metadata, base_changed_message, checkpoint_dir,
                    is_complete, percent_of_base, record_entries, stale_outputs, weights_hash, writer_lock)
 from ..select import choose_modules, resolved_spec
-from .batching import heldout_metrics
+from ..lm.packed import heldout_metrics
 from .distributed import gather, is_main, sum_over_processes, wait_for_everyone, world_size
 from .plan import KEEP, NEW, NOT_IN_RECIPE, REMOVED, RETRAIN, Step, fingerprint, fingerprint_parts, plan_run
 from .trainer import TrainStats, lora_config, loss_curve, make_trainer, micro_batch_tokens

@@ -23,10 +23,10 @@ from ..data.prepare import PreparedDataset
 from ..device import on_gpu
 from ..errors import LoraplexError
 from ..recipe import DatasetSpec
-from .batching import (PackedCollator, PaddedCollator, answer_count, answer_loss_sum, packed_attention, real_tokens,
+from ..lm.packed import (PackedCollator, PaddedCollator, answer_count, answer_loss_sum, packed_attention, real_tokens,
                        split_packed)
 from .distributed import sum_over_processes, world_size
-from .dropout import use_lora_dropout
+from ..lm.dropout import use_lora_dropout
 
 
 PROGRESS_FILE = "loraplex_progress.json"  # TrainStats in each checkpoint folder
