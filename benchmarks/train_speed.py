@@ -162,7 +162,8 @@ def loraplex_trainer(args, variant: str, data, out_dir: str):
     from loraplex.recipe import DatasetSpec
     from loraplex.lm import packed as batching
     from loraplex.training import trainer as trainer_module
-    from loraplex.training.trainer import lora_config, make_trainer
+    from loraplex.lm.settings import lora_config
+    from loraplex.training.trainer import make_trainer
 
     train = {"batch_size": args.batch_size, "max_steps": args.horizon, "logging_steps": 1, "save_steps": 10**6}
     whole_batch = {"micro_batch_tokens": 10**9}

@@ -154,7 +154,7 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(loss_kwargs
     from peft import get_peft_model
 
     from loraplex.pipeline import open_recipe
-    from loraplex.training.runner import lora_config
+    from loraplex.lm.settings import lora_config
     from loraplex.training.trainer import make_trainer
 
     grads = {}

@@ -17,7 +17,7 @@ from loraplex.select import choose
 from loraplex.select.trials import Trial, rounds, run_trials, step_cost
 from loraplex.targets import candidates, default_budget, matched_alpha, matched_candidates, module_groups
 from loraplex.lm.packed import heldout_metrics
-from loraplex.training.runner import select
+from loraplex.select.operation import select
 
 ROWS = [{"instruction": f"Repeat the word {w} {n} times.", "input": "", "output": " ".join([w] * n)}
         for w in ["apple", "river", "stone", "cloud", "amber", "pilot", "maple", "ocean"] for n in range(1, 7)]

@@ -116,7 +116,7 @@ def select(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES
            as_json: bool = typer.Option(False, "--json", help="print the decisions as JSON")) -> None:
     """Which modules should each dataset train? Measure it (target_modules: auto) without the full training."""
     from .display import select_table
-    from .training.runner import select as select_run
+    from .select.operation import select as select_run
 
     decisions = _run(select_run, recipe, overrides or [], only, allow_pickle=allow_pickle)
     if as_json:

@@ -20,7 +20,7 @@ from ..recipe import DatasetSpec
 from ..targets import Candidate
 from ..lm.packed import PackedCollator, answer_count, backward_answer_loss, heldout_metrics
 from ..lm.dropout import use_lora_dropout
-from ..training.trainer import lora_config
+from ..lm.settings import lora_config
 from .composed import composed_names
 
 

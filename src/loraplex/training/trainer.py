@@ -25,6 +25,7 @@ from ..errors import LoraplexError
 from ..recipe import DatasetSpec
 from ..lm.packed import (PackedCollator, PaddedCollator, answer_count, answer_loss_sum, packed_attention, real_tokens,
                        split_packed)
+from ..lm.settings import micro_batch_tokens
 from .distributed import sum_over_processes, world_size
 from ..lm.dropout import use_lora_dropout
 
@@ -161,16 +162,6 @@ class ProgressCallback(TrainerCallback):
         return f"{self.last_loss:.4f}" if self.last_loss is not None else "-"
 
 
-def lora_config(spec: DatasetSpec):
-    """PEFT's LoraConfig for one dataset entry."""
-    from peft import LoraConfig
-
-    lora = spec.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                      use_rslora=lora.use_rslora, use_dora=lora.use_dora, target_modules=spec.target_modules,
-                      layers_to_transform=lora.layers_to_transform, task_type="CAUSAL_LM")
-
-
 def training_arguments(spec: DatasetSpec, checkpoint_dir: Path) -> TrainingArguments:
     t = spec.train
     return TrainingArguments(
@@ -206,19 +197,6 @@ class WithSources:
         batch = self.collate(features)
         batch[SOURCES_KEY] = [str(f.get("source", "?")) for f in features]
         return batch
-
-
-CPU_MIN_PASS_TOKENS = 512  # below this, CPU matmuls are too small to run at full speed
-
-
-def micro_batch_tokens(spec: DatasetSpec) -> int | None:
-    """Tokens per forward/backward pass. On a GPU the whole batch. On CPU at most max(max_seq_length, 512)
-    (benchmarks/README.md): at max_seq_length 512, batches of 4 as 512-token passes ran at 1.10x the float32
-    notebook baseline with 0.94x its peak RSS, one whole-batch pass at 1.11x with 1.17x; on the demo data,
-    128-token passes ran at 160 tokens/s against 213 for 512-token and 215 for 1024-token passes."""
-    if spec.train.micro_batch_tokens is not None:
-        return spec.train.micro_batch_tokens
-    return None if on_gpu() else max(spec.max_seq_length, CPU_MIN_PASS_TOKENS)
 
 
 def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoint_dir: Path,
