@@ -31,8 +31,8 @@ COMPOSE_MERGE = {("zh", "en"): ("en", "zh_c"), ("zh", "en", "ja"): ("en", "ja_c"
 
 
 def recipe(work: Path, model: str = "default", max_steps: int | None = None, sizes: dict | None = None) -> Path:
-    from loraplex.data.demo import DEMO_ADAPTERS, demo_file, write_demo_data
-    from loraplex.demo import DEMO_SIZES, demo_recipe
+    from loraplex.demo.data import DEMO_ADAPTERS, demo_file, write_demo_data
+    from loraplex.demo.command import DEMO_SIZES, demo_recipe
 
     write_demo_data(work / "data", seed=0, **(sizes or DEMO_SIZES))
     raw = demo_recipe(0, "merge-retention")

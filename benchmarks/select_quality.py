@@ -36,8 +36,8 @@ ZEROED = "o_proj"  # the modules set to 0 in the o0-* datasets' base
 def dataset_entries(which: str, work: Path) -> tuple[dict, dict, str]:
     """(recipe defaults, dataset entry without name/targets, base model path) for one benchmark dataset."""
     if which.startswith(("demo-", "o0-")):
-        from loraplex.data.demo import demo_file, write_demo_data
-        from loraplex.demo import DEMO_SIZES, DEMO_SYSTEM, demo_recipe
+        from loraplex.demo.data import demo_file, write_demo_data
+        from loraplex.demo.command import DEMO_SIZES, DEMO_SYSTEM, demo_recipe
 
         lang = which.split("-", 1)[1]
         if not (work / "data").is_dir():

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write_jsonl
-from loraplex.data.demo import demo_checkers
+from loraplex.demo.data import demo_checkers
 from loraplex.evaluate import (GenerationSettings, chrf, evaluate_run, exact_match,
                                load_test_split)
 
@@ -118,8 +118,8 @@ def test_chrf():
 
 
 def test_demo_entries_get_the_demo_checker(tmp_path, monkeypatch):
-    from loraplex.data.demo import expected_answer, write_demo_data
-    from loraplex.demo import demo_recipe
+    from loraplex.demo.data import expected_answer, write_demo_data
+    from loraplex.demo.command import demo_recipe
     from loraplex.recipe import load_recipe
 
     monkeypatch.chdir(tmp_path)

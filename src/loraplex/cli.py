@@ -133,7 +133,7 @@ def demo(overrides: Optional[list[str]] = OVERRIDES_ARG,
     """The whole job on generated en/zh/ja data: train an adapter per dataset, merge zh+en, evaluate, report."""
     import time
 
-    from .demo import run_demo
+    from .demo.command import run_demo
     from .display import demo_table
 
     started = time.perf_counter()
@@ -164,7 +164,7 @@ def demo_data(out_dir: Path = typer.Argument(..., help="folder to write <dataset
               seed: int = typer.Option(0, "--seed"),
               force: bool = typer.Option(False, "--force", help="replace demo files already in OUT_DIR")) -> None:
     """Write the demo datasets as JSONL, to see the format (nothing is trained)."""
-    from .data.demo import DEMO_DATASETS, write_demo_data
+    from .demo.data import DEMO_DATASETS, write_demo_data
 
     existing = [p for name in DEMO_DATASETS for p in sorted((out_dir / name).glob("*.jsonl"))]
     if existing and not force:

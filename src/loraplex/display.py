@@ -8,7 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .demo import targets_met
+from .demo.command import targets_met
 from .run import MERGE_REPORT, count_text, percent_of_base
 from .select import trial_losses
 

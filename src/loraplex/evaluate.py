@@ -26,7 +26,7 @@ import torch
 
 from .adapters import load
 from .atomic import atomic_write_json
-from .data.demo import demo_checkers
+from .demo.data import demo_checkers
 from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages
 from .data.prepare import graded_rows
 from .data.render import chat_template_for, end_of_turn_ids, prompt_text
@@ -239,7 +239,7 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
                      base_precision: str = "full") -> dict:
     """The eval matrix of a run: (base, each adapter, each merged folder) x (each dataset); saved as eval.json.
 
-    `checkers` maps dataset names to task checkers for exact match (default: `loraplex.data.demo.demo_checkers`);
+    `checkers` maps dataset names to task checkers for exact match (default: `loraplex.demo.data.demo_checkers`);
     other datasets use stripped string equality. `base_precision`: "full" (default) loads the base in full
     precision for the base and adapter rows, "quantized" as the recipe's `model.quantization` (merged
     folders are always full precision).

@@ -1,6 +1,6 @@
 """`loraplex demo`: the whole job on the embedded default model and generated data, on a CPU.
 
-1. writes three generated datasets (English, Chinese, Japanese; see loraplex.data.demo) and a recipe
+1. writes three generated datasets (English, Chinese, Japanese; see loraplex.demo.data) and a recipe
    that puts Chinese on q_proj, English and Japanese on v_proj, plus two more adapters on the Chinese
    data for comparison: all-linear, and `target_modules: auto` (the modules measured on the data);
 2. prepares and trains one adapter per dataset against the untouched base;
@@ -19,15 +19,15 @@ from typing import Callable
 
 import yaml
 
-from .atomic import atomic_dir, atomic_write_json, atomic_write_text
-from .data.demo import DEMO_ADAPTERS, demo_file, write_demo_data
-from .errors import LoraplexError
-from .evaluate import evaluate_run
-from .merging import merge
-from .recipe import DATASET_NAME_PATTERN, load_recipe
-from .report import write_report
-from .run import DEMO_RECIPE, DEMO_RESULTS, merged_dir, writer_lock
-from .training.runner import train
+from ..atomic import atomic_dir, atomic_write_json, atomic_write_text
+from .data import DEMO_ADAPTERS, demo_file, write_demo_data
+from ..errors import LoraplexError
+from ..evaluate import evaluate_run
+from ..merging import merge
+from ..recipe import DATASET_NAME_PATTERN, load_recipe
+from ..report import write_report
+from ..run import DEMO_RECIPE, DEMO_RESULTS, merged_dir, writer_lock
+from ..training.runner import train
 
 DEMO_SYSTEM = "You are a helpful assistant."
 MERGED = ("zh", "en")  # disjoint modules (q_proj, v_proj): their merge is an exact sum
