@@ -172,3 +172,16 @@ def test_no_package_cycle():
     packages = package_graph(import_graph())
     assert "loraplex.training" in packages["loraplex.cli"]
     assert find_cycle(packages) is None, " -> ".join(find_cycle(packages))
+
+
+def demo_importers(graph: dict[str, set[str]]) -> set[str]:
+    """Modules outside the demo package that import it."""
+    return {module for module, imports in graph.items()
+            if package_of(module) != "loraplex.demo" and any(package_of(m) == "loraplex.demo" for m in imports)}
+
+
+def test_only_the_cli_imports_the_demo():
+    """The demo sits at the edge: the library never knows it (its data, checkers and constants included)."""
+    assert demo_importers({"loraplex.evaluate": {"loraplex.demo.data"}, "loraplex.demo.data": set()}) == \
+        {"loraplex.evaluate"}
+    assert demo_importers(import_graph()) == {"loraplex.cli"}

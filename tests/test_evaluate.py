@@ -190,3 +190,28 @@ def test_a_run_trained_from_a_recipe_file_with_relative_paths(tiny_model_dir, tm
     meta = trained_meta(run, "en")
     assert result["metrics"]["en"]["en"]["loss"] == pytest.approx(meta["heldout_loss"], abs=1e-5)
     assert result["metrics"]["base"]["en"]["test_examples"] == 2
+
+
+def test_a_recipe_checker_judges_exact_match(run_dir, tmp_path, monkeypatch):
+    """zh names `checker: contains` in a copy of the run: an answer holding the reference counts there, and only
+    there (en keeps stripped string equality)."""
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "ev"
+    shutil.copytree(run_dir, copy)
+    resolved = copy / "recipe.resolved.yaml"
+    recipe = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    next(d for d in recipe["datasets"] if d["name"] == "zh")["checker"] = "contains"
+    resolved.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
+    monkeypatch.setenv("LORAPLEX_HOME", str(run_dir.parent.parent / "home"))
+    # every model answers the first test row with the reference inside a sentence, the second wrongly
+    monkeypatch.setattr("loraplex.evaluate.generate", lambda model, tokenizer, prompts, *args: [
+        "答：苹果苹果。", "river"][:len(prompts)])
+    result = evaluate_run(copy, generation=GenerationSettings(max_examples=2, cross=True))
+    columns = {c["name"]: c["exact_match"] for c in result["columns"]}
+    assert columns == {"en": "stripped string equality", "en_all": "stripped string equality",
+                       "zh": "expected answer contained"}
+    for cells in result["metrics"].values():
+        assert cells["zh"]["exact_match"] == 0.5 and cells["en"]["exact_match"] == 0.0

@@ -134,7 +134,7 @@ def demo(overrides: Optional[list[str]] = OVERRIDES_ARG,
     import time
 
     from .demo.command import run_demo
-    from .display import demo_table
+    from .demo.table import demo_table
 
     started = time.perf_counter()
     summary = _run(run_demo, out, seed, overrides or [], log=lambda line: console.print(line, markup=False, highlight=False))

@@ -26,7 +26,7 @@ import torch
 
 from .adapters import load
 from .atomic import atomic_write_json
-from .demo.data import demo_checkers
+from .checkers import ANSWER_CHECKERS, same_text
 from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages
 from .data.prepare import graded_rows
 from .data.render import chat_template_for, end_of_turn_ids, prompt_text
@@ -70,11 +70,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
         tokenizer.padding_side = side
         model.train(was_training)
     return [o.strip() for o in outputs]
-
-
-def same_text(reference: str, prediction: str) -> bool:
-    """The default exact-match test: equal strings once surrounding whitespace is stripped."""
-    return prediction.strip() == reference.strip()
 
 
 def exact_match(predictions: list[str], references: list, checker: Checker | None = None) -> float:
@@ -159,7 +154,9 @@ class _Column:
     name: str
     heldout: Any  # datasets.Dataset | None
     test: TestSplit | None
-    checker: Checker | None
+    checker: Checker
+    reads_rows: bool  # a checker passed to evaluate_run reads the raw test rows, a recipe's the expected answers
+    checker_text: str
     heldout_key: str
     test_key: str
 
@@ -195,7 +192,7 @@ class _MatrixBuilder:
                                                          self.settings.max_new_tokens, self.settings.batch_size,
                                                          self.stop_ids)
                 answers = predictions[col.test_key]
-                references = col.test.rows if col.checker else col.test.references
+                references = col.test.rows if col.reads_rows else col.test.references
                 cell.update(exact_match=exact_match(answers, references, col.checker),
                             chrf=chrf(answers, col.test.references), test_examples=len(answers))
                 kept[col.name] = answers[:self.settings.samples]
@@ -239,8 +236,8 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
                      base_precision: str = "full") -> dict:
     """The eval matrix of a run: (base, each adapter, each merged folder) x (each dataset); saved as eval.json.
 
-    `checkers` maps dataset names to task checkers for exact match (default: `loraplex.demo.data.demo_checkers`);
-    other datasets use stripped string equality. `base_precision`: "full" (default) loads the base in full
+    `checkers` maps dataset names to task checkers for exact match, each called as (raw test row, answer); other
+    datasets use the recipe's `checker` (`loraplex.checkers`: stripped string equality unless it names another). `base_precision`: "full" (default) loads the base in full
     precision for the base and adapter rows, "quantized" as the recipe's `model.quantization` (merged
     folders are always full precision).
     """
@@ -254,7 +251,7 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
     merged_refs = [resolve_base(str(Path(m).resolve())) for m in merged]  # a bad folder fails before any work
     started = time.perf_counter()
     prepared = ws.prepare()
-    builder = _MatrixBuilder(_columns(ws, prepared, settings, demo_checkers(ws.recipe) if checkers is None else checkers),
+    builder = _MatrixBuilder(_columns(ws, prepared, settings, checkers or {}),
                              ws.tokenizer, settings, _end_of_turn_ids(ws))
     base_row = "base" if "base" not in adapter_dirs else "base model"
     rows = [{"name": base_row, "kind": "base"}]
@@ -285,7 +282,7 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
         "trained_on": _quantization_trained(adapter_dirs) or "full",
         "columns": [{"name": c.name, "heldout_examples": len(c.heldout) if c.heldout is not None else 0,
                      "test_examples": len(c.test.prompts) if c.test else 0,
-                     "exact_match": "task checker" if c.checker else "stripped string equality"}
+                     "exact_match": c.checker_text}
                     for c in builder.columns],
         "metrics": builder.metrics, "samples": builder.sample_table(), "generation": asdict(settings),
         "routing": routing,
@@ -343,7 +340,10 @@ def _columns(ws, prepared: dict, settings: GenerationSettings, checkers: dict[st
                 if settings.enabled and spec.test_path else None)
         heldout_key = _content_key(heldout[:]["input_ids"], heldout[:]["labels"]) if heldout is not None else "none"
         test_key = _content_key(test.prompts) if test else "none"
-        columns.append(_Column(spec.name, heldout, test, checkers.get(spec.name), heldout_key, test_key))
+        named, text = ANSWER_CHECKERS[spec.checker]
+        given = checkers.get(spec.name)
+        columns.append(_Column(spec.name, heldout, test, given or named, given is not None,
+                               "task checker" if given else text, heldout_key, test_key))
     return columns
 
 

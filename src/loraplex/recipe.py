@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .atomic import atomic_write_text
+from .checkers import CHECKER_NAMES
 from .errors import RecipeError, friendly_validation_message, unknown_name_message
 from .overrides import apply_override
 
@@ -107,6 +108,8 @@ class DatasetSpec(_Strict):
     path: Union[str, list[str]] = Field(description="json / jsonl / parquet / csv file, or a list of them")
     val_path: Union[str, list[str], None] = Field(None, description="held-out file(s); else val_size of path")
     test_path: Union[str, list[str], None] = Field(None, description="test file(s) for generation metrics")
+    checker: Literal[CHECKER_NAMES] = Field("exact", description="how exact match judges a generated answer: exact "
+                                            "(stripped equality), number, iso-date, contains")
     format: Literal["auto", "alpaca", "messages"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict, description="role -> column name, e.g. output: answer")
     system: str | None = Field(None, description="system prompt for rows that have none")
@@ -198,13 +201,15 @@ class Recipe(_Strict):
 
     def fingerprint(self) -> str:
         """A hash of what the run trains. Settings that change nothing (`auto` without `target_modules: auto`, an
-        empty `compose_with`) are left out, so runs written before those fields existed keep their fingerprint."""
+        empty `compose_with`, the default `checker`) are left out, so runs written before those fields existed keep their fingerprint."""
         data = self.to_dict()
         for entry in data["datasets"]:
             if entry.get("target_modules") != "auto":
                 entry.pop("auto", None)
             if not entry.get("compose_with"):
                 entry.pop("compose_with", None)
+            if entry.get("checker") == "exact":
+                entry.pop("checker", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -36,7 +36,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 EVAL_FILE = "eval.json"
 MERGE_REPORT = "merge_report.json"  # in every merged model folder
 REPORT_MD, REPORT_HTML, REPORT_ASSETS = "report.md", "report.html", "report-assets"
-DEMO_RECIPE, DEMO_RESULTS = "demo.yaml", "demo_results.json"  # `loraplex demo` writes these too
 LOCKS = ".locks"  # who writes which part of the run folder (`writer_lock`)
 
 
