@@ -215,3 +215,10 @@ def test_a_recipe_checker_judges_exact_match(run_dir, tmp_path, monkeypatch):
                        "zh": "expected answer contained"}
     for cells in result["metrics"].values():
         assert cells["zh"]["exact_match"] == 0.5 and cells["en"]["exact_match"] == 0.0
+
+
+def test_the_run_records_carry_their_schema(matrix, run_dir):
+    """run.json, loraplex.json and eval.json are written through loraplex.records: `schema` first."""
+    for path in (run_dir / "run.json", run_dir / "adapters" / "en" / "loraplex.json", run_dir / "eval.json"):
+        written = json.loads(path.read_text(encoding="utf-8"))
+        assert next(iter(written)) == "schema" and written["schema"] == 1, path

@@ -25,7 +25,6 @@ from typing import Any, Callable
 import torch
 
 from .adapters import load
-from .atomic import atomic_write_json
 from .checkers import ANSWER_CHECKERS, same_text
 from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages
 from .data.prepare import graded_rows
@@ -34,6 +33,7 @@ from .device import pick_dtype, to_accelerator
 from .errors import DataError, LoraplexError
 from .models import load_model, resolve_base, stop_token_ids
 from .quantize import is_quantized
+from .records import EvalRecord, MergeRecord, RecordError, read_record, write_record
 from .routing import Router, mean_hidden_state, measured_rows
 from .run import (EVAL_FILE, MERGE_REPORT, adapter_dir, adapter_metadata, is_complete, merged_from, open_run, weights_hash,
                   writer_lock)
@@ -288,7 +288,7 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
         "routing": routing,
         "wall_time_s": time.perf_counter() - started,
     }
-    atomic_write_json(run_dir / EVAL_FILE, result)
+    write_record(run_dir / EVAL_FILE, EvalRecord.model_validate(result))
     return result
 
 
@@ -297,8 +297,8 @@ def _rows_the_search_never_read(folder: Path, columns: list[_Column]) -> dict[st
     of a searched adapter, the rows the search never read (`data.prepare.graded_rows`), the note saying so and the
     merge report's base and adapter losses on those rows (to compare on the same rows); {} for any other folder."""
     try:
-        report = json.loads((folder / MERGE_REPORT).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        report = read_record(folder / MERGE_REPORT, MergeRecord).as_dict()
+    except RecordError:
         return {}
     searched = set((report.get("weights_search") or {}).get("search_rows") or {})
     same_rows = (report.get("heldout") or {}).get("datasets") or {}
@@ -371,4 +371,4 @@ def routing_report(base_model, ws, prepared: dict, adapter_dirs: dict[str, Path]
 
 def load_eval(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / EVAL_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return read_record(path, EvalRecord).as_dict() if path.is_file() else None

@@ -2,9 +2,9 @@
 score and trial losses) and one model for all datasets (merged models against their adapters)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..records import MergeRecord, RecordError, read_record
 from ..run import MERGE_REPORT, count_text
 from ..select import trial_losses
 from .blocks import Plot, RunData, Section, Table, ascii_label, figure, num, png
@@ -109,8 +109,8 @@ def one_model_section(data: RunData) -> Section | None:
 def _merge_report(folder: Path) -> dict | None:
     path = folder / MERGE_REPORT
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except ValueError:
+        return read_record(path, MergeRecord).as_dict() if path.is_file() else None
+    except RecordError:
         return None
 
 

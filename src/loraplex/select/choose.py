@@ -14,10 +14,10 @@ import math
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_json
 from ..data.prepare import PreparedDataset
 from ..device import loraplex_home
 from ..recipe import DatasetSpec
+from ..records import SelectionRecord, read_record, write_record
 from ..errors import RecipeError
 from ..targets import candidates as candidate_sets, default_budget, matched_alpha, matched_candidates, references
 from .composed import composed_model, weights_hashes
@@ -58,11 +58,11 @@ def choose_modules(model, spec: DatasetSpec, data: PreparedDataset, base_fingerp
     key = cache_key(spec, data, base_fingerprint, micro_batch_tokens, hashes)
     path = loraplex_home() / "selections" / f"{key}.json"
     if path.is_file():
-        return {**json.loads(path.read_text(encoding="utf-8")), "cached": True}
+        return {**read_record(path, SelectionRecord).as_dict(), "cached": True}
     with composed_model(model, composed or {}) as in_training:
         record = _select(in_training, spec, data, micro_batch_tokens, progress)
     record.update(cache_key=key, composed_with=hashes)
-    atomic_write_json(path, record)
+    write_record(path, SelectionRecord.model_validate(record))
     return {**record, "cached": False}
 
 
