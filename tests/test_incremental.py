@@ -229,7 +229,7 @@ from loraplex.training import runner
 
 recipe, point = json.loads(sys.argv[1]), sys.argv[2]
 die_after_checkpoint(runner, lambda step: point == "checkpoint")
-write_json = runner.atomic_write_json
+write_json = runner.write_record
 
 
 def write_json_or_die(path, data):
@@ -256,7 +256,7 @@ def exchange_or_die(a, b):
     return real_exchange(a, b) if point != "between-renames" else False
 
 
-runner.atomic_write_json = write_json_or_die
+runner.write_record = write_json_or_die
 atomic.os.replace, atomic._exchange = replace_or_die, exchange_or_die
 runner.train(recipe, only=["b"], progress=False)
 raise SystemExit("not killed")

@@ -28,6 +28,7 @@ from ..errors import LoraplexError
 from ..models import base_fingerprint
 from ..pipeline import Workspace, open_recipe
 from ..recipe import DatasetSpec, Recipe
+from ..records import AdapterRecord, RecordError, RunRecord, read_record, write_record
 from ..run import (ADAPTER_META, ADAPTER_WEIGHTS, RUN_META, adapter_dir, adapter_metadata, base_changed_message, checkpoint_dir,
                    is_complete, percent_of_base, record_entries, stale_outputs, weights_hash, writer_lock)
 from ..lm.base import load_base
@@ -118,7 +119,7 @@ def _train_steps(ws: Workspace, prepared: dict, run_dir: Path, steps: list[Step]
                                 + (f" (process {changed[0][0]} of {len(after)})" if len(after) > 1 else ""))
         meta["isolation_checked_in_processes"] = len(after)
         if is_main():
-            atomic_write_json(adapter_dir(run_dir, spec.name) / ADAPTER_META, meta)
+            write_record(adapter_dir(run_dir, spec.name) / ADAPTER_META, AdapterRecord.model_validate(meta))
             record_entries(run_dir, ws.recipe, [spec.name])
         wait_for_everyone()
         result.adapters[spec.name] = meta
@@ -155,7 +156,7 @@ def _open_run_dir(run_dir: Path, ws: Workspace, steps: list[Step], prune: bool, 
     """Write run.json, record the kept and new adapters' recipe entries, and with `prune` remove the adapters the
     recipe no longer names."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / RUN_META, {"recipe_fingerprint": ws.recipe.fingerprint(), "base_model": ws.base.name})
+    write_record(run_dir / RUN_META, RunRecord(recipe_fingerprint=ws.recipe.fingerprint(), base_model=ws.base.name))
     pruned = [s for s in steps if s.action == NOT_IN_RECIPE and prune]
     with writer_lock(run_dir, [f"adapter-{s.name}" for s in pruned], "loraplex train --prune", say):
         for step in pruned:
@@ -171,10 +172,8 @@ def _check_run_meta(path: Path) -> None:
     if not path.exists():
         return
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        meta = None
-    if not isinstance(meta, dict) or "recipe_fingerprint" not in meta:
+        read_record(path, RunRecord)
+    except RecordError:
         raise LoraplexError(f"{path} was not written by loraplex, so {path.parent} is not a loraplex run folder; set "
                             "another run_name or output_dir (nothing was changed)")
 
@@ -268,18 +267,28 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     if is_main():
         with atomic_dir(folder) as tmp:
             peft_model.save_pretrained(tmp, selected_adapters=[DEFAULT_ADAPTER])
-            atomic_write_json(tmp / ADAPTER_META, meta)
+            write_record(tmp / ADAPTER_META, AdapterRecord.model_validate(meta))
     wait_for_everyone()
-    model = peft_model.unload()  # removes the LoRA layers without merging them
-    reloaded = attach(model, {spec.name: folder})
-    meta["reload_max_abs_diff"] = float((_logits(reloaded, probe) - expected_logits).abs().max())
-    reloaded.unload()
+    meta["reload_max_abs_diff"] = _reload_diff(peft_model, spec.name, folder, probe, expected_logits)
     if is_main():
-        atomic_write_json(folder / ADAPTER_META, meta)
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        with contextlib.suppress(OSError):  # another job's checkpoints may still be in there
-            checkpoints.parent.rmdir()
+        write_record(folder / ADAPTER_META, AdapterRecord.model_validate(meta))
+        _remove_checkpoints(checkpoints)
     return meta
+
+
+def _reload_diff(peft_model, name: str, folder: Path, probe: torch.Tensor, expected_logits: torch.Tensor) -> float:
+    """The largest logit difference between the trained adapter and the same adapter reloaded from `folder`; the
+    base is left without LoRA layers (unloaded, never merged)."""
+    reloaded = attach(peft_model.unload(), {name: folder})
+    diff = float((_logits(reloaded, probe) - expected_logits).abs().max())
+    reloaded.unload()
+    return diff
+
+
+def _remove_checkpoints(checkpoints: Path) -> None:
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    with contextlib.suppress(OSError):  # another job's checkpoints may still be in there
+        checkpoints.parent.rmdir()
 
 
 DEFAULT_ADAPTER = "default"  # PEFT's name for the adapter get_peft_model creates
