@@ -34,7 +34,7 @@ def open_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
     names = [d.name for d in recipe.datasets]
     unknown = [unknown_name_message("dataset", n, names) for n in only or [] if n not in names]
     if unknown:
-        raise RecipeError([f"--only: {u}" for u in unknown])
+        raise RecipeError([f"only: {u}" for u in unknown])
     model = recipe.model
     base = resolve_base(model.path, model.gguf_file, recipe.base_dir, model.trust_remote_code)
     tokenizer = load_tokenizer(base, model.trust_remote_code)

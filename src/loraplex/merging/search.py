@@ -33,7 +33,7 @@ def halves(plan: MergePlan) -> tuple[dict, dict]:
         else:
             search[name], report[name] = decision_rows(split), graded_rows(split)
     if problems:
-        raise LoraplexError(problems, title="--method weights-search scores weights on each adapter's held-out split")
+        raise LoraplexError(problems, title="method='weights-search' scores weights on each adapter's held-out split")
     return search, report
 
 
