@@ -185,3 +185,28 @@ def test_only_the_cli_imports_the_demo():
     assert demo_importers({"loraplex.evaluate": {"loraplex.demo.data"}, "loraplex.demo.data": set()}) == \
         {"loraplex.evaluate"}
     assert demo_importers(import_graph()) == {"loraplex.cli"}
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(root: Path) -> dict[str, int]:
+    """'file:function' -> lines (decorators included) of every function or method over MAX_FUNCTION_LINES."""
+    found = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if (lines := node.end_lineno - first + 1) > MAX_FUNCTION_LINES:
+                    found[f"{path.relative_to(root)}:{node.name}"] = lines
+    return found
+
+
+def test_the_length_check_counts_a_nested_function(tmp_path):
+    body = "".join(f"        x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "m.py").write_text(f"def outer():\n    def inner():\n{body}    return inner\n")
+    assert long_functions(tmp_path) == {"m.py:outer": MAX_FUNCTION_LINES + 3, "m.py:inner": MAX_FUNCTION_LINES + 1}
+
+
+def test_no_long_function():
+    assert not long_functions(PACKAGE), long_functions(PACKAGE)
