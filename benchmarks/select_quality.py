@@ -137,7 +137,8 @@ def cpu_line() -> str:
     import torch
 
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((l.split(":", 1)[1].strip() for l in flags.splitlines() if l.startswith("model name")), platform.machine())
+    name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
+                platform.machine())
     bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
     return f"CPU {name}, {os.cpu_count()} cores, native bf16: {'yes' if bf16 else 'no (AVX2 or older)'}; torch {torch.__version__}"
 

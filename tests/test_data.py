@@ -139,7 +139,7 @@ def test_truncation_drops_fully_cut_answers_and_keeps_partly_cut_ones(tmp_path, 
     assert stats["truncated"] == 1  # kept but cut; the dropped one is counted as dropped only
     kept = sorted(data.train, key=lambda r: -r["length"])
     assert kept[0]["length"] == max_len and kept[0]["answer_tokens"] == 3
-    assert tiny_tokenizer.decode([t for t, l in zip(kept[0]["input_ids"], kept[0]["labels"]) if l != -100]) == "ans"
+    assert tiny_tokenizer.decode([t for t, label in zip(kept[0]["input_ids"], kept[0]["labels"]) if label != -100]) == "ans"
     assert stats["length_max"] > max_len
 
 

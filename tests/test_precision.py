@@ -15,7 +15,7 @@ import loraplex.device
 from conftest import make_tiny_model_dir, write_jsonl
 from loraplex import adapters
 from loraplex.errors import LoraplexError, RecipeError
-from loraplex.models import base_fingerprint, load_model, resolve_base
+from loraplex.models import load_model, resolve_base
 from loraplex.recipe import load_recipe
 
 ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w}"}

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from conftest import write_jsonl
 from loraplex import train
-from loraplex.errors import LoraplexError, RecipeError
+from loraplex.errors import RecipeError
 from loraplex.models import base_fingerprint, load_model, resolve_base
 from loraplex.select import choose
 from loraplex.select.trials import Trial, rounds, run_trials, step_cost

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_jsonl
-from loraplex.errors import LoraplexError
 from loraplex.models import base_fingerprint, load_model, resolve_base
 from loraplex import train
 from loraplex.lm.packed import PackedCollator, PaddedCollator, answer_loss_sum

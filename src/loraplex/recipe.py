@@ -16,7 +16,6 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .atomic import atomic_write_text
 from .checkers import CHECKER_NAMES
 from .errors import RecipeError, friendly_validation_message, unknown_name_message
 from .overrides import apply_override
