@@ -138,12 +138,14 @@ def measure(run_dir: Path, group: tuple[str, ...], work: Path) -> dict:
 
 def show(result: dict) -> None:
     group = result["group"]
-    print(f"\n{'+'.join(group)}: retention of each adapter's held-out gain ({', '.join(f'{n} {r} rows' for n, r in result['report_rows'].items())}, "
+    rows = ", ".join(f"{n} {r} rows" for n, r in result["report_rows"].items())
+    print(f"\n{'+'.join(group)}: retention of each adapter's held-out gain ({rows}, "
           f"unseen by the search); weights found {', '.join(f'{n} {w:g}' for n, w in result['weights'].items())}")
     print(f"  {'method':15}" + "".join(f"{n:>16}" for n in group) + f"{'worst':>9}  extra cost")
     print(f"  {'base / own':15}" + "".join(f"{result['base'][n]:>7.3f} /{result['adapter'][n]:>7.3f}" for n in group))
     costs = {"sum": "0", "weights-search": f"{result['search_seconds']:.0f}s search+merge",
-             "union": f"{result['union_training_s']:.0f}s training (the adapters: {result['adapters_training_s']:.0f}s)",
+             "union": f"{result['union_training_s']:.0f}s training "
+                      f"(the adapters: {result['adapters_training_s']:.0f}s)",
              "compose": f"{result['compose_training_s']:.0f}s training ({'+'.join(result['compose_merged'])})",
              "routing": "a router at serving time"}
     for method, kept in result["retention"].items():

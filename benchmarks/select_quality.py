@@ -140,7 +140,8 @@ def cpu_line() -> str:
     name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
                 platform.machine())
     bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-    return f"CPU {name}, {os.cpu_count()} cores, native bf16: {'yes' if bf16 else 'no (AVX2 or older)'}; torch {torch.__version__}"
+    return (f"CPU {name}, {os.cpu_count()} cores, native bf16: {'yes' if bf16 else 'no (AVX2 or older)'}; "
+            f"torch {torch.__version__}")
 
 
 def main() -> None:
@@ -171,7 +172,8 @@ def main() -> None:
 
 def print_dataset(which: str, runs: list[dict], s: dict, seconds: float) -> None:
     sel = runs[0]["adapters"]["auto"]["selection"]
-    print(f"\n{which}: budget {runs[0]['budget']:,} params; auto chose {', '.join(s['auto_chose'])} (seed {runs[0]['seed']} "
+    print(f"\n{which}: budget {runs[0]['budget']:,} params; auto chose {', '.join(s['auto_chose'])} "
+          f"(seed {runs[0]['seed']} "
           f"decided by {sel['decided_by']}; {(sel.get('rows') or {}).get('note', '')})")
     for name, why in runs[0]["left_out"].items():
         print(f"  {name}: left out, {why}")

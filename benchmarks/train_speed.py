@@ -52,7 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 FILES = {"zh": "alpaca_zh_demo.json", "en": "alpaca_en_demo.json"}
 CONFIGS = ["baseline-bf16", "loraplex", "baseline-fp32"]
-LEVERS = ["loraplex-torch-dropout", "loraplex-bf16-attention", "loraplex-autograd-head", "loraplex-masked", "loraplex-seq",
+LEVERS = ["loraplex-torch-dropout", "loraplex-bf16-attention", "loraplex-autograd-head", "loraplex-masked",
+          "loraplex-seq",
           "loraplex-one-pass",
           "loraplex-mb1024", "loraplex-full-logits", "loraplex-one-head-pass", "loraplex-padded", "loraplex-grouped",
           "loraplex-1thread"]

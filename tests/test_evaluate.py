@@ -152,7 +152,8 @@ def test_eval_command_with_a_merged_model(run_dir, tmp_path):
 
     base = resolve_base(trained_meta(run_dir, "zh")["base_model_location"])
     merged_dir = tmp_path / "zh-merged"
-    PeftModel.from_pretrained(load_model(base), run_dir / "adapters" / "zh").merge_and_unload().save_pretrained(merged_dir)
+    merged = PeftModel.from_pretrained(load_model(base), run_dir / "adapters" / "zh").merge_and_unload()
+    merged.save_pretrained(merged_dir)
     load_tokenizer(base).save_pretrained(merged_dir)
     result = CliRunner().invoke(app, ["eval", str(run_dir), "--merged", str(merged_dir), "--no-generate"])
     assert result.exit_code == 0, result.output

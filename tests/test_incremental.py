@@ -305,7 +305,8 @@ def test_a_kill_during_a_retrain_leaves_every_finished_adapter_whole(point, kill
     assert actions(result)["b"] in (KEEP, RETRAIN) and is_complete(root / "b")
     assert adapter_metadata(root / "b")["config"]["train"]["lr"] == 5e-3
     assert sorted(p.name for p in root.iterdir()) == ["a", "b"]  # nothing left behind
-    assert torch.isfinite(torch.cat([t.flatten().float() for t in load_file(root / "b" / "adapter_model.safetensors").values()])).all()
+    tensors = load_file(root / "b" / "adapter_model.safetensors").values()
+    assert torch.isfinite(torch.cat([t.flatten().float() for t in tensors])).all()
 
 
 def test_the_train_command_says_what_it_did_to_each_adapter(tmp_path, tiny_model_dir, monkeypatch):

@@ -222,7 +222,8 @@ def test_llama3_template_needs_llama3_tokens(tiny_model_dir, tmp_path):
     eot = ws.tokenizer.convert_tokens_to_ids("<|eot_id|>")
     answer = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
     assert answer[-1] == eot and answer.count(eot) == 1
-    assert ws.tokenizer.decode(answer[:-1]) in {f"{w} {w}" for w in ("apple", "river", "stone", "cloud", "amber", "pilot")}
+    words = ("apple", "river", "stone", "cloud", "amber", "pilot")
+    assert ws.tokenizer.decode(answer[:-1]) in {f"{w} {w}" for w in words}
 
 
 def test_tokenizer_without_template_or_chatml_tokens_is_refused(tmp_path):

@@ -161,7 +161,8 @@ def demo(overrides: Optional[list[str]] = OVERRIDES_ARG,
     from .demo.table import demo_table
 
     started = time.perf_counter()
-    summary = _run(run_demo, out, seed, overrides or [], log=lambda line: console.print(line, markup=False, highlight=False))
+    summary = _run(run_demo, out, seed, overrides or [],
+                   log=lambda line: console.print(line, markup=False, highlight=False))
     stdout.print(demo_table(summary))
     verification = summary["merged"]["verification"]
     merged = summary["merged"]
@@ -262,7 +263,8 @@ def merge_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/<r
                   dtype: str = typer.Option("float32", "--dtype", help="dtype of the saved weights: float32, "
                                             "bfloat16 or float16 (the merge itself runs in float32)"),
                   density: float = typer.Option(0.5, "--density", help="ties/dare_linear: share of values kept"),
-                  overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous merge in --out")) -> None:
+                  overwrite: bool = typer.Option(False, "--overwrite",
+                                                 help="replace a previous merge in --out")) -> None:
     """Merge adapters of a run into the base: a standalone model folder, verified against the formula."""
     from .display import render_merge
     from .merging import merge
@@ -321,7 +323,8 @@ def export_vllm_command(run: Path = typer.Argument(..., help="run folder, e.g. r
                         lora_target_modules: Optional[str] = typer.Option(
                             None, "--lora-target-modules", help="restrict vLLM's LoRA layers to these modules, "
                             "comma-separated (warns about adapter modules left out)"),
-                        force: bool = typer.Option(False, "--force", help="replace the --out file if it exists")) -> None:
+                        force: bool = typer.Option(False, "--force",
+                                                   help="replace the --out file if it exists")) -> None:
     """Print the `vllm serve` command that serves the run's base with every adapter (checked against vLLM's limits)."""
     from .export import export_vllm
 

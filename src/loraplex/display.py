@@ -206,7 +206,8 @@ def render_merge(report: dict) -> list:
         lines.append(f"weights search: {search['note']}")
     elif search:
         worst = search["worst_retention_search"]
-        lines.append(f"weights searched on {sum(search['search_rows'].values())} held-out rows ({search['evaluations']} "
+        searched = sum(search['search_rows'].values())
+        lines.append(f"weights searched on {searched} held-out rows ({search['evaluations']} "
                      f"weightings tried): the adapter that keeps least keeps {worst['found']:.0%} there (at weights 1: "
                      f"{worst['at_weights_1']:.0%}); the table below is on the other rows")
     out = [adapters, Text("\n".join(lines))]

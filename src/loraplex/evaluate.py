@@ -35,7 +35,8 @@ from .models import load_model, resolve_base, stop_token_ids
 from .quantize import is_quantized
 from .records import EvalRecord, MergeRecord, RecordError, read_record, write_record
 from .routing import Router, mean_hidden_state, measured_rows
-from .run import (EVAL_FILE, MERGE_REPORT, adapter_dir, adapter_metadata, is_complete, merged_from, open_run, weights_hash,
+from .run import (EVAL_FILE, MERGE_REPORT, adapter_dir, adapter_metadata, is_complete, merged_from, open_run,
+                  weights_hash,
                   writer_lock)
 from .lm.packed import heldout_metrics
 
@@ -184,7 +185,8 @@ class _MatrixBuilder:
                 heldout[key] = heldout_metrics(model, restricted["rows"] if restricted else col.heldout)
             cell = dict(heldout[key])
             if restricted:
-                cell.update({k: v for k, v in restricted.items() if k != "rows"}, heldout_examples=len(restricted["rows"]))
+                cell.update({k: v for k, v in restricted.items() if k != "rows"},
+                            heldout_examples=len(restricted["rows"]))
             generates = self.settings.cross or own is None or col.test_key in own_keys
             if col.test is not None and col.test.prompts and generates:
                 if col.test_key not in predictions:
@@ -231,15 +233,16 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
         return _evaluate_matrix(run_dir, merged, generation, checkers, log, base_precision)
 
 
-def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation: GenerationSettings | dict | None = None,
+def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (),
+                     generation: GenerationSettings | dict | None = None,
                      checkers: dict[str, Checker] | None = None, log: Callable[[str], None] | None = None,
                      base_precision: str = "full") -> dict:
     """The eval matrix of a run: (base, each adapter, each merged folder) x (each dataset); saved as eval.json.
 
     `checkers` maps dataset names to task checkers for exact match, each called as (raw test row, answer); other
-    datasets use the recipe's `checker` (`loraplex.checkers`: stripped string equality unless it names another). `base_precision`: "full" (default) loads the base in full
-    precision for the base and adapter rows, "quantized" as the recipe's `model.quantization` (merged
-    folders are always full precision).
+    datasets use the recipe's `checker` (`loraplex.checkers`: stripped string equality unless it names another).
+    `base_precision`: "full" (default) loads the base in full precision for the base and adapter rows, "quantized"
+    as the recipe's `model.quantization` (merged folders are always full precision).
     """
     run_dir, log = Path(run_dir), log or (lambda message: None)
     settings = generation if isinstance(generation, GenerationSettings) else GenerationSettings(**(generation or {}))

@@ -200,7 +200,8 @@ class Recipe(_Strict):
 
     def fingerprint(self) -> str:
         """A hash of what the run trains. Settings that change nothing (`auto` without `target_modules: auto`, an
-        empty `compose_with`, the default `checker`) are left out, so runs written before those fields existed keep their fingerprint."""
+        empty `compose_with`, the default `checker`) are left out, so runs written before those fields existed keep
+        their fingerprint."""
         data = self.to_dict()
         for entry in data["datasets"]:
             if entry.get("target_modules") != "auto":
@@ -350,7 +351,8 @@ def _describe_validation(exc: ValidationError, raw: dict, defaults: dict) -> lis
             if from_defaults:
                 continue  # already reported by _check_keys
             parent = _model_at(loc[:-1])
-            lines.append(f"{where}: " + unknown_name_message("key", str(loc[-1]), _public_fields(parent) if parent else []))
+            known = _public_fields(parent) if parent else []
+            lines.append(f"{where}: " + unknown_name_message("key", str(loc[-1]), known))
             continue
         shown = repr(err.get("input"))
         given = "" if err["type"] == "missing" else f" (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
@@ -416,10 +418,12 @@ def _model_at(loc: list) -> type[BaseModel] | None:
 def _check_datasets(raw: dict, base_dir: Path) -> list[str]:
     """Duplicate names and missing files, checked on the raw entries so they join the schema errors."""
     problems: list[str] = []
-    entries = [e for e in raw.get("datasets") or [] if isinstance(e, dict)] if isinstance(raw.get("datasets"), list) else []
+    listed = raw.get("datasets") if isinstance(raw.get("datasets"), list) else []
+    entries = [e for e in listed if isinstance(e, dict)]
     names = [e.get("name") for e in entries]
     for name in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
-        problems.append(f"datasets: the name '{name}' is used {names.count(name)} times; each adapter needs its own name")
+        problems.append(f"datasets: the name '{name}' is used {names.count(name)} times; each adapter needs its own "
+                        "name")
     for entry in entries:
         for which in ("path", "val_path", "test_path"):
             files = entry.get(which)

@@ -118,7 +118,8 @@ def writer_lock(run_dir: str | Path, parts: list[str], what: str, say=None) -> c
     except LockBusy as exc:
         stack.close()
         raise LoraplexError(f"{run_dir}: {part.replace('-', ' ', 1)} is {exc.problems[0]}; wait for it to finish"
-                            + (", or train other adapters with --only" if part.startswith("adapter-") else "")) from None
+                            + (", or train other adapters with --only" if part.startswith("adapter-") else "")
+                            ) from None
     return stack
 
 

@@ -26,8 +26,8 @@ from ..models import BaseModelRef, load_model
 from ..records import MergeRecord, write_record
 from ..run import MERGE_REPORT, adapter_dir, weights_hash, writer_lock
 from .apply import merged_tokenizer, write_merged, reference_model
-from .plan import (SEARCH, MergeMethod, MergePlan, claim_out_dir, interference, interference_lines, plan_merge, precision_note,
-                   quantized_adapters)
+from .plan import (SEARCH, MergeMethod, MergePlan, claim_out_dir, interference, interference_lines, plan_merge,
+                   precision_note, quantized_adapters)
 from .search import halves, search_weights
 from .verify import heldout_report, probe_ids, verify
 
@@ -35,8 +35,9 @@ __all__ = ["MergePlan", "merge", "plan_merge"]
 
 
 def merge(run_dir: str | Path, adapters: list[str], weights: list[float] | None = None,
-          method: MergeMethod | str = MergeMethod.AUTO, *, out_dir: str | Path, dtype: str = "float32", density: float = 0.5, seed: int = 0,
-          overwrite: bool = False, echo: Callable[[str], None] | None = None) -> dict:
+          method: MergeMethod | str = MergeMethod.AUTO, *, out_dir: str | Path, dtype: str = "float32",
+          density: float = 0.5, seed: int = 0, overwrite: bool = False,
+          echo: Callable[[str], None] | None = None) -> dict:
     """Merge `adapters` (names in RUN/adapters) into the base; write `out_dir`, verify, return the report.
 
     `echo` receives the interference report and the method's exactness before the merge starts.

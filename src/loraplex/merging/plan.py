@@ -80,8 +80,9 @@ def plan_merge(run_dir: str | Path, adapters: list[str], weights: list[float] | 
     if method == SEARCH and weights is not None:
         raise ParameterError("weights", f"method='{SEARCH}' chooses the weights itself; leave weights=None")
     loaded = {name: read_adapter(_adapter_dir(run_dir, name)) for name in names}
-    plan = MergePlan(run_dir, loaded, _weights(weights, names), "sum" if method in ("auto", "sum", "cat", SEARCH) else method,
-                     method, dtype, next(iter(loaded.values())).base_ref(), density=density)
+    combined = "sum" if method in ("auto", "sum", "cat", SEARCH) else method
+    plan = MergePlan(run_dir, loaded, _weights(weights, names), combined, method, dtype,
+                     next(iter(loaded.values())).base_ref(), density=density)
     for name, adapter in loaded.items():
         for module in adapter.modules:
             plan.owners.setdefault(module, []).append(name)
@@ -173,7 +174,8 @@ def precision_note(plan: MergePlan) -> str | None:
 
 def _method_note(plan: MergePlan) -> str:
     if plan.method in PEFT_METHODS and not plan.exact:
-        why = ["it combines the A's and the B's separately, so cross terms Bᵢ@Aⱼ appear"] if plan.shared_modules() else []
+        shared = plan.shared_modules()
+        why = ["it combines the A's and the B's separately, so cross terms Bᵢ@Aⱼ appear"] if shared else []
         why += [f"it prunes values (density {plan.density:g})"] if plan.prunes else []
         return (f"method {plan.method} (PEFT add_weighted_adapter): NOT an exact sum: {'; '.join(why)}; "
                 "the checks compare against PEFT's combined adapter")

@@ -29,8 +29,9 @@ from ..models import base_fingerprint
 from ..pipeline import Workspace, open_recipe
 from ..recipe import DatasetSpec, Recipe
 from ..records import AdapterRecord, RecordError, RunRecord, read_record, write_record
-from ..run import (ADAPTER_META, ADAPTER_WEIGHTS, RUN_META, adapter_dir, adapter_metadata, base_changed_message, checkpoint_dir,
-                   is_complete, percent_of_base, record_entries, stale_outputs, weights_hash, writer_lock)
+from ..run import (ADAPTER_META, ADAPTER_WEIGHTS, RUN_META, adapter_dir, adapter_metadata, base_changed_message,
+                   checkpoint_dir, is_complete, percent_of_base, record_entries, stale_outputs, weights_hash,
+                   writer_lock)
 from ..lm.base import load_base
 from ..lm.settings import lora_config, micro_batch_tokens
 from ..select import choose_modules, resolved_spec

@@ -143,7 +143,8 @@ class ProgressCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.stats.seconds += time.perf_counter() - self._step_started
         self.bar.update(state.global_step - self.bar.n)
-        self.bar.set_postfix_str(f"loss {self._last_loss()} | {self.stats.tokens / max(self.stats.seconds, 1e-9):,.0f} tok/s")
+        speed = self.stats.tokens / max(self.stats.seconds, 1e-9)
+        self.bar.set_postfix_str(f"loss {self._last_loss()} | {speed:,.0f} tok/s")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -208,7 +209,8 @@ def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoin
     trainer = AdapterTrainer(
         model=peft_model, args=training_arguments(spec, checkpoint_dir), train_dataset=data.train,
         data_collator=WithSources(collator), callbacks=[ProgressCallback(spec.name, stats, progress)], stats=stats,
-        micro_batch_tokens=micro_batch_tokens(spec), per_sequence_attention=spec.train.packed_attention == "per_sequence",
+        micro_batch_tokens=micro_batch_tokens(spec),
+        per_sequence_attention=spec.train.packed_attention == "per_sequence",
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the progress bar shows them
     return trainer, stats
