@@ -29,7 +29,7 @@ from .checkers import ANSWER_CHECKERS, same_text
 from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages
 from .data.prepare import graded_rows
 from .data.render import chat_template_for, end_of_turn_ids, prompt_text
-from .device import pick_dtype, to_accelerator
+from .device import to_accelerator
 from .errors import DataError, LoraplexError
 from .models import load_model, resolve_base, stop_token_ids
 from .quantize import is_quantized
@@ -258,7 +258,7 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (),
                              ws.tokenizer, settings, _end_of_turn_ids(ws))
     base_row = "base" if "base" not in adapter_dirs else "base model"
     rows = [{"name": base_row, "kind": "base"}]
-    adapter_set = load(ws.base, adapter_dirs, dtype=ws.recipe.model.dtype,
+    adapter_set = load(ws.base, adapter_dirs, dtype=ws.dtype,
                        quantization=_quantization(ws.recipe.model, base_precision))
     precision = adapter_set.base_precision
     _to_accelerator(adapter_set.model)
@@ -275,7 +275,7 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (),
         label = f"merged:{Path(ref.location).name}"
         label = label if label not in builder.metrics else f"{label}#{i + 1}"  # two folders of one name
         log(f"evaluating {label}")
-        builder.add_row(label, _to_accelerator(load_model(ref, pick_dtype(ws.recipe.model.dtype))),
+        builder.add_row(label, _to_accelerator(load_model(ref, ws.dtype)),
                         unseen=_rows_the_search_never_read(Path(ref.location), builder.columns))
         rows.append({"name": label, "kind": "merged", "path": ref.location,
                      "adapter_weights": merged_from(Path(ref.location), run_dir)})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..device import dtype_name, pick_dtype, to_accelerator
+from ..device import dtype_name, to_accelerator
 from ..models import base_fingerprint, load_model
 from ..pipeline import Workspace
 from ..quantize import describe, gradient_checkpointing, prepare_for_training, quantization_config
@@ -19,7 +19,7 @@ def load_base(ws: Workspace, allow_pickle: bool = False) -> tuple[torch.nn.Modul
     prepare_model_for_kbit_training's float32 upcast of the non-quantized weights does not change them.
     """
     spec = ws.recipe.model
-    dtype = pick_dtype(spec.dtype)
+    dtype = ws.dtype
     config = quantization_config(spec)  # checks that bitsandbytes runs here before anything is loaded
     record: dict = {"dtype": dtype_name(dtype)}
     if config is not None:

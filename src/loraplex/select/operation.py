@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..device import pick_dtype
 from ..errors import LoraplexError
 from ..lm.base import load_base
 from ..lm.settings import micro_batch_tokens
@@ -28,7 +27,7 @@ def select(recipe: str | Path | dict | Recipe, overrides: list[str] | None = Non
         composed = composed_folders(spec, ws.recipe.run_dir())  # decided in the model the adapter trains in
         decisions[spec.name] = {**choose_modules(model, spec, prepared[spec.name], pristine, micro_batch_tokens(spec),
                                                  progress, composed), "recipe_target_modules": spec.target_modules}
-        after = base_fingerprint(model, pick_dtype(ws.recipe.model.dtype))
+        after = base_fingerprint(model, ws.dtype)
         if after != pristine:
             raise LoraplexError(f"the base weights changed while selecting modules for '{spec.name}' (fingerprint "
                                 f"{pristine} -> {after}). This is a bug: please report it")

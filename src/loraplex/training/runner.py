@@ -23,7 +23,7 @@ import torch
 from ..adapters import attach
 from ..atomic import atomic_dir, atomic_write_json, remove_leftovers
 from ..data.prepare import PreparedDataset
-from ..device import dtype_name, on_gpu, pick_dtype
+from ..device import dtype_name, on_gpu
 from ..errors import LoraplexError
 from ..models import base_fingerprint
 from ..pipeline import Workspace, open_recipe
@@ -92,7 +92,7 @@ def _train_steps(ws: Workspace, prepared: dict, run_dir: Path, steps: list[Step]
                  progress: bool, allow_pickle: bool, say: Callable[[str], None]) -> None:
     """Load the base once and train every adapter whose step says so, in plan order."""
     model, base_record = load_base(ws, allow_pickle)
-    dtype = pick_dtype(ws.recipe.model.dtype)
+    dtype = ws.dtype
     pristine = base_record.get("quantized_base_fingerprint", base_record["base_fingerprint"])  # the weights in memory
     _same_everywhere(pristine)
     _retrain_on_changed_base(run_dir, steps, base_record)
