@@ -107,8 +107,7 @@ class DatasetSpec(_Strict):
     path: Union[str, list[str]] = Field(description="json / jsonl / parquet / csv file, or a list of them")
     val_path: Union[str, list[str], None] = Field(None, description="held-out file(s); else val_size of path")
     test_path: Union[str, list[str], None] = Field(None, description="test file(s) for generation metrics")
-    checker: Literal[CHECKER_NAMES] = Field("exact", description="how exact match judges a generated answer: exact "
-                                            "(stripped equality), number, iso-date, contains")
+    checker: Literal[CHECKER_NAMES] = Field("exact", description="how exact match judges answers (loraplex.checkers)")
     format: Literal["auto", "alpaca", "messages"] = "auto"
     columns: dict[str, str] = Field(default_factory=dict, description="role -> column name, e.g. output: answer")
     system: str | None = Field(None, description="system prompt for rows that have none")
