@@ -216,8 +216,8 @@ def test_fingerprint_changes_with_any_value(data_file):
 
 
 def test_fingerprint_ignores_settings_that_change_nothing(data_file):
-    """`auto` without target_modules: auto, and an empty compose_with, leave the fingerprint of runs written before
-    those fields existed as it was (their hash of the same recipe without the keys)."""
+    """`auto` without target_modules: auto, an empty compose_with and the default checker leave the fingerprint of
+    runs written before those fields existed as it was (their hash of the same recipe without the keys)."""
     import hashlib
     import json
 
@@ -225,7 +225,7 @@ def test_fingerprint_ignores_settings_that_change_nothing(data_file):
     recipe = load_recipe(raw)
     old_style = recipe.to_dict()
     for entry in old_style["datasets"]:
-        del entry["auto"], entry["compose_with"]
+        del entry["auto"], entry["compose_with"], entry["checker"]
     assert recipe.fingerprint() == hashlib.sha256(json.dumps(old_style, sort_keys=True).encode()).hexdigest()[:16]
     assert load_recipe(raw, ["datasets.zh.auto.trials=1"]).fingerprint() == recipe.fingerprint()
     auto = load_recipe(raw, ["datasets.zh.target_modules=auto"])
