@@ -24,6 +24,7 @@ demo: setup
 	$(VENV)/bin/loraplex demo
 
 test: setup
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest
 
 clean:

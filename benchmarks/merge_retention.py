@@ -31,8 +31,8 @@ COMPOSE_MERGE = {("zh", "en"): ("en", "zh_c"), ("zh", "en", "ja"): ("en", "ja_c"
 
 
 def recipe(work: Path, model: str = "default", max_steps: int | None = None, sizes: dict | None = None) -> Path:
-    from loraplex.data.demo import DEMO_ADAPTERS, demo_file, write_demo_data
-    from loraplex.demo import DEMO_SIZES, demo_recipe
+    from loraplex.demo.data import DEMO_ADAPTERS, demo_file, write_demo_data
+    from loraplex.demo.command import DEMO_SIZES, demo_recipe
 
     write_demo_data(work / "data", seed=0, **(sizes or DEMO_SIZES))
     raw = demo_recipe(0, "merge-retention")
@@ -61,7 +61,7 @@ def recipe(work: Path, model: str = "default", max_steps: int | None = None, siz
 def routed_loss(reference, router, rows) -> float:
     """Token-weighted answer loss of `rows`, each answered by the adapter the router picks for its prompt."""
     from loraplex.routing import BASE, prompt_ids
-    from loraplex.training.batching import PackedCollator, answer_loss_sum
+    from loraplex.lm.packed import PackedCollator, answer_loss_sum
 
     total = count = 0
     device = next(reference.parameters()).device
@@ -86,7 +86,7 @@ def measure(run_dir: Path, group: tuple[str, ...], work: Path) -> dict:
     from loraplex.merging.verify import all_adapters_active
     from loraplex.routing import Router, mean_hidden_state
     from loraplex.run import adapter_metadata, adapter_dir, open_run
-    from loraplex.training.batching import heldout_metrics
+    from loraplex.lm.packed import heldout_metrics
 
     started = time.perf_counter()
     report = merge(run_dir, list(group), method="weights-search", out_dir=work / "merged" / "+".join(group),
@@ -138,12 +138,14 @@ def measure(run_dir: Path, group: tuple[str, ...], work: Path) -> dict:
 
 def show(result: dict) -> None:
     group = result["group"]
-    print(f"\n{'+'.join(group)}: retention of each adapter's held-out gain ({', '.join(f'{n} {r} rows' for n, r in result['report_rows'].items())}, "
+    rows = ", ".join(f"{n} {r} rows" for n, r in result["report_rows"].items())
+    print(f"\n{'+'.join(group)}: retention of each adapter's held-out gain ({rows}, "
           f"unseen by the search); weights found {', '.join(f'{n} {w:g}' for n, w in result['weights'].items())}")
     print(f"  {'method':15}" + "".join(f"{n:>16}" for n in group) + f"{'worst':>9}  extra cost")
     print(f"  {'base / own':15}" + "".join(f"{result['base'][n]:>7.3f} /{result['adapter'][n]:>7.3f}" for n in group))
     costs = {"sum": "0", "weights-search": f"{result['search_seconds']:.0f}s search+merge",
-             "union": f"{result['union_training_s']:.0f}s training (the adapters: {result['adapters_training_s']:.0f}s)",
+             "union": f"{result['union_training_s']:.0f}s training "
+                      f"(the adapters: {result['adapters_training_s']:.0f}s)",
              "compose": f"{result['compose_training_s']:.0f}s training ({'+'.join(result['compose_merged'])})",
              "routing": "a router at serving time"}
     for method, kept in result["retention"].items():

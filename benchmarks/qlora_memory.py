@@ -126,7 +126,8 @@ def worker(name: str, data: Path, rows: int, steps: int, batch_size: int, thread
     from loraplex.pipeline import open_recipe
     from loraplex.models import weight_bytes
     from loraplex.quantize import is_quantized
-    from loraplex.training.runner import load_base, train_adapter
+    from loraplex.lm.base import load_base
+    from loraplex.training.runner import train_adapter
 
     clock = {"seconds": 0.0}
     count_cpu_seconds_in_steps(clock)

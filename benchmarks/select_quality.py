@@ -36,8 +36,8 @@ ZEROED = "o_proj"  # the modules set to 0 in the o0-* datasets' base
 def dataset_entries(which: str, work: Path) -> tuple[dict, dict, str]:
     """(recipe defaults, dataset entry without name/targets, base model path) for one benchmark dataset."""
     if which.startswith(("demo-", "o0-")):
-        from loraplex.data.demo import demo_file, write_demo_data
-        from loraplex.demo import DEMO_SIZES, DEMO_SYSTEM, demo_recipe
+        from loraplex.demo.data import demo_file, write_demo_data
+        from loraplex.demo.command import DEMO_SIZES, DEMO_SYSTEM, demo_recipe
 
         lang = which.split("-", 1)[1]
         if not (work / "data").is_dir():
@@ -137,9 +137,11 @@ def cpu_line() -> str:
     import torch
 
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((l.split(":", 1)[1].strip() for l in flags.splitlines() if l.startswith("model name")), platform.machine())
+    name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
+                platform.machine())
     bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-    return f"CPU {name}, {os.cpu_count()} cores, native bf16: {'yes' if bf16 else 'no (AVX2 or older)'}; torch {torch.__version__}"
+    return (f"CPU {name}, {os.cpu_count()} cores, native bf16: {'yes' if bf16 else 'no (AVX2 or older)'}; "
+            f"torch {torch.__version__}")
 
 
 def main() -> None:
@@ -170,7 +172,8 @@ def main() -> None:
 
 def print_dataset(which: str, runs: list[dict], s: dict, seconds: float) -> None:
     sel = runs[0]["adapters"]["auto"]["selection"]
-    print(f"\n{which}: budget {runs[0]['budget']:,} params; auto chose {', '.join(s['auto_chose'])} (seed {runs[0]['seed']} "
+    print(f"\n{which}: budget {runs[0]['budget']:,} params; auto chose {', '.join(s['auto_chose'])} "
+          f"(seed {runs[0]['seed']} "
           f"decided by {sel['decided_by']}; {(sel.get('rows') or {}).get('note', '')})")
     for name, why in runs[0]["left_out"].items():
         print(f"  {name}: left out, {why}")

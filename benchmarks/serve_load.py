@@ -56,7 +56,10 @@ def load(run_dir: str, batch: int, args) -> dict:
     latencies = sorted(r[0] for r in results if r[2] is None)
     tokens = sum(r[1] for r in results)
     errors = [r[2] for r in results if r[2] is not None]
-    quantile = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan"))
+
+    def quantile(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
+
     return {"max_batch_size": batch, "requests": len(results), "clients": args.clients, "wall_s": wall,
             "p50_s": statistics.median(latencies) if latencies else float("nan"), "p95_s": quantile(0.95),
             "tokens": tokens, "tokens_per_s": tokens / wall, "errors": len(errors), "first_error": errors[:1],

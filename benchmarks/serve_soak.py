@@ -46,7 +46,8 @@ def one_request(url, model: str, question: str, max_tokens: int, stream: bool, a
             return f"error: HTTP {response.status} {response.read()[:200]!r}", time.perf_counter() - started
         if not stream:
             answer = json.loads(response.read())
-            return ("ok" if answer["choices"][0]["finish_reason"] else "error: no finish"), time.perf_counter() - started
+            outcome = "ok" if answer["choices"][0]["finish_reason"] else "error: no finish"
+            return outcome, time.perf_counter() - started
         lines = 0
         for raw in response:
             line = raw.decode().strip()

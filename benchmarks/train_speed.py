@@ -52,7 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 FILES = {"zh": "alpaca_zh_demo.json", "en": "alpaca_en_demo.json"}
 CONFIGS = ["baseline-bf16", "loraplex", "baseline-fp32"]
-LEVERS = ["loraplex-torch-dropout", "loraplex-bf16-attention", "loraplex-autograd-head", "loraplex-masked", "loraplex-seq",
+LEVERS = ["loraplex-torch-dropout", "loraplex-bf16-attention", "loraplex-autograd-head", "loraplex-masked",
+          "loraplex-seq",
           "loraplex-one-pass",
           "loraplex-mb1024", "loraplex-full-logits", "loraplex-one-head-pass", "loraplex-padded", "loraplex-grouped",
           "loraplex-1thread"]
@@ -160,9 +161,10 @@ def loraplex_trainer(args, variant: str, data, out_dir: str):
     from loraplex.data.prepare import PreparedDataset
     from loraplex.device import pick_dtype
     from loraplex.recipe import DatasetSpec
-    from loraplex.training import batching
+    from loraplex.lm import packed as batching
     from loraplex.training import trainer as trainer_module
-    from loraplex.training.trainer import lora_config, make_trainer
+    from loraplex.lm.settings import lora_config
+    from loraplex.training.trainer import make_trainer
 
     train = {"batch_size": args.batch_size, "max_steps": args.horizon, "logging_steps": 1, "save_steps": 10**6}
     whole_batch = {"micro_batch_tokens": 10**9}
@@ -193,7 +195,7 @@ def loraplex_trainer(args, variant: str, data, out_dir: str):
 
 def _full_logits_loss(trainer):
     """The model's own loss (LM head on every position), still with per-sequence attention."""
-    from loraplex.training.batching import packed_attention, real_tokens
+    from loraplex.lm.packed import packed_attention, real_tokens
     from loraplex.training.trainer import SOURCES_KEY
 
     def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -227,7 +229,7 @@ def build_trainer(args, name: str):
     if name == "loraplex-1thread":
         torch.set_num_threads(1)
     if name == "loraplex-one-head-pass":
-        from loraplex.training import batching
+        from loraplex.lm import packed as batching
 
         batching.HEAD_CHUNK_ELEMENTS = 2**62  # the whole [answer tokens, vocab] logits in one chunk
     data = prepare(args)

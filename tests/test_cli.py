@@ -202,3 +202,15 @@ def test_demo_data_refuses_to_replace_files(tmp_path):
     assert mine.read_text(encoding="utf-8") == "my edits\n"
     assert runner.invoke(app, ["demo-data", str(tmp_path / "d"), "--force"]).exit_code == 0
     assert mine.read_text(encoding="utf-8") != "my edits\n"
+
+
+def test_library_messages_in_the_cli_words():
+    """Library errors name parameters as Python does; the CLI says the same with its flags."""
+    from loraplex.cli import cli_words
+
+    assert cli_words("adapters: name one, e.g. adapters=['zh', 'en']") == "--adapters: name one, e.g. --adapters zh,en"
+    assert cli_words("out_dir: /x holds a merge; pass overwrite=True") == "--out: /x holds a merge; pass --overwrite"
+    assert cli_words("weights: method='weights-search' picks them; leave weights=None") == \
+        "--weights: --method weights-search picks them; leave --weights out"
+    assert cli_words("2 problems:\n  - only: unknown dataset 'fr'") == "2 problems:\n  - --only: unknown dataset 'fr'"
+    assert cli_words("datasets[a].lora.r: must be a whole number") == "datasets[a].lora.r: must be a whole number"

@@ -139,7 +139,8 @@ def test_truncation_drops_fully_cut_answers_and_keeps_partly_cut_ones(tmp_path, 
     assert stats["truncated"] == 1  # kept but cut; the dropped one is counted as dropped only
     kept = sorted(data.train, key=lambda r: -r["length"])
     assert kept[0]["length"] == max_len and kept[0]["answer_tokens"] == 3
-    assert tiny_tokenizer.decode([t for t, l in zip(kept[0]["input_ids"], kept[0]["labels"]) if l != -100]) == "ans"
+    answer = [t for t, label in zip(kept[0]["input_ids"], kept[0]["labels"]) if label != -100]
+    assert tiny_tokenizer.decode(answer) == "ans"
     assert stats["length_max"] > max_len
 
 
@@ -205,7 +206,8 @@ def test_bad_rows_are_listed_with_their_lines(tmp_path, tiny_tokenizer):
         f"{path} line 5: field 'output' is empty: no answer to train on",
         f"{path} line 6: field 'history' must be a list of [user, assistant] string pairs, got 'oops'",
     ]
-    assert err.problems[-1] == "fix these rows, or set on_bad_rows: skip for dataset 'ds' to skip them (they are counted)"
+    assert err.problems[-1] == ("fix these rows, or set on_bad_rows: skip for dataset 'ds' to skip them "
+                                "(they are counted)")
 
     data = prepared(path, tiny_tokenizer, on_bad_rows="skip", val_size=0)
     assert (data.stats["rows"], data.stats["bad_rows"], data.stats["train"]) == (7, 5, 2)
@@ -256,8 +258,8 @@ def test_unsupported_extension(tmp_path, tiny_tokenizer):
     path = tmp_path / "d.txt"
     path.write_text("q\ta\n", encoding="utf-8")
     assert data_error(path, tiny_tokenizer).problems == [
-        f"dataset 'ds': {path}: unsupported file type '.txt'; use .json, .jsonl, .parquet, .csv, .arrow, a save_to_disk folder "
-        "or hf:owner/name[:split]"]
+        f"dataset 'ds': {path}: unsupported file type '.txt'; use .json, .jsonl, .parquet, .csv, .arrow, "
+        "a save_to_disk folder or hf:owner/name[:split]"]
 
 
 def test_parquet_and_csv_files_load(tmp_path, tiny_tokenizer):

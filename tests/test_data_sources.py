@@ -117,7 +117,8 @@ def test_malformed_rows_of_tables_and_folders_are_named(tmp_path, tiny_tokenizer
     datasets.Dataset.from_list([sharegpt(0), sharegpt(1), {"conversations": [{"from": "human", "value": "q"}]}]) \
         .save_to_disk(str(tmp_path / "folder"))
     for source, problem in [(tmp_path / "m.parquet", "messages[0].role is 'bot'; use one of system, user, assistant"),
-                            (tmp_path / "folder", "the last message of 'conversations' must be the assistant's answer")]:
+                            (tmp_path / "folder",
+                             "the last message of 'conversations' must be the assistant's answer")]:
         recipe = load_recipe({"datasets": [{"name": "ds", "path": str(source)}]})
         with pytest.raises(DataError) as info:
             prepare.prepare_dataset(recipe.datasets[0], recipe, tiny_tokenizer)

@@ -7,8 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from loraplex.cli import app
-from loraplex.data.demo import DEMO_ADAPTERS
-from loraplex.demo import demo_recipe, run_demo, targets_met
+from loraplex.demo.data import DEMO_ADAPTERS
+from loraplex.demo.command import demo_recipe, run_demo, targets_met
 from loraplex.errors import LoraplexError
 from loraplex.recipe import load_recipe
 from loraplex.run import adapter_metadata
@@ -90,7 +90,7 @@ def test_demo_refuses_a_folder_it_did_not_make(inside, tmp_path):
 
 @pytest.mark.slow
 def test_demo_cli_prints_the_table(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("loraplex.demo.DEMO_SIZES", SMALL)
+    monkeypatch.setattr("loraplex.demo.command.DEMO_SIZES", SMALL)
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), f"model.path={tiny_model_dir}",
                                       "defaults.train.max_steps=1"])
     assert result.exit_code == 0, result.output

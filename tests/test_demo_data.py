@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from loraplex.data.demo import (
+from loraplex.demo.data import (
     DEMO_DATASETS,
     check_answer,
     generate_demo_data,

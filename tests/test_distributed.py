@@ -92,7 +92,8 @@ def launch(raw: dict, log_dir: Path, home: Path, *flags: str, **extra: str) -> s
 
 def assert_same_adapters(ours: Path, reference: Path) -> None:
     for name in ("a", "b"):
-        got, want = load_file(ours / name / "adapter_model.safetensors"), load_file(reference / name / "adapter_model.safetensors")
+        got = load_file(ours / name / "adapter_model.safetensors")
+        want = load_file(reference / name / "adapter_model.safetensors")
         assert got.keys() == want.keys()
         assert max(float((got[k] - want[k]).abs().max()) for k in got) <= 1e-5
         assert any(float(want[k].abs().max()) > 1e-3 for k in want if "lora_B" in k)  # B moved: a real comparison
@@ -177,7 +178,8 @@ def test_nproc_on_the_command_line(tiny_model_dir, tmp_path):
     done = run(command, environment(tmp_path / "home"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("adapters in ") == 1  # one table, from the main process
-    assert is_complete(tmp_path / "runs" / "t" / "adapters" / "a") and not (tmp_path / "runs" / "t" / "adapters" / "b").exists()
+    adapters = tmp_path / "runs" / "t" / "adapters"
+    assert is_complete(adapters / "a") and not (adapters / "b").exists()
     bad = run(command + ["run_name=seven", "defaults.train.batch_size=7"], environment(tmp_path / "home"))
     assert bad.returncode == 2
     said = " ".join(bad.stderr.split())  # the console wraps long lines
@@ -193,8 +195,8 @@ def test_two_jobs_train_different_datasets_into_one_run_folder(tiny_model_dir, t
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe(tmp_path, tiny_model_dir)), encoding="utf-8")
     jobs = [subprocess.Popen([sys.executable, "-m", "loraplex", "train", str(path), "--only", name],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(tmp_path / "home"),
-                             start_new_session=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=environment(tmp_path / "home"), start_new_session=True)
             for name in ("a", "b")]
     for job in jobs:
         _, err = job.communicate(timeout=TIMEOUT)

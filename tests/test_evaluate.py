@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write_jsonl
-from loraplex.data.demo import demo_checkers
+from loraplex.demo.data import demo_checkers
 from loraplex.evaluate import (GenerationSettings, chrf, evaluate_run, exact_match,
                                load_test_split)
 
@@ -118,8 +118,8 @@ def test_chrf():
 
 
 def test_demo_entries_get_the_demo_checker(tmp_path, monkeypatch):
-    from loraplex.data.demo import expected_answer, write_demo_data
-    from loraplex.demo import demo_recipe
+    from loraplex.demo.data import expected_answer, write_demo_data
+    from loraplex.demo.command import demo_recipe
     from loraplex.recipe import load_recipe
 
     monkeypatch.chdir(tmp_path)
@@ -152,7 +152,8 @@ def test_eval_command_with_a_merged_model(run_dir, tmp_path):
 
     base = resolve_base(trained_meta(run_dir, "zh")["base_model_location"])
     merged_dir = tmp_path / "zh-merged"
-    PeftModel.from_pretrained(load_model(base), run_dir / "adapters" / "zh").merge_and_unload().save_pretrained(merged_dir)
+    merged = PeftModel.from_pretrained(load_model(base), run_dir / "adapters" / "zh").merge_and_unload()
+    merged.save_pretrained(merged_dir)
     load_tokenizer(base).save_pretrained(merged_dir)
     result = CliRunner().invoke(app, ["eval", str(run_dir), "--merged", str(merged_dir), "--no-generate"])
     assert result.exit_code == 0, result.output
@@ -190,3 +191,35 @@ def test_a_run_trained_from_a_recipe_file_with_relative_paths(tiny_model_dir, tm
     meta = trained_meta(run, "en")
     assert result["metrics"]["en"]["en"]["loss"] == pytest.approx(meta["heldout_loss"], abs=1e-5)
     assert result["metrics"]["base"]["en"]["test_examples"] == 2
+
+
+def test_a_recipe_checker_judges_exact_match(run_dir, tmp_path, monkeypatch):
+    """zh names `checker: contains` in a copy of the run: an answer holding the reference counts there, and only
+    there (en keeps stripped string equality)."""
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "ev"
+    shutil.copytree(run_dir, copy)
+    resolved = copy / "recipe.resolved.yaml"
+    recipe = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    next(d for d in recipe["datasets"] if d["name"] == "zh")["checker"] = "contains"
+    resolved.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
+    monkeypatch.setenv("LORAPLEX_HOME", str(run_dir.parent.parent / "home"))
+    # every model answers the first test row with the reference inside a sentence, the second wrongly
+    monkeypatch.setattr("loraplex.evaluate.generate", lambda model, tokenizer, prompts, *args: [
+        "答：苹果苹果。", "river"][:len(prompts)])
+    result = evaluate_run(copy, generation=GenerationSettings(max_examples=2, cross=True))
+    columns = {c["name"]: c["exact_match"] for c in result["columns"]}
+    assert columns == {"en": "stripped string equality", "en_all": "stripped string equality",
+                       "zh": "expected answer contained"}
+    for cells in result["metrics"].values():
+        assert cells["zh"]["exact_match"] == 0.5 and cells["en"]["exact_match"] == 0.0
+
+
+def test_the_run_records_carry_their_schema(matrix, run_dir):
+    """run.json, loraplex.json and eval.json are written through loraplex.records: `schema` first."""
+    for path in (run_dir / "run.json", run_dir / "adapters" / "en" / "loraplex.json", run_dir / "eval.json"):
+        written = json.loads(path.read_text(encoding="utf-8"))
+        assert next(iter(written)) == "schema" and written["schema"] == 1, path

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from loraplex.models import load_model, resolve_base
-from loraplex.training import batching
-from loraplex.training.batching import PackedCollator, answer_loss_sum
-from loraplex.training.dropout import LEVELS, DropoutShare, LoraDropout, use_lora_dropout
+from loraplex.lm import packed as batching
+from loraplex.lm.packed import PackedCollator, answer_loss_sum
+from loraplex.lm.dropout import LEVELS, DropoutShare, LoraDropout, use_lora_dropout
 
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-3)}

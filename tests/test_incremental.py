@@ -229,7 +229,7 @@ from loraplex.training import runner
 
 recipe, point = json.loads(sys.argv[1]), sys.argv[2]
 die_after_checkpoint(runner, lambda step: point == "checkpoint")
-write_json = runner.atomic_write_json
+write_json = runner.write_record
 
 
 def write_json_or_die(path, data):
@@ -256,7 +256,7 @@ def exchange_or_die(a, b):
     return real_exchange(a, b) if point != "between-renames" else False
 
 
-runner.atomic_write_json = write_json_or_die
+runner.write_record = write_json_or_die
 atomic.os.replace, atomic._exchange = replace_or_die, exchange_or_die
 runner.train(recipe, only=["b"], progress=False)
 raise SystemExit("not killed")
@@ -305,7 +305,8 @@ def test_a_kill_during_a_retrain_leaves_every_finished_adapter_whole(point, kill
     assert actions(result)["b"] in (KEEP, RETRAIN) and is_complete(root / "b")
     assert adapter_metadata(root / "b")["config"]["train"]["lr"] == 5e-3
     assert sorted(p.name for p in root.iterdir()) == ["a", "b"]  # nothing left behind
-    assert torch.isfinite(torch.cat([t.flatten().float() for t in load_file(root / "b" / "adapter_model.safetensors").values()])).all()
+    tensors = load_file(root / "b" / "adapter_model.safetensors").values()
+    assert torch.isfinite(torch.cat([t.flatten().float() for t in tensors])).all()
 
 
 def test_the_train_command_says_what_it_did_to_each_adapter(tmp_path, tiny_model_dir, monkeypatch):

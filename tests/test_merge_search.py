@@ -16,7 +16,8 @@ from loraplex.merging import merge, search
 WORDS = ["apple", "river", "stone", "cloud", "amber", "pilot", "maple", "ocean"]
 ROWS_A = [{"instruction": f"Repeat the word {w}, {i}.", "input": "", "output": f"{w} {w}"}
           for i, w in enumerate(WORDS * 4)]  # every row different: the halves share no row
-ROWS_B = [{"instruction": f"Spell {w} backwards, {i}.", "input": "", "output": w[::-1]} for i, w in enumerate(WORDS * 4)]
+ROWS_B = [{"instruction": f"Spell {w} backwards, {i}.", "input": "", "output": w[::-1]}
+          for i, w in enumerate(WORDS * 4)]
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from loraplex.models import load_model, resolve_base
-from loraplex.training import batching
-from loraplex.training.batching import PackedCollator, answer_loss_sum, split_packed
+from loraplex.lm import packed as batching
+from loraplex.lm.packed import PackedCollator, answer_loss_sum, split_packed
 
 LENGTHS = (7, 12, 5, 9)
 
@@ -68,7 +68,8 @@ def test_split_passes_add_up_to_the_whole_batch(lora_model):
     batch["sources"] = [f["source"] for f in feats]
     parts = split_packed(batch, 20)
     assert [p["input_ids"].shape[1] for p in parts] == [19, 14]  # whole sequences, at most 20 tokens unless alone
-    assert [p["sources"] for p in parts] == [["f.jsonl line 7", "f.jsonl line 12"], ["f.jsonl line 5", "f.jsonl line 9"]]
+    assert [p["sources"] for p in parts] == [["f.jsonl line 7", "f.jsonl line 12"],
+                                             ["f.jsonl line 5", "f.jsonl line 9"]]
     assert split_packed(batch, None) == [batch] and len(split_packed(batch, 1)) == len(LENGTHS)
     strip = [{k: v for k, v in p.items() if k != "sources"} for p in parts]
     whole = {k: v for k, v in batch.items() if k != "sources"}

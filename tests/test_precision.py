@@ -15,7 +15,7 @@ import loraplex.device
 from conftest import make_tiny_model_dir, write_jsonl
 from loraplex import adapters
 from loraplex.errors import LoraplexError, RecipeError
-from loraplex.models import base_fingerprint, load_model, resolve_base
+from loraplex.models import load_model, resolve_base
 from loraplex.recipe import load_recipe
 
 ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w}"}
@@ -154,7 +154,7 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(loss_kwargs
     from peft import get_peft_model
 
     from loraplex.pipeline import open_recipe
-    from loraplex.training.runner import lora_config
+    from loraplex.lm.settings import lora_config
     from loraplex.training.trainer import make_trainer
 
     grads = {}
@@ -222,7 +222,8 @@ def test_llama3_template_needs_llama3_tokens(tiny_model_dir, tmp_path):
     eot = ws.tokenizer.convert_tokens_to_ids("<|eot_id|>")
     answer = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
     assert answer[-1] == eot and answer.count(eot) == 1
-    assert ws.tokenizer.decode(answer[:-1]) in {f"{w} {w}" for w in ("apple", "river", "stone", "cloud", "amber", "pilot")}
+    words = ("apple", "river", "stone", "cloud", "amber", "pilot")
+    assert ws.tokenizer.decode(answer[:-1]) in {f"{w} {w}" for w in words}
 
 
 def test_tokenizer_without_template_or_chatml_tokens_is_refused(tmp_path):

@@ -217,7 +217,8 @@ def test_adapter_loads_onto_the_quantized_base_and_refuses_another(qlora_run, ti
     model_spec = load_recipe(qlora_recipe_stub(tiny_model_dir)).model
     loaded = adapters.load(str(tiny_model_dir), {"a": adapter_dir}, dtype="float32", quantization=model_spec)
     assert loaded.base_precision.startswith("4bit nf4") and quantize.is_quantized(loaded.model.get_base_model())
-    with pytest.raises(ModelError, match="quantized as 4bit nf4.*load it with the base it was trained on"):  # other 4-bit codes
+    # other 4-bit codes
+    with pytest.raises(ModelError, match="quantized as 4bit nf4.*load it with the base it was trained on"):
         adapters.load(str(tiny_model_dir), {"a": adapter_dir}, dtype="float32",
                       quantization=load_recipe(qlora_recipe_stub(tiny_model_dir, quant_type="fp4")).model)
     other = make_tiny_model_dir(tmp_path / "other", seed=1)

@@ -216,8 +216,9 @@ def test_fingerprint_changes_with_any_value(data_file):
 
 
 def test_fingerprint_ignores_settings_that_change_nothing(data_file):
-    """`auto` without target_modules: auto, an empty compose_with and report_to (any) leave the fingerprint of runs
-    written before those fields existed as it was (their hash of the same recipe without the keys)."""
+    """`auto` without target_modules: auto, an empty compose_with, report_to (any) and the default checker leave
+    the fingerprint of runs written before those fields existed as it was (their hash of the same recipe without the
+    keys)."""
     import hashlib
     import json
 
@@ -225,7 +226,7 @@ def test_fingerprint_ignores_settings_that_change_nothing(data_file):
     recipe = load_recipe(raw)
     old_style = recipe.to_dict()
     for entry in old_style["datasets"]:
-        del entry["auto"], entry["compose_with"], entry["report_to"]
+        del entry["auto"], entry["compose_with"], entry["report_to"], entry["checker"]
     assert recipe.fingerprint() == hashlib.sha256(json.dumps(old_style, sort_keys=True).encode()).hexdigest()[:16]
     assert load_recipe(raw, ["defaults.report_to=[tensorboard, mlflow]"]).fingerprint() == recipe.fingerprint()
     assert load_recipe(raw, ["datasets.zh.auto.trials=1"]).fingerprint() == recipe.fingerprint()

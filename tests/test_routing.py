@@ -14,8 +14,9 @@ from loraplex.evaluate import evaluate_run
 EN_WORDS = ["apple", "river", "stone", "cloud", "amber", "pilot", "table", "green", "music", "ocean", "paper", "tiger",
             "bread", "chair", "light", "horse", "glass", "money", "night", "plant", "sugar", "train", "water", "zebra",
             "candle", "forest", "garden", "island", "jacket", "kettle"]
-ZH_WORDS = ["苹果", "河流", "石头", "云朵", "琥珀", "飞行", "桌子", "绿色", "音乐", "海洋", "纸张", "老虎", "面包", "椅子",
-            "灯光", "马匹", "玻璃", "金钱", "夜晚", "植物", "糖果", "火车", "清水", "斑马", "蜡烛", "森林", "花园", "岛屿",
+ZH_WORDS = ["苹果", "河流", "石头", "云朵", "琥珀", "飞行", "桌子", "绿色", "音乐", "海洋", "纸张",
+            "老虎", "面包", "椅子", "灯光", "马匹", "玻璃", "金钱", "夜晚", "植物", "糖果", "火车",
+            "清水", "斑马", "蜡烛", "森林", "花园", "岛屿",
             "夹克", "水壶"]
 # every row its own word: held-out prompts are never training prompts
 ENGLISH = [{"instruction": f"Please repeat the English word {w} twice.", "input": "", "output": f"{w} {w}"}
@@ -107,7 +108,8 @@ def test_a_single_adapter_routes_its_own_prompts_and_abstains_far_from_them(prep
 
     prepared, base = prepared_and_base
     router = build(prepared, base, ["zh"])
-    assert [router.route_ids(ids)[0] for ids in prompts_of(measured_rows(prepared["zh"].val))] == ["zh"] * len(measured_rows(prepared["zh"].val))
+    chinese = prompts_of(measured_rows(prepared["zh"].val))
+    assert [router.route_ids(ids)[0] for ids in chinese] == ["zh"] * len(chinese)
     english = prompts_of(prepared["en"].val) + prompts_of(prepared["en"].train)[:10]
     assert [router.route_ids(ids)[0] for ids in english] == ["base"] * len(english)
 

@@ -217,7 +217,7 @@ from loraplex.training import runner as run
 
 recipe, point = json.loads(sys.argv[1]), sys.argv[2]
 die_after_checkpoint(run, lambda step: point == f"checkpoint-{step}")
-write_json = run.atomic_write_json
+write_json = run.write_record
 
 
 def write_json_or_die(path, data):
@@ -226,7 +226,7 @@ def write_json_or_die(path, data):
     write_json(path, data)
 
 
-run.atomic_write_json = write_json_or_die
+run.write_record = write_json_or_die
 run.train(recipe, progress=False)
 raise SystemExit("not killed")
 """

@@ -11,13 +11,13 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from conftest import write_jsonl
 from loraplex import train
-from loraplex.errors import LoraplexError, RecipeError
+from loraplex.errors import RecipeError
 from loraplex.models import base_fingerprint, load_model, resolve_base
 from loraplex.select import choose
 from loraplex.select.trials import Trial, rounds, run_trials, step_cost
 from loraplex.targets import candidates, default_budget, matched_alpha, matched_candidates, module_groups
-from loraplex.training.batching import heldout_metrics
-from loraplex.training.runner import select
+from loraplex.lm.packed import heldout_metrics
+from loraplex.select.operation import select
 
 ROWS = [{"instruction": f"Repeat the word {w} {n} times.", "input": "", "output": " ".join([w] * n)}
         for w in ["apple", "river", "stone", "cloud", "amber", "pilot", "maple", "ocean"] for n in range(1, 7)]

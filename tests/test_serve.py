@@ -24,8 +24,9 @@ EN_WORDS = ["apple", "river", "stone", "cloud", "amber", "pilot", "table", "gree
             "bread", "chair", "light", "horse", "glass", "money", "night", "plant", "sugar", "train", "water", "zebra",
             "candle", "forest", "garden", "island", "jacket", "kettle", "ladder", "market", "needle", "orange",
             "pencil", "rocket"]
-ZH_WORDS = ["苹果", "河流", "石头", "云朵", "琥珀", "飞行", "桌子", "绿色", "音乐", "海洋", "纸张", "老虎", "面包", "椅子",
-            "灯光", "马匹", "玻璃", "金钱", "夜晚", "植物", "糖果", "火车", "清水", "斑马", "蜡烛", "森林", "花园", "岛屿",
+ZH_WORDS = ["苹果", "河流", "石头", "云朵", "琥珀", "飞行", "桌子", "绿色", "音乐", "海洋", "纸张",
+            "老虎", "面包", "椅子", "灯光", "马匹", "玻璃", "金钱", "夜晚", "植物", "糖果", "火车",
+            "清水", "斑马", "蜡烛", "森林", "花园", "岛屿",
             "夹克", "水壶", "梯子", "市场", "针线", "橙子", "铅笔", "火箭"]
 EN = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w}"} for w in EN_WORDS]
 ZH = [{"instruction": f"请重复这个词：{w}。", "input": "", "output": f"{w}{w}"} for w in ZH_WORDS]

@@ -219,9 +219,9 @@ def test_selection_figures_and_an_untracked_retrain(tmp_path):
     meta = {"steps": 5, "heldout_loss": 1.25, "heldout_loss_base": 2.0, "tokens_per_s": 90.0,
             "selection": {"seconds": 3.5, "budget": 4096, "r": 8, "candidates": [{}, {}, {}], "probe": {"tokens": 640}}}
     figures = adapter_figures(meta)
-    assert {key: figures[key] for key in ("heldout/loss", "heldout/loss_base", "train/tokens_per_s", "selection/seconds",
-                                          "selection/budget", "selection/rank", "selection/candidates",
-                                          "selection/probe_tokens")} == \
+    keys = ("heldout/loss", "heldout/loss_base", "train/tokens_per_s", "selection/seconds", "selection/budget",
+            "selection/rank", "selection/candidates", "selection/probe_tokens")
+    assert {key: figures[key] for key in keys} == \
         {"heldout/loss": 1.25, "heldout/loss_base": 2.0, "train/tokens_per_s": 90.0, "selection/seconds": 3.5,
          "selection/budget": 4096, "selection/rank": 8, "selection/candidates": 3, "selection/probe_tokens": 640}
     write_jsonl(tmp_path / "d.jsonl", sharegpt_rows(2))

@@ -14,10 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_jsonl
-from loraplex.errors import LoraplexError
 from loraplex.models import base_fingerprint, load_model, resolve_base
 from loraplex import train
-from loraplex.training.batching import PackedCollator, PaddedCollator, answer_loss_sum
+from loraplex.lm.packed import PackedCollator, PaddedCollator, answer_loss_sum
 
 ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w}"}
         for w in ["apple", "river", "stone", "cloud", "amber", "pilot"] * 8]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .errors import ModelError
 from .device import pick_dtype
 from .models import BaseModelRef, load_model, load_tokenizer, resolve_base
@@ -37,7 +39,7 @@ class AdapterSet:
 
 
 def load(base: str | BaseModelRef = "default", adapters: dict[str, str | Path] | None = None,
-         dtype: str = "auto", check_fingerprint: bool = True, allow_pickle: bool = False,
+         dtype: str | torch.dtype = "auto", check_fingerprint: bool = True, allow_pickle: bool = False,
          quantization: ModelSpec | None = None) -> AdapterSet:
     """Load the base once and each adapter under its name; refuse adapters trained on another base.
 
@@ -46,8 +48,9 @@ def load(base: str | BaseModelRef = "default", adapters: dict[str, str | Path] |
 
     The base is loaded in full precision, where every adapter fits, QLoRA ones included (they record the
     full-precision base's fingerprint too), in `dtype` whatever dtype the adapters trained in: each adapter is
-    checked against the base as it trained on it. `quantization` (a recipe's `model:` block with `quantization`
-    set) loads the base quantized instead; an adapter trained on a quantized base is then checked against the
+    checked against the base as it trained on it (`dtype`: a torch.dtype, or a recipe's name for one).
+    `quantization` (a recipe's `model:` block with `quantization` set) loads the base quantized instead; an adapter
+    trained on a quantized base is then checked against the
     fingerprint of the quantized weights it trained on.
     """
     ref = base if isinstance(base, BaseModelRef) else resolve_base(base)
@@ -58,7 +61,8 @@ def load(base: str | BaseModelRef = "default", adapters: dict[str, str | Path] |
     if stale:
         raise ModelError(stale, title="adapters trained on top of adapters that changed" if len(stale) > 1 else None)
     config = quantization_config(quantization) if quantization is not None else None
-    model = load_model(ref, pick_dtype(dtype), allow_pickle=allow_pickle, quantization_config=config)
+    dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype)
+    model = load_model(ref, dtype, allow_pickle=allow_pickle, quantization_config=config)
     tokenizer = load_tokenizer(ref)
     precision = describe(quantization) if config is not None else "full"
     if check_fingerprint and adapters:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -27,14 +28,37 @@ RECIPE_ARG = typer.Argument(..., help="recipe YAML file", exists=False)
 OVERRIDES_ARG = typer.Argument(None, help="dotted overrides, e.g. datasets.zh.lora.r=32 defaults.train.lr=1e-4")
 
 
+# the library's parameters -> the flags that set them
+FLAGS = {"adapters": "--adapters", "weights": "--weights", "method": "--method", "dtype": "--dtype",
+         "density": "--density", "out_dir": "--out", "overwrite": "--overwrite", "module": "--module",
+         "layer": "--layer", "only": "--only"}
+_PARAM_HEAD = re.compile(r"^(\s*- )?(" + "|".join(FLAGS) + r"): ", re.MULTILINE)
+_PARAM_VALUE = re.compile(r"\b(" + "|".join(FLAGS) + r")=('[^']*'|\[[^\]]*\]|[\w.-]+)")
+
+
+def cli_words(message: str) -> str:
+    """A library message in the CLI's words: a line led by a parameter's name is led by its flag, and
+    `overwrite=True`, `method='sum'`, `adapters=['zh', 'en']`, `weights=None` read as the flags that say so."""
+    def flag(match: re.Match) -> str:
+        name, value = FLAGS[match.group(1)], match.group(2)
+        if value == "True":
+            return name
+        if value in ("None", "False"):
+            return f"{name} out"
+        parts = [part.strip().strip("'") for part in value.strip("[]").split(",")]
+        return f"{name} {','.join(parts)}"
+
+    return _PARAM_VALUE.sub(flag, _PARAM_HEAD.sub(lambda m: f"{m.group(1) or ''}{FLAGS[m.group(2)]}: ", message))
+
+
 def _run(fn, *args, **kwargs):
-    """Call a library function; map loraplex errors to a clean message and exit code 2."""
+    """Call a library function; map loraplex errors to a clean message in the CLI's words and exit code 2."""
     try:
         return fn(*args, **kwargs)
     except LoraplexError as exc:
         if os.environ.get("LORAPLEX_DEBUG") == "1":
             raise
-        console.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, markup=True)
+        console.print(f"[bold red]error:[/] {escape(cli_words(exc.render()))}", highlight=False, markup=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -116,7 +140,7 @@ def select(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES
            as_json: bool = typer.Option(False, "--json", help="print the decisions as JSON")) -> None:
     """Which modules should each dataset train? Measure it (target_modules: auto) without the full training."""
     from .display import select_table
-    from .training.runner import select as select_run
+    from .select.operation import select as select_run
 
     decisions = _run(select_run, recipe, overrides or [], only, allow_pickle=allow_pickle)
     if as_json:
@@ -133,11 +157,12 @@ def demo(overrides: Optional[list[str]] = OVERRIDES_ARG,
     """The whole job on generated en/zh/ja data: train an adapter per dataset, merge zh+en, evaluate, report."""
     import time
 
-    from .demo import run_demo
-    from .display import demo_table
+    from .demo.command import run_demo
+    from .demo.table import demo_table
 
     started = time.perf_counter()
-    summary = _run(run_demo, out, seed, overrides or [], log=lambda line: console.print(line, markup=False, highlight=False))
+    summary = _run(run_demo, out, seed, overrides or [],
+                   log=lambda line: console.print(line, markup=False, highlight=False))
     stdout.print(demo_table(summary))
     verification = summary["merged"]["verification"]
     merged = summary["merged"]
@@ -164,7 +189,7 @@ def demo_data(out_dir: Path = typer.Argument(..., help="folder to write <dataset
               seed: int = typer.Option(0, "--seed"),
               force: bool = typer.Option(False, "--force", help="replace demo files already in OUT_DIR")) -> None:
     """Write the demo datasets as JSONL, to see the format (nothing is trained)."""
-    from .data.demo import DEMO_DATASETS, write_demo_data
+    from .demo.data import DEMO_DATASETS, write_demo_data
 
     existing = [p for name in DEMO_DATASETS for p in sorted((out_dir / name).glob("*.jsonl"))]
     if existing and not force:
@@ -238,15 +263,34 @@ def merge_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/<r
                   dtype: str = typer.Option("float32", "--dtype", help="dtype of the saved weights: float32, "
                                             "bfloat16 or float16 (the merge itself runs in float32)"),
                   density: float = typer.Option(0.5, "--density", help="ties/dare_linear: share of values kept"),
-                  overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous merge in --out")) -> None:
+                  overwrite: bool = typer.Option(False, "--overwrite",
+                                                 help="replace a previous merge in --out")) -> None:
     """Merge adapters of a run into the base: a standalone model folder, verified against the formula."""
     from .display import render_merge
     from .merging import merge
 
-    report = _run(merge, run, adapters, weights, method, out_dir=out, dtype=dtype, density=density,
+    report = _run(merge, run, _names_flag(adapters), _weights_flag(weights), method, out_dir=out, dtype=dtype,
+                  density=density,
                   overwrite=overwrite, echo=lambda line: stdout.print(line, markup=False, highlight=False))
     for part in render_merge(report):
         stdout.print(part)
+
+
+def _names_flag(value: str) -> list[str]:
+    """--adapters zh,en -> ["zh", "en"]."""
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _weights_flag(value: str | None) -> list[float] | None:
+    """--weights 1,0.5 -> [1.0, 0.5]; refused in the CLI's words when a part is not a number."""
+    if value is None:
+        return None
+    try:
+        return [float(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        console.print(f"[bold red]error:[/] --weights: {escape(repr(value))} is not a list of numbers, e.g. "
+                      "--weights 1,0.5", highlight=False)
+        raise typer.Exit(2) from None
 
 
 @app.command("serve")
@@ -279,7 +323,8 @@ def export_vllm_command(run: Path = typer.Argument(..., help="run folder, e.g. r
                         lora_target_modules: Optional[str] = typer.Option(
                             None, "--lora-target-modules", help="restrict vLLM's LoRA layers to these modules, "
                             "comma-separated (warns about adapter modules left out)"),
-                        force: bool = typer.Option(False, "--force", help="replace the --out file if it exists")) -> None:
+                        force: bool = typer.Option(False, "--force",
+                                                   help="replace the --out file if it exists")) -> None:
     """Print the `vllm serve` command that serves the run's base with every adapter (checked against vLLM's limits)."""
     from .export import export_vllm
 

@@ -1,4 +1,5 @@
-"""Everything the CLI prints as rich tables and text: prepare, train, demo, eval, inspect and merge."""
+"""Everything the CLI prints as rich tables and text: prepare, train, eval, inspect and merge (the demo prints its
+own table, `loraplex.demo.table`)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,6 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .demo import targets_met
 from .run import MERGE_REPORT, count_text, percent_of_base
 from .select import trial_losses
 
@@ -88,37 +88,6 @@ def select_table(name: str, decision: dict) -> Table:
                      + (f"; {decision['rows']['note']}" if "rows" in decision else "")
                      + (f", full training {full:.0f}s ({decision['seconds'] / full:.0%})" if full else ""))
     return table
-
-
-def demo_table(summary: dict) -> Table:
-    table = Table(title="demo: base vs adapter on each dataset's own held-out and test data", title_justify="left")
-    for col in ("dataset", "target modules", "held-out loss base → adapter (merged)",
-                "exact match base → adapter (merged)", "loss -30% / EM +20pt"):
-        table.add_column(col, justify="left" if col in ("dataset", "target modules") else "right")
-    for row in summary["results"]:
-        targets = row["target_modules"] if isinstance(row["target_modules"], str) else ",".join(row["target_modules"])
-        targets = f"auto: {targets}" if row.get("auto") else targets
-        marks = " / ".join("[green]yes[/]" if ok else "[red]no[/]" for ok in targets_met(row).values())
-        merged_loss = _merged_loss(row)
-        merged_em = f" ({row['exact_match_merged']:.0%})" if row["exact_match_merged"] is not None else ""
-        table.add_row(row["dataset"], targets,
-                      f"{row['heldout_loss_base']:.3f} → {row['heldout_loss_adapter']:.3f}{merged_loss}",
-                      f"{_percent(row['exact_match_base'])} → {_percent(row['exact_match_adapter'])}{merged_em}", marks)
-    return table
-
-
-def _merged_loss(row: dict) -> str:
-    """" (merged)", or for a merge scored on the rows its weight search never read, the adapter's loss there too."""
-    if row["heldout_loss_merged"] is None:
-        return ""
-    if row.get("heldout_loss_adapter_same_rows") is None:
-        return f" ({row['heldout_loss_merged']:.3f})"
-    return (f" ({row['heldout_loss_merged']:.3f}; adapter {row['heldout_loss_adapter_same_rows']:.3f} on the same "
-            f"{row['heldout_rows_merged']} unsearched rows)")
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
 
 
 def eval_table(result: dict) -> Table:
@@ -237,7 +206,8 @@ def render_merge(report: dict) -> list:
         lines.append(f"weights search: {search['note']}")
     elif search:
         worst = search["worst_retention_search"]
-        lines.append(f"weights searched on {sum(search['search_rows'].values())} held-out rows ({search['evaluations']} "
+        searched = sum(search['search_rows'].values())
+        lines.append(f"weights searched on {searched} held-out rows ({search['evaluations']} "
                      f"weightings tried): the adapter that keeps least keeps {worst['found']:.0%} there (at weights 1: "
                      f"{worst['at_weights_1']:.0%}); the table below is on the other rows")
     out = [adapters, Text("\n".join(lines))]

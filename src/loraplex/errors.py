@@ -19,6 +19,15 @@ class LoraplexError(Exception):
         return head + ":\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
+class ParameterError(LoraplexError):
+    """An argument of a library function is unusable; the message starts with the parameter's name and speaks of
+    other parameters as Python does (`overwrite=True`): the CLI says the same with its flags."""
+
+    def __init__(self, param: str, problem: str):
+        self.param, self.problem = param, problem
+        super().__init__(f"{param}: {problem}")
+
+
 class RecipeError(LoraplexError):
     """The recipe is invalid (all problems are reported at once)."""
 

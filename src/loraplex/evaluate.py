@@ -1,6 +1,6 @@
 """Evaluation: held-out metrics on answer tokens, greedy generation metrics, and the run's eval matrix.
 
-Training reports its held-out loss through `training.batching.heldout_metrics`, so the evaluation matrix's diagonal
+Training reports its held-out loss through `lm.packed.heldout_metrics`, so the evaluation matrix's diagonal
 equals the numbers recorded at training time.
 
 `evaluate_run` builds the matrix: rows are the base, each trained adapter and any merged model folders;
@@ -25,20 +25,21 @@ from typing import Any, Callable
 import torch
 
 from .adapters import load
-from .atomic import atomic_write_json
-from .data.demo import demo_checkers
+from .checkers import ANSWER_CHECKERS, same_text
 from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages
 from .data.prepare import graded_rows
 from .data.render import chat_template_for, end_of_turn_ids, prompt_text
-from .device import pick_dtype, to_accelerator
+from .device import to_accelerator
 from .errors import DataError, LoraplexError
 from .models import load_model, resolve_base, stop_token_ids
 from .quantize import is_quantized
+from .records import EvalRecord, MergeRecord, RecordError, read_record, write_record
 from .routing import Router, mean_hidden_state, measured_rows
-from .run import (EVAL_FILE, MERGE_REPORT, adapter_dir, adapter_metadata, is_complete, merged_from, open_run, weights_hash,
+from .run import (EVAL_FILE, MERGE_REPORT, adapter_dir, adapter_metadata, is_complete, merged_from, open_run,
+                  weights_hash,
                   writer_lock)
+from .lm.packed import heldout_metrics
 from .tracking import log_eval
-from .training.batching import heldout_metrics
 
 
 # (reference, prediction) -> correct. The reference is whatever the caller lists as references:
@@ -71,11 +72,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
         tokenizer.padding_side = side
         model.train(was_training)
     return [o.strip() for o in outputs]
-
-
-def same_text(reference: str, prediction: str) -> bool:
-    """The default exact-match test: equal strings once surrounding whitespace is stripped."""
-    return prediction.strip() == reference.strip()
 
 
 def exact_match(predictions: list[str], references: list, checker: Checker | None = None) -> float:
@@ -160,7 +156,9 @@ class _Column:
     name: str
     heldout: Any  # datasets.Dataset | None
     test: TestSplit | None
-    checker: Checker | None
+    checker: Checker
+    reads_rows: bool  # a checker passed to evaluate_run reads the raw test rows, a recipe's the expected answers
+    checker_text: str
     heldout_key: str
     test_key: str
 
@@ -188,7 +186,8 @@ class _MatrixBuilder:
                 heldout[key] = heldout_metrics(model, restricted["rows"] if restricted else col.heldout)
             cell = dict(heldout[key])
             if restricted:
-                cell.update({k: v for k, v in restricted.items() if k != "rows"}, heldout_examples=len(restricted["rows"]))
+                cell.update({k: v for k, v in restricted.items() if k != "rows"},
+                            heldout_examples=len(restricted["rows"]))
             generates = self.settings.cross or own is None or col.test_key in own_keys
             if col.test is not None and col.test.prompts and generates:
                 if col.test_key not in predictions:
@@ -196,7 +195,7 @@ class _MatrixBuilder:
                                                          self.settings.max_new_tokens, self.settings.batch_size,
                                                          self.stop_ids)
                 answers = predictions[col.test_key]
-                references = col.test.rows if col.checker else col.test.references
+                references = col.test.rows if col.reads_rows else col.test.references
                 cell.update(exact_match=exact_match(answers, references, col.checker),
                             chrf=chrf(answers, col.test.references), test_examples=len(answers))
                 kept[col.name] = answers[:self.settings.samples]
@@ -235,15 +234,16 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
         return _evaluate_matrix(run_dir, merged, generation, checkers, log, base_precision)
 
 
-def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation: GenerationSettings | dict | None = None,
+def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (),
+                     generation: GenerationSettings | dict | None = None,
                      checkers: dict[str, Checker] | None = None, log: Callable[[str], None] | None = None,
                      base_precision: str = "full") -> dict:
     """The eval matrix of a run: (base, each adapter, each merged folder) x (each dataset); saved as eval.json.
 
-    `checkers` maps dataset names to task checkers for exact match (default: `loraplex.data.demo.demo_checkers`);
-    other datasets use stripped string equality. `base_precision`: "full" (default) loads the base in full
-    precision for the base and adapter rows, "quantized" as the recipe's `model.quantization` (merged
-    folders are always full precision).
+    `checkers` maps dataset names to task checkers for exact match, each called as (raw test row, answer); other
+    datasets use the recipe's `checker` (`loraplex.checkers`: stripped string equality unless it names another).
+    `base_precision`: "full" (default) loads the base in full precision for the base and adapter rows, "quantized"
+    as the recipe's `model.quantization` (merged folders are always full precision).
     """
     run_dir, log = Path(run_dir), log or (lambda message: None)
     settings = generation if isinstance(generation, GenerationSettings) else GenerationSettings(**(generation or {}))
@@ -255,11 +255,11 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
     merged_refs = [resolve_base(str(Path(m).resolve())) for m in merged]  # a bad folder fails before any work
     started = time.perf_counter()
     prepared = ws.prepare()
-    builder = _MatrixBuilder(_columns(ws, prepared, settings, demo_checkers(ws.recipe) if checkers is None else checkers),
+    builder = _MatrixBuilder(_columns(ws, prepared, settings, checkers or {}),
                              ws.tokenizer, settings, _end_of_turn_ids(ws))
     base_row = "base" if "base" not in adapter_dirs else "base model"
     rows = [{"name": base_row, "kind": "base"}]
-    adapter_set = load(ws.base, adapter_dirs, dtype=ws.recipe.model.dtype,
+    adapter_set = load(ws.base, adapter_dirs, dtype=ws.dtype,
                        quantization=_quantization(ws.recipe.model, base_precision))
     precision = adapter_set.base_precision
     _to_accelerator(adapter_set.model)
@@ -276,7 +276,7 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
         label = f"merged:{Path(ref.location).name}"
         label = label if label not in builder.metrics else f"{label}#{i + 1}"  # two folders of one name
         log(f"evaluating {label}")
-        builder.add_row(label, _to_accelerator(load_model(ref, pick_dtype(ws.recipe.model.dtype))),
+        builder.add_row(label, _to_accelerator(load_model(ref, ws.dtype)),
                         unseen=_rows_the_search_never_read(Path(ref.location), builder.columns))
         rows.append({"name": label, "kind": "merged", "path": ref.location,
                      "adapter_weights": merged_from(Path(ref.location), run_dir)})
@@ -286,13 +286,13 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (), generation:
         "trained_on": _quantization_trained(adapter_dirs) or "full",
         "columns": [{"name": c.name, "heldout_examples": len(c.heldout) if c.heldout is not None else 0,
                      "test_examples": len(c.test.prompts) if c.test else 0,
-                     "exact_match": "task checker" if c.checker else "stripped string equality"}
+                     "exact_match": c.checker_text}
                     for c in builder.columns],
         "metrics": builder.metrics, "samples": builder.sample_table(), "generation": asdict(settings),
         "routing": routing,
         "wall_time_s": time.perf_counter() - started,
     }
-    atomic_write_json(run_dir / EVAL_FILE, result)
+    write_record(run_dir / EVAL_FILE, EvalRecord.model_validate(result))
     log_eval(run_dir, result)
     return result
 
@@ -302,8 +302,8 @@ def _rows_the_search_never_read(folder: Path, columns: list[_Column]) -> dict[st
     of a searched adapter, the rows the search never read (`data.prepare.graded_rows`), the note saying so and the
     merge report's base and adapter losses on those rows (to compare on the same rows); {} for any other folder."""
     try:
-        report = json.loads((folder / MERGE_REPORT).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        report = read_record(folder / MERGE_REPORT, MergeRecord).as_dict()
+    except RecordError:
         return {}
     searched = set((report.get("weights_search") or {}).get("search_rows") or {})
     same_rows = (report.get("heldout") or {}).get("datasets") or {}
@@ -345,7 +345,10 @@ def _columns(ws, prepared: dict, settings: GenerationSettings, checkers: dict[st
                 if settings.enabled and spec.test_path else None)
         heldout_key = _content_key(heldout[:]["input_ids"], heldout[:]["labels"]) if heldout is not None else "none"
         test_key = _content_key(test.prompts) if test else "none"
-        columns.append(_Column(spec.name, heldout, test, checkers.get(spec.name), heldout_key, test_key))
+        named, text = ANSWER_CHECKERS[spec.checker]
+        given = checkers.get(spec.name)
+        columns.append(_Column(spec.name, heldout, test, given or named, given is not None,
+                               "task checker" if given else text, heldout_key, test_key))
     return columns
 
 
@@ -373,4 +376,4 @@ def routing_report(base_model, ws, prepared: dict, adapter_dirs: dict[str, Path]
 
 def load_eval(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / EVAL_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return read_record(path, EvalRecord).as_dict() if path.is_file() else None

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoraplexError, ModelError, unknown_name_message
+from .errors import ModelError, ParameterError, unknown_name_message
 from .models import BaseModelRef, base_fingerprint, load_model, resolve_base
 from .run import adapter_metadata, base_problem, trained_dtype
 
 PEFT_PREFIX = "base_model.model."
 LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
-CORNER = 4  # rows and columns of each tensor's top-left corner shown with --layer/--module
+CORNER = 4  # rows and columns of each tensor's top-left corner shown for a `layer` or `module`
 LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -148,13 +148,13 @@ def select_modules(adapter: AdapterWeights, layer: int | None, module: str | Non
     if module is not None:
         leaves = list(dict.fromkeys(m.leaf for m in selected))
         if module not in leaves:
-            raise LoraplexError(f"--module: {unknown_name_message('module', module, leaves)} (in this adapter)")
+            raise ParameterError("module", f"{unknown_name_message('module', module, leaves)} (in this adapter)")
         selected = [m for m in selected if m.leaf == module]
     if layer is not None:
         layers = sorted({m.layer for m in selected if m.layer is not None})
         if layer not in layers:
-            raise LoraplexError(f"--layer: the adapter has no {module or 'module'} in layer {layer}; "
-                                f"its layers: {', '.join(map(str, layers)) or '(none)'}")
+            raise ParameterError("layer", f"the adapter has no {module or 'module'} in layer {layer}; "
+                                 f"its layers: {', '.join(map(str, layers)) or '(none)'}")
         selected = [m for m in selected if m.layer == layer]
     return selected
 

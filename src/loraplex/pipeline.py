@@ -4,7 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .data.prepare import PreparedDataset, prepare_all
+from .device import pick_dtype
 from .data.render import template_problems
 from .models import BaseModelRef, load_tokenizer, meta_model, resolve_base
 from .errors import RecipeError, unknown_name_message
@@ -14,11 +17,13 @@ from .targets import check_recipe_modules
 
 @dataclass
 class Workspace:
-    """A validated recipe with its resolved base model and tokenizer."""
+    """A validated recipe with its resolved base model, tokenizer and dtype (`model.dtype`, `auto` resolved here
+    once: everything downstream takes this torch.dtype)."""
 
     recipe: Recipe
     base: BaseModelRef
     tokenizer: object
+    dtype: torch.dtype
     only: list[str] | None = None
 
     def selected(self) -> list:
@@ -34,7 +39,7 @@ def open_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
     names = [d.name for d in recipe.datasets]
     unknown = [unknown_name_message("dataset", n, names) for n in only or [] if n not in names]
     if unknown:
-        raise RecipeError([f"--only: {u}" for u in unknown])
+        raise RecipeError([f"only: {u}" for u in unknown])
     model = recipe.model
     base = resolve_base(model.path, model.gguf_file, recipe.base_dir, model.trust_remote_code)
     tokenizer = load_tokenizer(base, model.trust_remote_code)
@@ -42,7 +47,7 @@ def open_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
     if problems:
         raise RecipeError(problems, title="recipe does not fit the tokenizer")
     check_recipe_modules(recipe, meta_model(base, model.trust_remote_code))
-    return Workspace(recipe, base, tokenizer, list(only) if only else None)
+    return Workspace(recipe, base, tokenizer, pick_dtype(model.dtype), list(only) if only else None)
 
 
 def prepare_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None = None,

@@ -16,7 +16,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .atomic import atomic_write_text
+from .checkers import CHECKER_NAMES
 from .columns import canonical_columns
 from .errors import RecipeError, friendly_validation_message, unknown_name_message
 from .overrides import apply_override
@@ -108,8 +108,9 @@ class DatasetSpec(_Strict):
     path: Union[str, list[str]] = Field(description="data file, save_to_disk folder, hf:owner/name[:split] or a list")
     val_path: Union[str, list[str], None] = Field(None, description="held-out source(s); else val_size of path")
     test_path: Union[str, list[str], None] = Field(None, description="test source(s) for generation metrics")
+    checker: Literal[CHECKER_NAMES] = Field("exact", description="how exact match judges answers (loraplex.checkers)")
     format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
-    columns: dict[str, str] = Field(default_factory=dict, description="role -> column name; LLaMA-Factory/Axolotl role names too")
+    columns: dict[str, str] = Field(default_factory=dict, description="role -> column; LLaMA-Factory/Axolotl names too")
     system: str | None = Field(None, description="system prompt for rows that have none")
     template: Literal["chatml", "llama3"] | None = Field(
         None, description="fallback chat template when the tokenizer has none (or to force one)")
@@ -201,7 +202,8 @@ class Recipe(_Strict):
 
     def fingerprint(self) -> str:
         """A hash of what the run trains. Settings that change nothing (`auto` without `target_modules: auto`, an
-        empty `compose_with`) are left out, so runs written before those fields existed keep their fingerprint."""
+        empty `compose_with`, the default `checker`) are left out, so runs written before those fields existed keep
+        their fingerprint."""
         data = self.to_dict()
         for entry in data["datasets"]:
             entry.pop("report_to", None)  # where figures are sent changes no weight
@@ -209,6 +211,8 @@ class Recipe(_Strict):
                 entry.pop("auto", None)
             if not entry.get("compose_with"):
                 entry.pop("compose_with", None)
+            if entry.get("checker") == "exact":
+                entry.pop("checker", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -350,7 +354,8 @@ def _describe_validation(exc: ValidationError, raw: dict, defaults: dict) -> lis
             if from_defaults:
                 continue  # already reported by _check_keys
             parent = _model_at(loc[:-1])
-            lines.append(f"{where}: " + unknown_name_message("key", str(loc[-1]), _public_fields(parent) if parent else []))
+            known = _public_fields(parent) if parent else []
+            lines.append(f"{where}: " + unknown_name_message("key", str(loc[-1]), known))
             continue
         shown = repr(err.get("input"))
         given = "" if err["type"] == "missing" else f" (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
@@ -416,10 +421,12 @@ def _model_at(loc: list) -> type[BaseModel] | None:
 def _check_datasets(raw: dict, base_dir: Path) -> list[str]:
     """Duplicate names and missing files, checked on the raw entries so they join the schema errors."""
     problems: list[str] = []
-    entries = [e for e in raw.get("datasets") or [] if isinstance(e, dict)] if isinstance(raw.get("datasets"), list) else []
+    listed = raw.get("datasets") if isinstance(raw.get("datasets"), list) else []
+    entries = [e for e in listed if isinstance(e, dict)]
     names = [e.get("name") for e in entries]
     for name in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
-        problems.append(f"datasets: the name '{name}' is used {names.count(name)} times; each adapter needs its own name")
+        problems.append(f"datasets: the name '{name}' is used {names.count(name)} times; each adapter needs its own "
+                        "name")
     for entry in entries:
         for which in ("path", "val_path", "test_path"):
             files = entry.get(which)

@@ -18,7 +18,7 @@ import torch
 
 from .data.prepare import decision_rows, graded_rows
 from .data.render import IGNORE_INDEX
-from .training.batching import causal_lm, final_hidden_states
+from .lm.packed import causal_lm, final_hidden_states
 
 BASE = "base"
 DEFAULT_THRESHOLD = 1.5  # farther than this many calibrated radii from every centroid: `auto` answers with the base

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from .models import BaseModelRef, base_fingerprint, load_model
 from .pipeline import Workspace, open_recipe
 from .quantize import describe, quantization_config
 from .recipe import resolved_dict
+from .records import AdapterRecord, EvalRecord, MergeRecord, RecordError, read_record
 
 ADAPTER_META = "loraplex.json"
 RUN_META = "run.json"
@@ -36,7 +36,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 EVAL_FILE = "eval.json"
 MERGE_REPORT = "merge_report.json"  # in every merged model folder
 REPORT_MD, REPORT_HTML, REPORT_ASSETS = "report.md", "report.html", "report-assets"
-DEMO_RECIPE, DEMO_RESULTS = "demo.yaml", "demo_results.json"  # `loraplex demo` writes these too
 LOCKS = ".locks"  # who writes which part of the run folder (`writer_lock`)
 TRACKING = "tracking"  # experiment trackers' local files, and each adapter's tracked runs (`loraplex.tracking`)
 
@@ -124,7 +123,8 @@ def writer_lock(run_dir: str | Path, parts: list[str], what: str, say=None) -> c
     except LockBusy as exc:
         stack.close()
         raise LoraplexError(f"{run_dir}: {part.replace('-', ' ', 1)} is {exc.problems[0]}; wait for it to finish"
-                            + (", or train other adapters with --only" if part.startswith("adapter-") else "")) from None
+                            + (", or train other adapters with --only" if part.startswith("adapter-") else "")
+                            ) from None
     return stack
 
 
@@ -134,9 +134,9 @@ def adapter_metadata(folder: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path} is unreadable ({exc}); the adapter folder is damaged: train it again") from None
+        return read_record(path, AdapterRecord).as_dict()
+    except RecordError as exc:
+        raise ModelError(f"{exc.problems[0]}; the adapter folder is damaged: train it again") from None
 
 
 def count_text(n: float) -> str:
@@ -186,8 +186,7 @@ def stale_outputs(run_dir: str | Path) -> list[str]:
     lines, hashes = [], {}
     evaluation = run_dir / EVAL_FILE
     if evaluation.is_file():
-        rows = json.loads(evaluation.read_text(encoding="utf-8")).get("rows", [])
-        for row in rows:
+        for row in read_record(evaluation, EvalRecord).rows:
             changed = changed_adapters(run_dir / "adapters", row.get("adapter_weights") or {}, hashes)
             if changed:
                 lines.append(f"{EVAL_FILE}, row '{row['name']}': made with {_changes(changed)}")
@@ -202,10 +201,12 @@ def merged_from(folder: Path, run_dir: Path) -> dict[str, str]:
     """Adapter name -> weights hash of the adapters of `run_dir` that the merged model in `folder` was made from
     (its merge_report.json; empty for another run's merge, or one written before hashes were recorded)."""
     path = Path(folder) / MERGE_REPORT
-    report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    if Path(report.get("run_dir", "")).resolve() != Path(run_dir).resolve():
+    if not path.is_file():
         return {}
-    return {a["name"]: a["weights_sha256"] for a in report.get("adapters", []) if a.get("weights_sha256")}
+    report = read_record(path, MergeRecord)
+    if Path(report.run_dir).resolve() != Path(run_dir).resolve():
+        return {}
+    return {a.name: a.weights_sha256 for a in report.adapters if a.weights_sha256}
 
 
 def stale_merge(folder: Path, run_dir: Path, hashes: dict[str, str | None] | None = None) -> str | None:

@@ -1,8 +1,8 @@
 """Dataset preparation: read, render, tokenize with answer-only labels, split, cache, and measure.
 
-The tokenized cache (datasets Arrow folders under `$LORAPLEX_HOME/data/`) is keyed by a hash of the
-sources' bytes (files, save_to_disk folders, a hub dataset's cached files), the tokenizer, the chat template, max_seq_length and every format option, so an edited
-file or another tokenizer never reuses a stale cache.
+The tokenized cache (datasets Arrow folders under `$LORAPLEX_HOME/data/`) is keyed by a hash of the sources' bytes
+(files, save_to_disk folders, a hub dataset's cached files), the tokenizer, the chat template, max_seq_length and
+every format option, so an edited file or another tokenizer never reuses a stale cache.
 """
 from __future__ import annotations
 

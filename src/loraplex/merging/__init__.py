@@ -20,23 +20,25 @@ from typing import Callable
 
 import torch
 
-from ..atomic import atomic_dir, atomic_write_json
+from ..atomic import atomic_dir
 from ..device import to_accelerator
 from ..models import BaseModelRef, load_model
+from ..records import MergeRecord, write_record
 from ..run import MERGE_REPORT, adapter_dir, weights_hash, writer_lock
 from ..tracking import log_merge
 from .apply import merged_tokenizer, write_merged, reference_model
-from .plan import (SEARCH, MergePlan, claim_out_dir, interference, interference_lines, plan_merge, precision_note,
-                   quantized_adapters)
+from .plan import (SEARCH, MergeMethod, MergePlan, claim_out_dir, interference, interference_lines, plan_merge,
+                   precision_note, quantized_adapters)
 from .search import halves, search_weights
 from .verify import heldout_report, probe_ids, verify
 
 __all__ = ["MergePlan", "merge", "plan_merge"]
 
 
-def merge(run_dir: str | Path, adapters: str | list[str], weights: str | list[float] | None = None,
-          method: str = "auto", *, out_dir: str | Path, dtype: str = "float32", density: float = 0.5, seed: int = 0,
-          overwrite: bool = False, echo: Callable[[str], None] | None = None) -> dict:
+def merge(run_dir: str | Path, adapters: list[str], weights: list[float] | None = None,
+          method: MergeMethod | str = MergeMethod.AUTO, *, out_dir: str | Path, dtype: str = "float32",
+          density: float = 0.5, seed: int = 0, overwrite: bool = False,
+          echo: Callable[[str], None] | None = None) -> dict:
     """Merge `adapters` (names in RUN/adapters) into the base; write `out_dir`, verify, return the report.
 
     `echo` receives the interference report and the method's exactness before the merge starts.
@@ -74,6 +76,6 @@ def _merge(plan: MergePlan, out_dir: Path, seed: int, echo: Callable[[str], None
             report["weights_search"] = search
         for entry in report["adapters"]:  # what the merge used: a retrained adapter makes it stale
             entry["weights_sha256"] = weights_hash(adapter_dir(plan.run_dir, entry["name"]))
-        atomic_write_json(tmp / MERGE_REPORT, report)
+        write_record(tmp / MERGE_REPORT, MergeRecord.model_validate(report))
     log_merge(plan.run_dir, out_dir.name, report)
     return report

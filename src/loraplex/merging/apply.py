@@ -9,7 +9,7 @@ import torch
 from ..adapters import attach
 from ..data.render import chat_template_for
 from ..device import pick_dtype, to_accelerator
-from ..errors import LoraplexError
+from ..errors import ParameterError
 from ..models import load_model
 from ..run import check_base
 from .plan import PEFT_METHODS, MergePlan
@@ -37,8 +37,8 @@ def _add_combined(peft_model, plan: MergePlan, seed: int) -> None:
                                             combination_type=plan.method,
                                             density=None if plan.method == "linear" else plan.density)
         except ValueError as exc:
-            raise LoraplexError(f"--method {plan.method}: PEFT refused these adapters ({exc}); "
-                                "--method sum merges them exactly") from None
+            raise ParameterError("method", f"'{plan.method}': PEFT refused these adapters ({exc}); "
+                                 "method='sum' merges them exactly") from None
     # PEFT gives the combined adapter r = lora_alpha but keeps the first adapter's use_rslora, which would
     # scale it by √r; its A and B already carry each wᵢ·scalingᵢ, so its scaling is 1.
     for layer in lora_layers(peft_model):

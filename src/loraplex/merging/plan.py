@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
 
-from ..errors import LoraplexError, unknown_name_message
+from ..errors import LoraplexError, ParameterError, unknown_name_message
 from ..inspect_adapter import AdapterWeights, read_adapter
 from ..models import BaseModelRef
 from ..run import MERGE_REPORT, adapter_dir, complete_adapters, compose_problems
 
-SEARCH = "weights-search"  # the exact sum, at weights searched on held-out rows (merging.search)
-METHODS = ("auto", "sum", "cat", SEARCH, "linear", "ties", "dare_linear")
+
+
+class MergeMethod(str, Enum):
+    """How `merge` combines adapters: AUTO, SUM, CAT: the exact weighted sum of the deltas; WEIGHTS_SEARCH: that sum at
+    weights searched on held-out rows (`merging.search`); LINEAR, TIES, DARE_LINEAR: PEFT's combinations."""
+
+    AUTO = "auto"
+    SUM = "sum"
+    CAT = "cat"
+    WEIGHTS_SEARCH = "weights-search"
+    LINEAR = "linear"
+    TIES = "ties"
+    DARE_LINEAR = "dare_linear"
+
+
+SEARCH = MergeMethod.WEIGHTS_SEARCH.value
+METHODS = tuple(m.value for m in MergeMethod)
 PEFT_METHODS = ("linear", "ties", "dare_linear")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -51,26 +67,22 @@ class MergePlan:
         return owner if self.adapters[owner].use_dora else None
 
 
-def plan_merge(run_dir: str | Path, adapters: str | list[str], weights: str | list[float] | None,
-               method: str, dtype: str, density: float = 0.5) -> MergePlan:
+def plan_merge(run_dir: str | Path, adapters: list[str], weights: list[float] | None, method: MergeMethod | str,
+               dtype: str, density: float = 0.5) -> MergePlan:
     """Read and check the adapters, weights and method (the adapters' problems all at once)."""
     run_dir = Path(run_dir)
-    names = _as_list(adapters)
-    if not names:
-        raise LoraplexError("--adapters: name at least one adapter of the run, e.g. --adapters zh,en")
-    if len(set(names)) != len(names):
-        raise LoraplexError(f"--adapters: an adapter is named twice in {', '.join(names)}")
-    if method not in METHODS:
-        raise LoraplexError(f"--method: {unknown_name_message('method', method, list(METHODS))}")
+    names = _names(adapters)
+    method = _method(method)
     if dtype not in DTYPES:
-        raise LoraplexError(f"--dtype: {unknown_name_message('dtype', dtype, list(DTYPES))}")
+        raise ParameterError("dtype", unknown_name_message("dtype", dtype, list(DTYPES)))
     if method in ("ties", "dare_linear") and not 0 < density <= 1:
-        raise LoraplexError(f"--density: {density:g} is not a share of values to keep; use 0 < density <= 1")
+        raise ParameterError("density", f"{density:g} is not a share of values to keep; use 0 < density <= 1")
     if method == SEARCH and weights is not None:
-        raise LoraplexError(f"--weights: --method {SEARCH} chooses the weights itself; leave --weights out")
+        raise ParameterError("weights", f"method='{SEARCH}' chooses the weights itself; leave weights=None")
     loaded = {name: read_adapter(_adapter_dir(run_dir, name)) for name in names}
-    plan = MergePlan(run_dir, loaded, _weights(weights, names), "sum" if method in ("auto", "sum", "cat", SEARCH) else method,
-                     method, dtype, next(iter(loaded.values())).base_ref(), density=density)
+    combined = "sum" if method in ("auto", "sum", "cat", SEARCH) else method
+    plan = MergePlan(run_dir, loaded, _weights(weights, names), combined, method, dtype,
+                     next(iter(loaded.values())).base_ref(), density=density)
     for name, adapter in loaded.items():
         for module in adapter.modules:
             plan.owners.setdefault(module, []).append(name)
@@ -81,22 +93,33 @@ def plan_merge(run_dir: str | Path, adapters: str | list[str], weights: str | li
     return plan
 
 
-def _as_list(value: str | list | None) -> list:
-    if value is None:
-        return []
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return [item.strip() if isinstance(item, str) else item for item in items if item != ""]
+def _names(adapters: list[str]) -> list[str]:
+    if isinstance(adapters, str) or not all(isinstance(name, str) for name in adapters):
+        raise ParameterError("adapters", f"{adapters!r} is not a list of adapter names, e.g. adapters=['zh', 'en']")
+    names = list(adapters)
+    if not names:
+        raise ParameterError("adapters", "name at least one adapter of the run, e.g. adapters=['zh', 'en']")
+    if len(set(names)) != len(names):
+        raise ParameterError("adapters", f"an adapter is named twice in {', '.join(names)}")
+    return names
 
 
-def _weights(weights: str | list[float] | None, names: list[str]) -> dict[str, float]:
-    values = _as_list(weights) or [1.0] * len(names)
-    if len(values) != len(names):
-        raise LoraplexError(f"--weights: {len(values)} weights for {len(names)} adapters ({', '.join(names)}); "
-                            "give one weight per adapter, in the same order")
+def _method(method: MergeMethod | str) -> str:
     try:
-        return {name: float(v) for name, v in zip(names, values)}
+        return MergeMethod(method).value
     except ValueError:
-        raise LoraplexError(f"--weights: {weights!r} is not a list of numbers, e.g. --weights 1,0.5") from None
+        raise ParameterError("method", unknown_name_message("method", str(method), list(METHODS))) from None
+
+
+def _weights(weights: list[float] | None, names: list[str]) -> dict[str, float]:
+    if weights is None:
+        return {name: 1.0 for name in names}
+    if isinstance(weights, str) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        raise ParameterError("weights", f"{weights!r} is not a list of numbers, e.g. weights=[1.0, 0.5]")
+    if len(weights) != len(names):
+        raise ParameterError("weights", f"{len(weights)} weights for {len(names)} adapters ({', '.join(names)}); "
+                             "give one weight per adapter, in the same order")
+    return {name: float(w) for name, w in zip(names, weights)}
 
 
 def _adapter_dir(run_dir: Path, name: str) -> Path:
@@ -106,7 +129,7 @@ def _adapter_dir(run_dir: Path, name: str) -> Path:
     if not known:
         raise LoraplexError(f"{run_dir} holds no trained adapter (no {run_dir}/adapters/<name>/); "
                             "pass the run folder, e.g. runs/<recipe>")
-    raise LoraplexError(f"--adapters: {unknown_name_message('adapter', name, known)} (in {run_dir}/adapters)")
+    raise ParameterError("adapters", f"{unknown_name_message('adapter', name, known)} (in {run_dir}/adapters)")
 
 
 def _problems(plan: MergePlan) -> list[str]:
@@ -117,10 +140,10 @@ def _problems(plan: MergePlan) -> list[str]:
                             "trained biases, modules_to_save or embeddings); merging those is not supported")
         if adapter.use_dora and plan.method != "sum":
             problems.append(f"adapter '{name}' is a DoRA adapter, which PEFT's {plan.method} cannot combine; "
-                            "use --method sum")
+                            "use method='sum'")
         if adapter.use_dora and plan.requested == SEARCH:
             problems.append(f"adapter '{name}' is a DoRA adapter: it merges at weight 1 only, so there is no weight "
-                            f"to search; use --method sum")
+                            f"to search; use method='sum'")
         elif adapter.use_dora and plan.weights[name] != 1.0:
             problems.append(f"adapter '{name}' is a DoRA adapter: it merges at weight 1 only "
                             f"(got {plan.weights[name]:g})")
@@ -151,7 +174,8 @@ def precision_note(plan: MergePlan) -> str | None:
 
 def _method_note(plan: MergePlan) -> str:
     if plan.method in PEFT_METHODS and not plan.exact:
-        why = ["it combines the A's and the B's separately, so cross terms Bᵢ@Aⱼ appear"] if plan.shared_modules() else []
+        shared = plan.shared_modules()
+        why = ["it combines the A's and the B's separately, so cross terms Bᵢ@Aⱼ appear"] if shared else []
         why += [f"it prunes values (density {plan.density:g})"] if plan.prunes else []
         return (f"method {plan.method} (PEFT add_weighted_adapter): NOT an exact sum: {'; '.join(why)}; "
                 "the checks compare against PEFT's combined adapter")
@@ -167,17 +191,17 @@ def _method_note(plan: MergePlan) -> str:
 
 
 def claim_out_dir(out_dir: Path, plan: MergePlan, overwrite: bool) -> Path:
-    """Refuse to replace a folder that is not a previous merge, or a previous merge without --overwrite."""
+    """Refuse to replace a folder that is not a previous merge, or a previous merge without `overwrite`."""
     out_dir = out_dir.expanduser().resolve()
     base, run = Path(plan.base.location).resolve(), plan.run_dir.resolve()
     if out_dir.is_relative_to(base) or any(p.is_relative_to(out_dir) for p in (base, run) if p.exists()):
-        raise LoraplexError(f"--out {out_dir} would replace or write into the base model, or replace the run; "
-                            "choose a new folder")
+        raise ParameterError("out_dir", f"{out_dir} would replace or write into the base model, or replace the run; "
+                             "choose a new folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not (out_dir / MERGE_REPORT).is_file():
-            raise LoraplexError(f"--out {out_dir} exists and is not a merged model; choose a new folder")
+            raise ParameterError("out_dir", f"{out_dir} exists and is not a merged model; choose a new folder")
         if not overwrite:
-            raise LoraplexError(f"--out {out_dir} holds a previous merge; pass --overwrite to replace it")
+            raise ParameterError("out_dir", f"{out_dir} holds a previous merge; pass overwrite=True to replace it")
     return out_dir
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ..data.prepare import decision_rows, graded_rows
 from ..errors import LoraplexError
-from ..training.batching import heldout_metrics
+from ..lm.packed import heldout_metrics
 from .plan import MergePlan
 from .verify import all_adapters_active, base_and_adapter_loss, heldout_splits
 
@@ -33,7 +33,7 @@ def halves(plan: MergePlan) -> tuple[dict, dict]:
         else:
             search[name], report[name] = decision_rows(split), graded_rows(split)
     if problems:
-        raise LoraplexError(problems, title="--method weights-search scores weights on each adapter's held-out split")
+        raise LoraplexError(problems, title="method='weights-search' scores weights on each adapter's held-out split")
     return search, report
 
 

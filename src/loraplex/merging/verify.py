@@ -12,15 +12,15 @@ from ..errors import LoraplexError
 from ..inspect_adapter import AdapterWeights
 from ..models import base_state_items
 from ..run import open_run, read_recipe
-from ..training.batching import heldout_metrics
+from ..lm.packed import heldout_metrics
 from .apply import COMBINED, lora_layer, lora_layers, expected_delta
 from .plan import PEFT_METHODS, MergePlan
 
 WEIGHT_RTOL = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 2e-3}  # of max(max|W|, max|expected W'|)
 LOGIT_RTOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}  # max|Δlogits| / max(1, max|logits|)
 KEEP_THRESHOLD = 0.9  # share of an adapter's held-out loss improvement the merged model should keep
-PROBE_TEXTS = ("Hello! Who are you?", "What is 17 + 25?", "用一句话介绍长城。", "「ありがとう」を英語に訳してください。",
-               "Write one sentence about rivers.")
+PROBE_TEXTS = ("Hello! Who are you?", "What is 17 + 25?", "用一句话介绍长城。",
+               "「ありがとう」を英語に訳してください。", "Write one sentence about rivers.")
 
 
 def verify(plan: MergePlan, reference, merged, probes: list[torch.Tensor], folder: Path) -> dict:

@@ -53,7 +53,8 @@ def load_run(run_dir: Path) -> RunData:
                 if is_complete(adapter_dir(run_dir, d["name"]))}
     result = load_eval(run_dir)
     if result is None or _is_stale(run_dir, adapters, result):
-        merged = [r["path"] for r in (result or {}).get("rows", []) if r["kind"] == "merged" and Path(r["path"]).is_dir()]
+        merged = [r["path"] for r in (result or {}).get("rows", [])
+                  if r["kind"] == "merged" and Path(r["path"]).is_dir()]
         settings = GenerationSettings(**result["generation"]) if result else None  # as the user last chose
         result = evaluate_run(run_dir, merged=merged, generation=settings)
     return RunData(run_dir, recipe, adapters, result)
@@ -63,6 +64,7 @@ def _is_stale(run_dir: Path, adapters: dict[str, dict], result: dict) -> bool:
     """eval.json misses an adapter, or evaluated one that has been replaced since (by its weights' hash)."""
     rows = {r["name"]: r for r in result["rows"] if r["kind"] == "adapter"}
     return set(rows) != set(adapters) or any(
-        rows[name].get("adapter_weights", {}).get(name) != weights_hash(adapter_dir(run_dir, name)) for name in adapters)
+        rows[name].get("adapter_weights", {}).get(name) != weights_hash(adapter_dir(run_dir, name))
+        for name in adapters)
 
 

@@ -125,7 +125,8 @@ def render_html(title: str, sections: list[Section]) -> str:
     esc = lambda t: html.escape(t).replace("\n", "<br>")  # noqa: E731
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
     for section in sections:
         parts.append(f"<section><h2>{html.escape(section.title)}</h2>")
         if section.text:

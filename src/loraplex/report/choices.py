@@ -2,9 +2,9 @@
 score and trial losses) and one model for all datasets (merged models against their adapters)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..records import MergeRecord, RecordError, read_record
 from ..run import MERGE_REPORT, count_text
 from ..select import trial_losses
 from .blocks import Plot, RunData, Section, Table, ascii_label, figure, num, png
@@ -26,11 +26,13 @@ def selection_section(data: RunData) -> Section | None:
                                                               f"training ({full:.0f}s)" if full else "")
         rows_note = f"; {decision['rows']['note']}" if "rows" in decision else ""
         rows_note += "".join(f"; {d['label']} left out: {d['reason']}" for d in decision.get("dropped", []))
-        blocks.append(Table(["modules", "r", "params", "probe score", "trial loss on the selection rows per round"], rows,
+        blocks.append(Table(["modules", "r", "params", "probe score", "trial loss on the selection rows per round"],
+                            rows,
                             "selection", {(i, 0) for i, c in enumerate(decision["candidates"])
                                           if c["label"] == decision["winner"]},
                             caption=f"{name}: budget {count_text(decision['budget'])} parameters; decided by "
-                                    f"{decision['decided_by']}{cost}{' (cached decision)' if decision.get('cached') else ''}"
+                                    f"{decision['decided_by']}{cost}"
+                                    f"{' (cached decision)' if decision.get('cached') else ''}"
                                     f"{rows_note}"))
         blocks.append(_selection_plot(name, decision))
     if not blocks:
@@ -39,10 +41,10 @@ def selection_section(data: RunData) -> Section | None:
             "(its rank is set to match), scores each with a gradient probe on a few training batches (the expected "
             "loss decrease of the first Adam step of its LoRA: its rank times the row norms of the loss gradient of "
             "its weights), and trains the probe's best sets and the references q_proj+v_proj and all-linear in "
-            "short trials, keeping the better half by loss on the selection rows after each round: `auto.selection_rows` "
-            "training rows the trials do not train on. No decision reads the held-out split, so the adapters' "
-            "held-out losses grade the choice on rows it never saw. Trials are skipped when they do not fit in "
-            "`auto.cost` of the full training; then the probe decides.")
+            "short trials, keeping the better half by loss on the selection rows after each round: "
+            "`auto.selection_rows` training rows the trials do not train on. No decision reads the held-out split, "
+            "so the adapters' held-out losses grade the choice on rows it never saw. Trials are skipped when they do "
+            "not fit in `auto.cost` of the full training; then the probe decides.")
     return Section("Module selection (target_modules: auto)", text, blocks)
 
 
@@ -52,8 +54,9 @@ def _selection_plot(name: str, decision: dict) -> Plot:
     if tried:  # does the probe predict the trials?
         for c in tried:
             ax.scatter([c["probe_score"]], [trial_losses(c["trial"])[-1]], s=40)
-            ax.annotate(ascii_label(f"{c['label']} ({c['trial']['steps']} steps)"), (c["probe_score"], trial_losses(c["trial"])[-1]),
-                        textcoords="offset points", xytext=(6, 4), fontsize=8)
+            ax.annotate(ascii_label(f"{c['label']} ({c['trial']['steps']} steps)"),
+                        (c["probe_score"], trial_losses(c["trial"])[-1]), textcoords="offset points", xytext=(6, 4),
+                        fontsize=8)
         ax.set(xlabel="probe score (expected gain of the first step)",
                ylabel="trial loss on the selection rows (last round)", title=f"{ascii_label(name)}: probe vs trials")
         ax.margins(x=0.25, y=0.15)
@@ -92,8 +95,8 @@ def one_model_section(data: RunData) -> Section | None:
         if cell.get("accuracy") is not None:
             rows.append(["model: auto (routing)", "each prompt to the adapter the router picks", name, "-", "-",
                          f"routed right {cell['accuracy']:.0%}", str(cell["prompts"]), "a router at serving time"])
-    table = Table(["model", "method (weights)", "data", "held-out loss\n(rows listed)", "exact match", "gain kept", "rows",
-                   "extra cost"], rows, "one-model",
+    table = Table(["model", "method (weights)", "data", "held-out loss\n(rows listed)", "exact match", "gain kept",
+                   "rows", "extra cost"], rows, "one-model",
                   caption="gain kept = (base loss − merged loss) / (base loss − adapter loss) on the rows listed: all "
                           "held-out rows, or for weights-search the half its search never saw")
     blocks: list[Table | Plot] = [table]
@@ -109,8 +112,8 @@ def one_model_section(data: RunData) -> Section | None:
 def _merge_report(folder: Path) -> dict | None:
     path = folder / MERGE_REPORT
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except ValueError:
+        return read_record(path, MergeRecord).as_dict() if path.is_file() else None
+    except RecordError:
         return None
 
 

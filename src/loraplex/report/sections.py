@@ -50,7 +50,8 @@ def matrix_section(data: RunData) -> Section:
         cells = [row["name"]]
         for j, col in enumerate(columns):
             m = data.cell(row["name"], col)
-            text = f"loss {num(m.get('loss'))}\nppl {num(m.get('perplexity'), '.2f')}\nacc {num(m.get('token_accuracy'), '.1%')}"
+            text = (f"loss {num(m.get('loss'))}\nppl {num(m.get('perplexity'), '.2f')}\n"
+                    f"acc {num(m.get('token_accuracy'), '.1%')}")
             if m.get("exact_match") is not None:
                 text += f"\nEM {m['exact_match']:.0%}\nchrF {num(m.get('chrf'), '.1f')}"
             cells.append(text)
@@ -59,7 +60,8 @@ def matrix_section(data: RunData) -> Section:
         rows.append(cells)
     routing = (ev.get("routing") or {}).get("datasets", {})
     if routing:
-        rows.append(["auto (router)"] + [f"routed to its adapter: {routing[c]['accuracy']:.0%} of {routing[c]['prompts']}"
+        rows.append(["auto (router)"] + [f"routed to its adapter: {routing[c]['accuracy']:.0%} of "
+                                         f"{routing[c]['prompts']}"
                                          if c in routing and routing[c]["accuracy"] is not None else "-"
                                          for c in columns])
     text = ("Rows: the base, each adapter, merged models; columns: each dataset's held-out split (loss, perplexity "
@@ -148,7 +150,8 @@ def _comparison_table(data: RunData, files: str, specs: list[dict]) -> Table:
         gain = None if base is None or cell.get("loss") is None else base - cell["loss"]
         em = "-" if cell.get("exact_match") is None else f"{cell['exact_match']:.0%}"
         config = meta["config"]  # as trained (target_modules: auto resolved)
-        rows.append([spec["name"], targets_text(config["target_modules"]), f"{config['lora']['r']}/{config['lora']['alpha']:g}",
+        rows.append([spec["name"], targets_text(config["target_modules"]),
+                     f"{config['lora']['r']}/{config['lora']['alpha']:g}",
                      f"{count_text(meta['trainable_params'])} ({percent_of_base(meta):.3f}%)", num(cell.get("loss")),
                      num(gain), em, f"{meta['wall_time_s']:.0f}s"])
     return Table(["entry", "target modules", "r/alpha", "trainable params (% of base)", "held-out loss",

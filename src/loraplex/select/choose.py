@@ -14,10 +14,10 @@ import math
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_json
 from ..data.prepare import PreparedDataset
 from ..device import loraplex_home
 from ..recipe import DatasetSpec
+from ..records import SelectionRecord, read_record, write_record
 from ..errors import RecipeError
 from ..targets import candidates as candidate_sets, default_budget, matched_alpha, matched_candidates, references
 from .composed import composed_model, weights_hashes
@@ -49,7 +49,8 @@ def full_training_tokens(spec: DatasetSpec, data: PreparedDataset) -> int:
 
 
 def choose_modules(model, spec: DatasetSpec, data: PreparedDataset, base_fingerprint: str,
-                   micro_batch_tokens: int | None, progress: bool = True, composed: dict[str, Path] | None = None) -> dict:
+                   micro_batch_tokens: int | None, progress: bool = True,
+                   composed: dict[str, Path] | None = None) -> dict:
     """The decision record for `spec` (from the cache when the same question was answered before).
 
     `composed`: name -> folder of the adapters `spec` is composed with; the decision is made with them loaded,
@@ -58,11 +59,11 @@ def choose_modules(model, spec: DatasetSpec, data: PreparedDataset, base_fingerp
     key = cache_key(spec, data, base_fingerprint, micro_batch_tokens, hashes)
     path = loraplex_home() / "selections" / f"{key}.json"
     if path.is_file():
-        return {**json.loads(path.read_text(encoding="utf-8")), "cached": True}
+        return {**read_record(path, SelectionRecord).as_dict(), "cached": True}
     with composed_model(model, composed or {}) as in_training:
         record = _select(in_training, spec, data, micro_batch_tokens, progress)
     record.update(cache_key=key, composed_with=hashes)
-    atomic_write_json(path, record)
+    write_record(path, SelectionRecord.model_validate(record))
     return {**record, "cached": False}
 
 
@@ -103,7 +104,8 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
         "decided_by": "trials" if horizon else f"probe ({skipped})",
         "probe": {"batches": auto.probe_batches, "tokens": probed["tokens"], "seconds": probed["seconds"],
                   "row_norms": probed["row_norms"]},
-        "trials": {"horizon": horizon, "batch_size": spec.train.batch_size, "seconds": trial_seconds if horizon else 0.0,
+        "trials": {"horizon": horizon, "batch_size": spec.train.batch_size,
+                   "seconds": trial_seconds if horizon else 0.0,
                    "rounds": [list(r) for r in rounds(len(trials), horizon)] if horizon else []},
         "seconds": time.perf_counter() - started, "budget_tokens": budget_tokens,
         "rows": _rows_record(split, len(probe_rows), horizon),
@@ -132,7 +134,8 @@ def _rows_record(split: SelectionSplit, probe_rows: int, horizon: int) -> dict:
 
 
 def _run_trials_that_fit(model, spec: DatasetSpec, split: SelectionSplit, trials: list[Trial], tokens: float,
-                         micro_batch_tokens: int | None, progress: bool, no_trials: str) -> tuple[list[Trial], int, str]:
+                         micro_batch_tokens: int | None, progress: bool,
+                         no_trials: str) -> tuple[list[Trial], int, str]:
     """As many of `trials` (in order of priority) as fit in `tokens` with at least MIN_TRIAL_STEPS each, run
     (none when `no_trials` says why).
 
@@ -156,7 +159,9 @@ def trial_losses(trial: dict) -> list[float]:
 
 
 def _trial_record(trial: Trial | None) -> dict | None:
-    return {"steps": trial.steps, "selection_loss": trial.selection_loss, "train_loss": trial.train_loss} if trial else None
+    if trial is None:
+        return None
+    return {"steps": trial.steps, "selection_loss": trial.selection_loss, "train_loss": trial.train_loss}
 
 
 def _trial_sets(ranked: list, refs: list, count: int) -> list:

@@ -8,13 +8,24 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..adapters import attach
-from ..run import ADAPTER_WEIGHTS
+from ..errors import LoraplexError
+from ..recipe import DatasetSpec
+from ..run import ADAPTER_WEIGHTS, adapter_dir, is_complete
 
 
 def weights_hashes(folders: dict[str, Path]) -> dict[str, str]:
     """name -> sha256 of the adapter's safetensors file (what the decision depends on)."""
     return {name: hashlib.sha256((folder / ADAPTER_WEIGHTS).read_bytes()).hexdigest()[:16]
             for name, folder in folders.items()}
+
+
+def composed_folders(spec: DatasetSpec, run_dir: Path) -> dict[str, Path]:
+    """name -> folder of each adapter `spec` is composed with; refuses when one is not trained yet."""
+    missing = [n for n in spec.compose_with if not is_complete(adapter_dir(run_dir, n))]
+    if missing:
+        raise LoraplexError(f"datasets[{spec.name}].compose_with: {', '.join(missing)} not trained yet in {run_dir}; "
+                            f"train {'them' if len(missing) > 1 else 'it'} first (or leave out --only)")
+    return {name: adapter_dir(run_dir, name) for name in spec.compose_with}
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from ..targets import Candidate, linear_modules
-from ..training.batching import PackedCollator, answer_count, backward_answer_loss
+from ..lm.packed import PackedCollator, answer_count, backward_answer_loss
 
 
 @contextmanager

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from ..recipe import DatasetSpec
 from ..targets import Candidate
-from ..training.batching import PackedCollator, answer_count, backward_answer_loss, heldout_metrics
-from ..training.dropout import use_lora_dropout
-from ..training.trainer import lora_config
+from ..lm.packed import PackedCollator, answer_count, backward_answer_loss, heldout_metrics
+from ..lm.dropout import use_lora_dropout
+from ..lm.settings import lora_config
 from .composed import composed_names
 
 

@@ -13,6 +13,7 @@ import time
 import traceback
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -59,6 +60,16 @@ async def _read_json(request: Request, limit: int) -> dict:
     return decode_body(bytes(body))
 
 
+@dataclass
+class AppState:
+    """What every route reads: the engine, the `model: auto` router (None without it) and the request limits."""
+
+    engine: Engine
+    router: ServedRouter | None
+    requests: _Requests
+    max_body_bytes: int
+
+
 def app(run_dir: str | Path, merged: tuple | list = (), api_key: str | None = None, max_batch_size: int = 8,
         max_tokens_limit: int = 1024, max_body_bytes: int = 1 << 20, max_queue: int = 64,
         batch_wait_s: float = 0.005, auto_route: bool = True, route_threshold: float = DEFAULT_THRESHOLD) -> FastAPI:
@@ -71,59 +82,70 @@ def app(run_dir: str | Path, merged: tuple | list = (), api_key: str | None = No
     """
     engine = Engine(run_dir, merged, max_batch_size=max_batch_size, max_queue=max_queue, batch_wait_s=batch_wait_s)
     router = ServedRouter.build(engine, route_threshold) if auto_route else None
-
-    @asynccontextmanager
-    async def lifespan(_):
-        yield
-        engine.close()
-
-    api = FastAPI(title="loraplex", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    api = FastAPI(title="loraplex", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    api.state.loraplex = AppState(engine, router, _Requests(engine, router, max_tokens_limit), max_body_bytes)
     api.state.engine, api.state.router = engine, router
     _error_handlers(api, api_key)
-
-    @api.get("/v1/models")
-    async def models():
-        data = [entry.describe() for entry in engine.entries.values()]
-        if router is not None:
-            data.append(router.describe())
-        return {"object": "list", "data": data}
-
-    @api.get("/", response_class=HTMLResponse)
-    async def playground():
-        return HTMLResponse(playground_html())
-
-    @api.get("/health")
-    async def health():
-        if not engine.alive:
-            return error_response(503, "the generation worker has stopped (the server's log says why); restart "
-                                  "the server", type="server_error", code="worker_stopped")
-        return {"status": "ok", **engine.stats}
-
-    requests = _Requests(engine, router, max_tokens_limit)
-
-    @api.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = parse_request(ChatRequest, await _read_json(request, max_body_bytes))
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": text_of(m.content)}
-                    for m in req.messages]
-
-        def prompt_for(entry):
-            try:
-                return engine.chat_prompt(entry, messages)
-            except Exception as exc:  # noqa: BLE001  (a chat template refusing the conversation)
-                raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from None
-
-        return await requests.answer("chat", req, prompt_for, request)
-
-    @api.post("/v1/completions")
-    async def completions(request: Request):
-        req = parse_request(CompletionRequest, await _read_json(request, max_body_bytes))
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if len(prompts) != 1:
-            raise ApiError(400, "send one prompt per request", param="prompt")
-        return await requests.answer("text", req, lambda _: prompts[0], request)
-
+    api.add_api_route("/v1/models", list_models, methods=["GET"])
+    api.add_api_route("/", playground, methods=["GET"], response_class=HTMLResponse)
+    api.add_api_route("/health", health, methods=["GET"])
+    api.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    api.add_api_route("/v1/completions", completions, methods=["POST"])
     return api
+
+
+@asynccontextmanager
+async def _lifespan(api: FastAPI):
+    yield
+    api.state.loraplex.engine.close()
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.loraplex
+
+
+async def list_models(request: Request):
+    state = _state(request)
+    data = [entry.describe() for entry in state.engine.entries.values()]
+    if state.router is not None:
+        data.append(state.router.describe())
+    return {"object": "list", "data": data}
+
+
+async def playground():
+    return HTMLResponse(playground_html())
+
+
+async def health(request: Request):
+    engine = _state(request).engine
+    if not engine.alive:
+        return error_response(503, "the generation worker has stopped (the server's log says why); restart "
+                              "the server", type="server_error", code="worker_stopped")
+    return {"status": "ok", **engine.stats}
+
+
+async def chat_completions(request: Request):
+    state = _state(request)
+    req = parse_request(ChatRequest, await _read_json(request, state.max_body_bytes))
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": text_of(m.content)}
+                for m in req.messages]
+
+    def prompt_for(entry):
+        try:
+            return state.engine.chat_prompt(entry, messages)
+        except Exception as exc:  # noqa: BLE001  (a chat template refusing the conversation)
+            raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from None
+
+    return await state.requests.answer("chat", req, prompt_for, request)
+
+
+async def completions(request: Request):
+    state = _state(request)
+    req = parse_request(CompletionRequest, await _read_json(request, state.max_body_bytes))
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if len(prompts) != 1:
+        raise ApiError(400, "send one prompt per request", param="prompt")
+    return await state.requests.answer("text", req, lambda _: prompts[0], request)
 
 
 def _error_handlers(api: FastAPI, api_key: str | None) -> None:

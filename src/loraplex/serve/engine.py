@@ -23,12 +23,12 @@ import torch
 
 from ..adapters import load
 from ..data.render import chat_template_for, end_of_turn_ids, prompt_text
-from ..device import pick_dtype, to_accelerator
+from ..device import to_accelerator
 from ..errors import LoraplexError
 from ..models import load_model, load_tokenizer, resolve_base, stop_token_ids
 from ..routing import BASE
 from ..run import adapter_dir, adapter_metadata, complete_adapters, open_run
-from .batch import PEFT_BASE, Batch, row_error
+from .batch import Batch, row_error
 
 log = logging.getLogger("loraplex.serve")
 WORKER_STOPPED = "the generation worker has stopped (the server's log says why); restart the server"
@@ -108,7 +108,7 @@ class Engine:
                                 "rename the dataset")
         merged_refs = [resolve_base(str(Path(m).resolve())) for m in merged]  # a bad folder fails before loading
         self.dirs = {name: adapter_dir(run_dir, name) for name in names}
-        self.adapters = load(ws.base, self.dirs, dtype=ws.recipe.model.dtype)
+        self.adapters = load(ws.base, self.dirs, dtype=ws.dtype)
         to_accelerator(self.adapters.model).eval()
         self.adapters.use(names[0])  # adapter layers on: each row then picks its own through adapter_names
         self.models = {"run": self.adapters.model}
@@ -117,7 +117,7 @@ class Engine:
             label = f"merged:{Path(ref.location).name}"
             if label in self.entries:
                 raise LoraplexError(f"two --merged folders are both named {Path(ref.location).name}; rename one")
-            self.models[label] = to_accelerator(load_model(ref, pick_dtype(ws.recipe.model.dtype))).eval()
+            self.models[label] = to_accelerator(load_model(ref, ws.dtype)).eval()
             tokenizer = load_tokenizer(ref)
             template = chat_template_for(tokenizer)
             self.entries[label] = ModelEntry(label, "merged", label, tokenizer, template, None,

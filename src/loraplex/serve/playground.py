@@ -61,7 +61,8 @@ PAGE = r"""<!doctype html>
   <div class="row">
     <label>max tokens <input type="number" id="max_tokens" min="1" value="64"></label>
     <label>temperature <input type="number" id="temperature" min="0" max="2" step="0.1" value="0"></label>
-    <label id="keybox">API key <input type="password" id="key" autocomplete="off" placeholder="if the server needs one"></label>
+    <label id="keybox">API key
+      <input type="password" id="key" autocomplete="off" placeholder="if the server needs one"></label>
     <button id="go">Compare</button>
   </div>
   <div id="notice"></div>

@@ -23,20 +23,24 @@ import torch
 from ..adapters import attach
 from ..atomic import atomic_dir, atomic_write_json, remove_leftovers
 from ..data.prepare import PreparedDataset
-from ..device import dtype_name, on_gpu, pick_dtype, to_accelerator
+from ..device import dtype_name, on_gpu
 from ..errors import LoraplexError
-from ..models import base_fingerprint, load_model
+from ..models import base_fingerprint
 from ..pipeline import Workspace, open_recipe
-from ..quantize import describe, gradient_checkpointing, prepare_for_training, quantization_config
 from ..recipe import DatasetSpec, Recipe
-from ..run import (ADAPTER_META, ADAPTER_WEIGHTS, RUN_META, adapter_dir, adapter_metadata, base_changed_message, checkpoint_dir,
-                   is_complete, percent_of_base, record_entries, stale_outputs, weights_hash, writer_lock)
+from ..records import AdapterRecord, RecordError, RunRecord, read_record, write_record
+from ..run import (ADAPTER_META, ADAPTER_WEIGHTS, RUN_META, adapter_dir, adapter_metadata, base_changed_message,
+                   checkpoint_dir, is_complete, percent_of_base, record_entries, stale_outputs, weights_hash,
+                   writer_lock)
+from ..lm.base import load_base
+from ..lm.packed import heldout_metrics
+from ..lm.settings import lora_config, micro_batch_tokens
 from ..select import choose_modules, resolved_spec
+from ..select.composed import composed_folders
 from ..tracking import check_trackers, finish_training, start_tracking
-from .batching import heldout_metrics
 from .distributed import gather, is_main, sum_over_processes, wait_for_everyone, world_size
 from .plan import KEEP, NEW, NOT_IN_RECIPE, REMOVED, RETRAIN, Step, fingerprint, fingerprint_parts, plan_run
-from .trainer import TrainStats, lora_config, loss_curve, make_trainer, micro_batch_tokens
+from .trainer import TrainStats, loss_curve, make_trainer
 
 
 @dataclass
@@ -90,7 +94,7 @@ def _train_steps(ws: Workspace, prepared: dict, run_dir: Path, steps: list[Step]
                  progress: bool, allow_pickle: bool, say: Callable[[str], None]) -> None:
     """Load the base once and train every adapter whose step says so, in plan order."""
     model, base_record = load_base(ws, allow_pickle)
-    dtype = pick_dtype(ws.recipe.model.dtype)
+    dtype = ws.dtype
     pristine = base_record.get("quantized_base_fingerprint", base_record["base_fingerprint"])  # the weights in memory
     _same_everywhere(pristine)
     _retrain_on_changed_base(run_dir, steps, base_record)
@@ -118,7 +122,7 @@ def _train_steps(ws: Workspace, prepared: dict, run_dir: Path, steps: list[Step]
                                 + (f" (process {changed[0][0]} of {len(after)})" if len(after) > 1 else ""))
         meta["isolation_checked_in_processes"] = len(after)
         if is_main():
-            atomic_write_json(adapter_dir(run_dir, spec.name) / ADAPTER_META, meta)
+            write_record(adapter_dir(run_dir, spec.name) / ADAPTER_META, AdapterRecord.model_validate(meta))
             record_entries(run_dir, ws.recipe, [spec.name])
         wait_for_everyone()
         result.adapters[spec.name] = meta
@@ -155,7 +159,7 @@ def _open_run_dir(run_dir: Path, ws: Workspace, steps: list[Step], prune: bool, 
     """Write run.json, record the kept and new adapters' recipe entries, and with `prune` remove the adapters the
     recipe no longer names."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / RUN_META, {"recipe_fingerprint": ws.recipe.fingerprint(), "base_model": ws.base.name})
+    write_record(run_dir / RUN_META, RunRecord(recipe_fingerprint=ws.recipe.fingerprint(), base_model=ws.base.name))
     pruned = [s for s in steps if s.action == NOT_IN_RECIPE and prune]
     with writer_lock(run_dir, [f"adapter-{s.name}" for s in pruned], "loraplex train --prune", say):
         for step in pruned:
@@ -171,10 +175,8 @@ def _check_run_meta(path: Path) -> None:
     if not path.exists():
         return
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        meta = None
-    if not isinstance(meta, dict) or "recipe_fingerprint" not in meta:
+        read_record(path, RunRecord)
+    except RecordError:
         raise LoraplexError(f"{path} was not written by loraplex, so {path.parent} is not a loraplex run folder; set "
                             "another run_name or output_dir (nothing was changed)")
 
@@ -196,62 +198,12 @@ def _prepare_checkpoints(folder: Path, key: str, resume: bool, say: Callable[[st
     return usable
 
 
-def select(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None, only: list[str] | None = None,
-           progress: bool = True, allow_pickle: bool = False) -> dict[str, dict]:
-    """`loraplex select`: the `target_modules: auto` decision for each selected dataset, without training it.
-
-    Datasets whose recipe names their modules are measured too (with their `auto` settings)."""
-    ws = open_recipe(recipe, overrides, only)
-    prepared = ws.prepare()
-    model, base_record = load_base(ws, allow_pickle)
-    pristine = base_record.get("quantized_base_fingerprint", base_record["base_fingerprint"])
-    decisions = {}
-    for spec in ws.selected():
-        composed = composed_folders(spec, ws.recipe.run_dir())  # decided in the model the adapter trains in
-        decisions[spec.name] = {**choose_modules(model, spec, prepared[spec.name], pristine, micro_batch_tokens(spec),
-                                                 progress, composed), "recipe_target_modules": spec.target_modules}
-        after = base_fingerprint(model, pick_dtype(ws.recipe.model.dtype))
-        if after != pristine:
-            raise LoraplexError(f"the base weights changed while selecting modules for '{spec.name}' (fingerprint "
-                                f"{pristine} -> {after}). This is a bug: please report it")
-    return decisions
-
-
 def _same_everywhere(fingerprint: str) -> None:
     """Every process must train on the same base weights."""
     seen = gather(fingerprint)
     if len(set(seen)) > 1:
         raise LoraplexError(f"the training processes loaded different base weights (fingerprints {', '.join(seen)}, "
                             "in rank order); every process must read the same model folder")
-
-
-def load_base(ws: Workspace, allow_pickle: bool = False) -> tuple[torch.nn.Module, dict]:
-    """The base to train on (quantized if the recipe says so, prepared for training) and what each adapter records.
-
-    `base_fingerprint` is always that of the full-precision weights, so every adapter, QLoRA included, loads
-    onto the full-precision base; a quantized base is fingerprinted from a full-precision load first (freed
-    before the quantized load), and the quantized weights' own fingerprint (packed codes and quantization
-    state) is `quantized_base_fingerprint`. Fingerprints hash floating weights in the recipe's dtype, so
-    prepare_model_for_kbit_training's float32 upcast of the non-quantized weights does not change them.
-    """
-    spec = ws.recipe.model
-    dtype = pick_dtype(spec.dtype)
-    config = quantization_config(spec)  # checks that bitsandbytes runs here before anything is loaded
-    record: dict = {"dtype": dtype_name(dtype)}
-    if config is not None:
-        full = load_model(ws.base, dtype, spec.trust_remote_code, allow_pickle=allow_pickle)
-        record["base_fingerprint"] = base_fingerprint(full, dtype)
-        del full
-    model = load_model(ws.base, dtype, spec.trust_remote_code, allow_pickle=allow_pickle, quantization_config=config)
-    if config is None:
-        model = to_accelerator(model)  # a quantized base is loaded onto the GPU directly
-    model = prepare_for_training(model, spec)
-    fingerprint = base_fingerprint(model, dtype)
-    record.setdefault("base_fingerprint", fingerprint)
-    if config is not None:
-        record.update(quantization=describe(spec), quantized_base_fingerprint=fingerprint)
-    record["gradient_checkpointing"] = gradient_checkpointing(spec)
-    return model, record
 
 
 def parameter_counts(peft_model) -> tuple[int, int]:
@@ -321,19 +273,29 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     if is_main():
         with atomic_dir(folder) as tmp:
             peft_model.save_pretrained(tmp, selected_adapters=[DEFAULT_ADAPTER])
-            atomic_write_json(tmp / ADAPTER_META, meta)
+            write_record(tmp / ADAPTER_META, AdapterRecord.model_validate(meta))
     wait_for_everyone()
-    model = peft_model.unload()  # removes the LoRA layers without merging them
-    reloaded = attach(model, {spec.name: folder})
-    meta["reload_max_abs_diff"] = float((_logits(reloaded, probe) - expected_logits).abs().max())
-    reloaded.unload()
+    meta["reload_max_abs_diff"] = _reload_diff(peft_model, spec.name, folder, probe, expected_logits)
     finish_training(tracking, meta)
     if is_main():
-        atomic_write_json(folder / ADAPTER_META, meta)
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        with contextlib.suppress(OSError):  # another job's checkpoints may still be in there
-            checkpoints.parent.rmdir()
+        write_record(folder / ADAPTER_META, AdapterRecord.model_validate(meta))
+        _remove_checkpoints(checkpoints)
     return meta
+
+
+def _reload_diff(peft_model, name: str, folder: Path, probe: torch.Tensor, expected_logits: torch.Tensor) -> float:
+    """The largest logit difference between the trained adapter and the same adapter reloaded from `folder`; the
+    base is left without LoRA layers (unloaded, never merged)."""
+    reloaded = attach(peft_model.unload(), {name: folder})
+    diff = float((_logits(reloaded, probe) - expected_logits).abs().max())
+    reloaded.unload()
+    return diff
+
+
+def _remove_checkpoints(checkpoints: Path) -> None:
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    with contextlib.suppress(OSError):  # another job's checkpoints may still be in there
+        checkpoints.parent.rmdir()
 
 
 DEFAULT_ADAPTER = "default"  # PEFT's name for the adapter get_peft_model creates
@@ -370,15 +332,6 @@ def _train_or_restore(trainer, last: Path | None) -> None:
         return
     set_peft_model_state_dict(trainer.model, load_file(last / ADAPTER_WEIGHTS), adapter_name=DEFAULT_ADAPTER)
     trainer.state = state
-
-
-def composed_folders(spec: DatasetSpec, run_dir: Path) -> dict[str, Path]:
-    """name -> folder of each adapter `spec` is composed with; refuses when one is not trained yet."""
-    missing = [n for n in spec.compose_with if not is_complete(adapter_dir(run_dir, n))]
-    if missing:
-        raise LoraplexError(f"datasets[{spec.name}].compose_with: {', '.join(missing)} not trained yet in {run_dir}; "
-                            f"train {'them' if len(missing) > 1 else 'it'} first (or leave out --only)")
-    return {name: adapter_dir(run_dir, name) for name in spec.compose_with}
 
 
 def _last_checkpoint(folder: Path) -> Path | None:

@@ -23,10 +23,11 @@ from ..data.prepare import PreparedDataset
 from ..device import on_gpu
 from ..errors import LoraplexError
 from ..recipe import DatasetSpec
-from .batching import (PackedCollator, PaddedCollator, answer_count, answer_loss_sum, packed_attention, real_tokens,
+from ..lm.packed import (PackedCollator, PaddedCollator, answer_count, answer_loss_sum, packed_attention, real_tokens,
                        split_packed)
+from ..lm.settings import micro_batch_tokens
 from .distributed import sum_over_processes, world_size
-from .dropout import use_lora_dropout
+from ..lm.dropout import use_lora_dropout
 
 
 PROGRESS_FILE = "loraplex_progress.json"  # TrainStats in each checkpoint folder
@@ -142,7 +143,8 @@ class ProgressCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.stats.seconds += time.perf_counter() - self._step_started
         self.bar.update(state.global_step - self.bar.n)
-        self.bar.set_postfix_str(f"loss {self._last_loss()} | {self.stats.tokens / max(self.stats.seconds, 1e-9):,.0f} tok/s")
+        speed = self.stats.tokens / max(self.stats.seconds, 1e-9)
+        self.bar.set_postfix_str(f"loss {self._last_loss()} | {speed:,.0f} tok/s")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -159,16 +161,6 @@ class ProgressCallback(TrainerCallback):
 
     def _last_loss(self) -> str:
         return f"{self.last_loss:.4f}" if self.last_loss is not None else "-"
-
-
-def lora_config(spec: DatasetSpec):
-    """PEFT's LoraConfig for one dataset entry."""
-    from peft import LoraConfig
-
-    lora = spec.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                      use_rslora=lora.use_rslora, use_dora=lora.use_dora, target_modules=spec.target_modules,
-                      layers_to_transform=lora.layers_to_transform, task_type="CAUSAL_LM")
 
 
 def training_arguments(spec: DatasetSpec, checkpoint_dir: Path) -> TrainingArguments:
@@ -208,19 +200,6 @@ class WithSources:
         return batch
 
 
-CPU_MIN_PASS_TOKENS = 512  # below this, CPU matmuls are too small to run at full speed
-
-
-def micro_batch_tokens(spec: DatasetSpec) -> int | None:
-    """Tokens per forward/backward pass. On a GPU the whole batch. On CPU at most max(max_seq_length, 512)
-    (benchmarks/README.md): at max_seq_length 512, batches of 4 as 512-token passes ran at 1.10x the float32
-    notebook baseline with 0.94x its peak RSS, one whole-batch pass at 1.11x with 1.17x; on the demo data,
-    128-token passes ran at 160 tokens/s against 213 for 512-token and 215 for 1024-token passes."""
-    if spec.train.micro_batch_tokens is not None:
-        return spec.train.micro_batch_tokens
-    return None if on_gpu() else max(spec.max_seq_length, CPU_MIN_PASS_TOKENS)
-
-
 def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoint_dir: Path,
                  progress: bool = True, stats: TrainStats | None = None) -> tuple[AdapterTrainer, TrainStats]:
     """`stats`: the counts to continue from (those of the checkpoint a resumed run starts at)."""
@@ -230,7 +209,8 @@ def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoin
     trainer = AdapterTrainer(
         model=peft_model, args=training_arguments(spec, checkpoint_dir), train_dataset=data.train,
         data_collator=WithSources(collator), callbacks=[ProgressCallback(spec.name, stats, progress)], stats=stats,
-        micro_batch_tokens=micro_batch_tokens(spec), per_sequence_attention=spec.train.packed_attention == "per_sequence",
+        micro_batch_tokens=micro_batch_tokens(spec),
+        per_sequence_attention=spec.train.packed_attention == "per_sequence",
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the progress bar shows them
     return trainer, stats

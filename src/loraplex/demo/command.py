@@ -1,6 +1,6 @@
 """`loraplex demo`: the whole job on the embedded default model and generated data, on a CPU.
 
-1. writes three generated datasets (English, Chinese, Japanese; see loraplex.data.demo) and a recipe
+1. writes three generated datasets (English, Chinese, Japanese; see loraplex.demo.data) and a recipe
    that puts Chinese on q_proj, English and Japanese on v_proj, plus two more adapters on the Chinese
    data for comparison: all-linear, and `target_modules: auto` (the modules measured on the data);
 2. prepares and trains one adapter per dataset against the untouched base;
@@ -19,16 +19,17 @@ from typing import Callable
 
 import yaml
 
-from .atomic import atomic_dir, atomic_write_json, atomic_write_text
-from .data.demo import DEMO_ADAPTERS, demo_file, write_demo_data
-from .errors import LoraplexError
-from .evaluate import evaluate_run
-from .merging import merge
-from .recipe import DATASET_NAME_PATTERN, load_recipe
-from .report import write_report
-from .run import DEMO_RECIPE, DEMO_RESULTS, merged_dir, writer_lock
-from .training.runner import train
+from ..atomic import atomic_dir, atomic_write_json, atomic_write_text
+from .data import DEMO_ADAPTERS, demo_checkers, demo_file, write_demo_data
+from ..errors import LoraplexError
+from ..evaluate import evaluate_run
+from ..merging import merge
+from ..recipe import DATASET_NAME_PATTERN, load_recipe
+from ..report import write_report
+from ..run import merged_dir, writer_lock
+from ..training.runner import train
 
+DEMO_RECIPE, DEMO_RESULTS = "demo.yaml", "demo_results.json"  # in the run folder, beside what `train` writes
 DEMO_SYSTEM = "You are a helpful assistant."
 MERGED = ("zh", "en")  # disjoint modules (q_proj, v_proj): their merge is an exact sum
 MERGE_METHOD = "weights-search"  # the plain sum kept 43% / 53% of zh's / en's gain there, this 92% / 83%
@@ -82,14 +83,15 @@ def _run_demo(out_dir: Path, seed: int, overrides: list[str] | None, sizes: dict
     recipe_path = out_dir / DEMO_RECIPE
     atomic_write_text(recipe_path, "# written by `loraplex demo`\n" +
                       yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))
-    result = train(load_recipe(recipe_path, overrides), progress=progress, say=log)
+    loaded = load_recipe(recipe_path, overrides)
+    result = train(loaded, progress=progress, say=log)
     merged_model = merged_dir(result.run_dir, "+".join(MERGED))
     log(f"merging zh (q_proj) and en (v_proj) into one model with --method {MERGE_METHOD} (benchmarks/"
         "merge_retention.py: the merge of these adapters that keeps the most of the one that keeps least)")
     merge_report = merge(result.run_dir, list(MERGED), method=MERGE_METHOD, out_dir=merged_model, overwrite=True,
                          echo=log)
     log("evaluating base, adapters and the merged model")
-    evaluation = evaluate_run(result.run_dir, merged=[merged_model], log=log,
+    evaluation = evaluate_run(result.run_dir, merged=[merged_model], checkers=demo_checkers(loaded), log=log,
                               generation={"max_new_tokens": 24, "batch_size": 40, "cross": False})
     _, html = write_report(result.run_dir)
     summary = {"seed": seed, "run_dir": str(result.run_dir), "report": str(html),
