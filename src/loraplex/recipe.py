@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .atomic import atomic_write_text
 from .errors import RecipeError, friendly_validation_message, unknown_name_message
+from .lora_settings import LoraSettings, quantization_problems, without_default_variant
 from .overrides import apply_override
 
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -50,16 +51,6 @@ class ModelSpec(_Strict):
     @classmethod
     def _none_means_off(cls, value):
         return None if isinstance(value, str) and value.lower() in ("none", "") else value
-
-
-class LoraSettings(_Strict):
-    r: int = Field(16, gt=0, description="LoRA rank")
-    alpha: float = Field(32, gt=0, description="lora_alpha; scaling = alpha / r (alpha / sqrt(r) with rsLoRA)")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
-    bias: Literal["none", "all", "lora_only"] = "none"
-    use_rslora: bool = False
-    use_dora: bool = False
-    layers_to_transform: list[int] | None = Field(None, description="only these layer indices get LoRA")
 
 
 class TrainSettings(_Strict):
@@ -205,6 +196,7 @@ class Recipe(_Strict):
                 entry.pop("auto", None)
             if not entry.get("compose_with"):
                 entry.pop("compose_with", None)
+            entry["lora"] = without_default_variant(entry["lora"])
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -229,6 +221,7 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -
     problems.extend(_check_datasets(raw, base_dir))
     recipe = _validate(raw, base_dir, problems)
     problems.extend(_compose_problems(recipe))
+    problems.extend(_variant_problems(recipe))
     if problems:
         raise RecipeError(problems, title="recipe is invalid")
     if recipe.run_name is None:
@@ -247,6 +240,17 @@ def _compose_problems(recipe: Recipe) -> list[str]:
             compose_order(recipe.datasets)
         except RecipeError as exc:
             problems += exc.problems
+    return problems
+
+
+def _variant_problems(recipe: Recipe) -> list[str]:
+    """LoRA variants the base's precision rules out; per-module patterns with `target_modules: auto`."""
+    problems = []
+    for d in recipe.datasets:
+        problems += quantization_problems(d.lora, recipe.model.quantization, f"datasets[{d.name}]")
+        if d.target_modules == "auto" and (d.lora.rank_pattern or d.lora.alpha_pattern):
+            problems.append(f"datasets[{d.name}].lora: rank_pattern/alpha_pattern with target_modules: auto, which "
+                            "sets one rank for its parameter budget; name the modules, or drop the patterns")
     return problems
 
 

@@ -36,6 +36,7 @@ from .batching import heldout_metrics
 from .distributed import gather, is_main, sum_over_processes, wait_for_everyone, world_size
 from .plan import KEEP, NEW, NOT_IN_RECIPE, REMOVED, RETRAIN, Step, fingerprint, fingerprint_parts, plan_run
 from .trainer import TrainStats, lora_config, loss_curve, make_trainer, micro_batch_tokens
+from .variants import Variant
 
 
 @dataclass
@@ -270,15 +271,15 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
                   extra: dict | None = None) -> dict:
     """`base_record` (from `load_base`): the base's fingerprints, dtype and quantization, saved in loraplex.json;
     `extra`: more of loraplex.json (the fingerprint, the module selection)."""
-    from peft import get_peft_model
     from transformers import set_seed
 
     set_seed(spec.train.seed)
     base_val = heldout_metrics(model, data.val)
-    peft_model = get_peft_model(model, lora_config(spec))
+    checkpoints = checkpoint_dir(run_dir, spec.name)
+    variant = Variant(spec, data.train, checkpoints, ws.base)  # PiSSA & co: the base is put back after unload
+    peft_model = variant.inject(model, lora_config(spec))
     trainable, total = parameter_counts(peft_model)
     composed = compose(peft_model, spec, run_dir)
-    checkpoints = checkpoint_dir(run_dir, spec.name)
     last = _last_checkpoint(checkpoints) if resume else None
     earlier = TrainStats.at(last)  # tokens (of every process) and seconds before the checkpoint resumed from
     trainer, stats = make_trainer(peft_model, spec, data, checkpoints, progress=progress and is_main(),
@@ -315,10 +316,12 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
                     heldout_token_accuracy_composed=composed_val["token_accuracy"])
     if is_main():
         with atomic_dir(folder) as tmp:
-            peft_model.save_pretrained(tmp, selected_adapters=[DEFAULT_ADAPTER])
+            peft_model.save_pretrained(tmp, selected_adapters=[DEFAULT_ADAPTER], **variant.save_options())
             atomic_write_json(tmp / ADAPTER_META, meta)
     wait_for_everyone()
     model = peft_model.unload()  # removes the LoRA layers without merging them
+    variant.restore()
+    meta["variant"] = variant.record()
     reloaded = attach(model, {spec.name: folder})
     meta["reload_max_abs_diff"] = float((_logits(reloaded, probe) - expected_logits).abs().max())
     reloaded.unload()

@@ -27,6 +27,7 @@ from .batching import (PackedCollator, PaddedCollator, answer_count, answer_loss
                        split_packed)
 from .distributed import sum_over_processes, world_size
 from .dropout import use_lora_dropout
+from .variants import loraplus_optimizer, peft_options
 
 
 PROGRESS_FILE = "loraplex_progress.json"  # TrainStats in each checkpoint folder
@@ -161,14 +162,15 @@ class ProgressCallback(TrainerCallback):
         return f"{self.last_loss:.4f}" if self.last_loss is not None else "-"
 
 
-def lora_config(spec: DatasetSpec):
-    """PEFT's LoraConfig for one dataset entry."""
+def lora_config(spec: DatasetSpec, variant: bool = True):
+    """PEFT's LoraConfig for one dataset entry; `variant=False`: plain LoRA (default init, no per-module patterns)."""
     from peft import LoraConfig
 
     lora = spec.lora
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                       use_rslora=lora.use_rslora, use_dora=lora.use_dora, target_modules=spec.target_modules,
-                      layers_to_transform=lora.layers_to_transform, task_type="CAUSAL_LM")
+                      layers_to_transform=lora.layers_to_transform, task_type="CAUSAL_LM",
+                      **(peft_options(lora) if variant else {}))
 
 
 def training_arguments(spec: DatasetSpec, checkpoint_dir: Path) -> TrainingArguments:
@@ -227,8 +229,9 @@ def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoin
     stats = stats or TrainStats()
     use_lora_dropout(peft_model)
     collator = PackedCollator() if spec.train.packing else PaddedCollator(peft_model.config.pad_token_id or 0)
+    args = training_arguments(spec, checkpoint_dir)
     trainer = AdapterTrainer(
-        model=peft_model, args=training_arguments(spec, checkpoint_dir), train_dataset=data.train,
+        model=peft_model, args=args, train_dataset=data.train, optimizers=(loraplus_optimizer(peft_model, spec, args), None),
         data_collator=WithSources(collator), callbacks=[ProgressCallback(spec.name, stats, progress)], stats=stats,
         micro_batch_tokens=micro_batch_tokens(spec), per_sequence_attention=spec.train.packed_attention == "per_sequence",
     )
