@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import write_jsonl
 from loraplex import adapters, train
-from loraplex.errors import RecipeError
+from loraplex.errors import LoraplexError, RecipeError
 from loraplex.lora_settings import BASE_REWRITING, LoraSettings, variant_name
 from loraplex.merging import merge
 from loraplex.recipe import load_recipe
@@ -171,6 +171,27 @@ def test_eva_reads_the_datasets_own_training_rows(tiny_model_dir, tmp_path):
     assert (first.abs() - other.abs()).abs().max() > 1e-3  # other rows, another A
 
 
+def test_report_display_and_inspect_name_each_variant(variants_run):
+    from rich.console import Console
+
+    from loraplex.display import render_inspect, train_table
+    from loraplex.inspect_adapter import inspect_adapter
+    from loraplex.report.blocks import RunData
+    from loraplex.report.sections import recipe_section
+    from loraplex.run import read_recipe
+
+    _, result, _, _ = variants_run
+    console = Console(width=200, record=True)
+    console.print(train_table(result.adapters))
+    shown = console.export_text()
+    names = ["LoRA (Gaussian A)", "PiSSA", "OLoRA", "EVA", "CorDA", "LoRA+ (B lr ×16) + per-module r/alpha"]
+    assert all(name in shown for name in names), shown
+    recipe = recipe_section(RunData(result.run_dir, read_recipe(result.run_dir), result.adapters, {}))
+    assert [row[5] for row in recipe.blocks[0].rows] == names
+    console.print(*render_inspect(inspect_adapter(result.run_dir / "adapters" / "pissa")))
+    assert "variant: PiSSA" in console.export_text()
+
+
 # --------------------------------------------------------------------------- 4-bit base
 
 
@@ -191,6 +212,13 @@ def test_variants_on_a_4bit_base(dtype, tiny_model_dir, tmp_path):
         assert meta["base_fingerprint"] == fresh and meta["quantized_base_fingerprint"]
         assert meta["reload_max_abs_diff"] <= (1e-4 if dtype == "float32" else 1.6e-2), name
         assert meta["heldout_loss"] < meta["heldout_loss_base"], name
+    from loraplex.export import vllm_command
+
+    with pytest.raises(LoraplexError, match="initialized with LoftQ.*count that error twice"):
+        merge(result.run_dir, "loftq", out_dir=tmp_path / "merged")
+    with pytest.raises(LoraplexError, match="initialized with LoftQ"):
+        vllm_command(result.run_dir)
+    merge(result.run_dir, "eva", out_dir=tmp_path / "merged-eva")  # the others merge on the full-precision base
 
 
 @needs_bnb

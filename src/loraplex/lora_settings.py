@@ -93,6 +93,21 @@ def without_default_variant(lora: dict) -> dict:
     return {k: v for k, v in lora.items() if not (k in defaults and v == defaults[k])}
 
 
+def adapter_variant(meta: dict) -> str:
+    """The variant an adapter trained with, from its loraplex.json ('LoRA' for one loraplex did not train)."""
+    return variant_name((meta.get("config") or {}).get("lora") or {})
+
+
+def loftq_problem(name: str, meta: dict, use: str) -> list[str]:
+    """A LoftQ adapter belongs to the 4-bit base; `use` (a merge, vLLM) would put it on the full-precision one."""
+    if ((meta.get("config") or {}).get("lora") or {}).get("init") != "loftq":
+        return []
+    return [f"adapter '{name}' was initialized with LoftQ: its A and B start at the 4-bit base's quantization error "
+            f"(s·B@A close to W − Q(W)), so on the full-precision base {use} uses it would count that error twice; "
+            "use it on the 4-bit base (`loraplex serve` or `evaluate` with model.quantization: 4bit), or train it with "
+            f"datasets.{name}.lora.init=default"]
+
+
 def variant_name(lora: dict) -> str:
     """One line naming an adapter's variant from its `lora:` block, e.g. 'PiSSA + LoRA+ (B lr ×16)'."""
     parts = [INIT_NAMES.get(lora.get("init") or "default", str(lora.get("init")))]
@@ -104,4 +119,6 @@ def variant_name(lora: dict) -> str:
         parts.append(f"LoRA+ (B lr ×{lora['loraplus_lr_ratio']:g})")
     if lora.get("rank_pattern") or lora.get("alpha_pattern"):
         parts.append("per-module r/alpha")
+    if parts[0] == "LoRA" and len(parts) > 1:  # "LoRA+ (B lr ×16)", not "LoRA + LoRA+ (B lr ×16)"
+        parts = parts[1:]
     return " + ".join(parts)
