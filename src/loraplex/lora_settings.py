@@ -65,8 +65,6 @@ def combination_problems(lora: LoraSettings) -> list[str]:
     if lora.init in BASE_REWRITING + ("loftq",) and lora.use_dora:
         problems.append(f"init {lora.init} with use_dora: DoRA's magnitude belongs to the rewritten base weight, so "
                         "the adapter cannot be saved against the untouched base; use one of them")
-    if lora.init == "eva" and lora.use_dora:
-        problems.append("init eva with use_dora: PEFT's EVA initializes plain LoRA layers only; use one of them")
     if lora.init in BASE_REWRITING and lora.use_rslora and (lora.rank_pattern or lora.alpha_pattern):
         problems.append(f"init {lora.init} with use_rslora and rank_pattern/alpha_pattern: PEFT cannot convert such "
                         "an adapter to a plain LoRA against the untouched base; drop use_rslora or the patterns")
