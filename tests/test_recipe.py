@@ -227,6 +227,8 @@ def test_fingerprint_ignores_settings_that_change_nothing(data_file):
     old_style = recipe.to_dict()
     for entry in old_style["datasets"]:
         del entry["auto"], entry["compose_with"], entry["report_to"], entry["checker"]
+        for key in ("init", "loraplus_lr_ratio", "rank_pattern", "alpha_pattern"):  # LoRA variants, at defaults
+            del entry["lora"][key]
     assert recipe.fingerprint() == hashlib.sha256(json.dumps(old_style, sort_keys=True).encode()).hexdigest()[:16]
     assert load_recipe(raw, ["defaults.report_to=[tensorboard, mlflow]"]).fingerprint() == recipe.fingerprint()
     assert load_recipe(raw, ["datasets.zh.auto.trials=1"]).fingerprint() == recipe.fingerprint()
@@ -234,6 +236,7 @@ def test_fingerprint_ignores_settings_that_change_nothing(data_file):
     assert load_recipe(raw, ["datasets.zh.target_modules=auto", "datasets.zh.auto.trials=1"]).fingerprint() \
         != auto.fingerprint() != recipe.fingerprint()
     assert load_recipe(raw, ["datasets.zh.compose_with=[en]"]).fingerprint() != recipe.fingerprint()
+    assert load_recipe(raw, ["datasets.zh.lora.init=pissa"]).fingerprint() != recipe.fingerprint()
 
 
 # --------------------------------------------------------------------------- shipped recipes

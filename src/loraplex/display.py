@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .lora_settings import adapter_variant
 from .run import MERGE_REPORT, count_text, percent_of_base
 from .select import trial_losses
 
@@ -60,12 +61,18 @@ def train_table(adapters: dict[str, dict], steps: list | None = None) -> Table:
         action = f"\n[italic]{escape(actions[name])}[/]" if name in actions else ""
         table.add_row(f"{name}\n[dim]{targets}[/]{action}",
                       f"{cfg['lora']['r']}/{cfg['lora']['alpha']:g}\n{count_text(m['trainable_params'])}\n"
-                      f"({percent_of_base(m):.3f}%)", losses, heldout_text,
+                      f"({percent_of_base(m):.3f}%){_variant_line(m)}", losses, heldout_text,
                       f"{m['tokens_per_s']:,.0f}\n{m['wall_time_s']:.0f}s")
     if unmeasured:
         table.caption = (f"–: no held-out split for {', '.join(unmeasured)}, so no held-out loss (set val_size > 0 "
                          "or val_path to measure it)")
     return table
+
+
+def _variant_line(meta: dict) -> str:
+    """The adapter's LoRA variant, under its rank, when it is not plain LoRA."""
+    variant = adapter_variant(meta)
+    return "" if variant == "LoRA" else f"\n[dim]{escape(variant)}[/]"
 
 
 def select_table(name: str, decision: dict) -> Table:
@@ -137,6 +144,7 @@ def render_inspect(report: dict) -> list:
         f"target modules: {targets if isinstance(targets, str) else ', '.join(targets)}",
         f"r={report['r']}  lora_alpha={report['lora_alpha']:g}  rsLoRA={'yes' if report['use_rslora'] else 'no'}  "
         f"DoRA={'yes' if report['use_dora'] else 'no'}  scaling = {report['scaling_formula']}",
+        f"variant: {report.get('variant', 'LoRA')}",
         f"merge: {report['merge_formula']}",
         f"trainable parameters: {report['trainable_params']:,}",
     ] + ([f"warning: {report['base_fingerprint_warning']}"] if report["base_fingerprint_warning"] else [])

@@ -234,6 +234,11 @@ def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: Gen
         return _evaluate_matrix(run_dir, merged, generation, checkers, log, base_precision)
 
 
+def _column_record(column) -> dict:
+    return {"name": column.name, "heldout_examples": len(column.heldout) if column.heldout is not None else 0,
+            "test_examples": len(column.test.prompts) if column.test else 0, "exact_match": column.checker_text}
+
+
 def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (),
                      generation: GenerationSettings | dict | None = None,
                      checkers: dict[str, Checker] | None = None, log: Callable[[str], None] | None = None,
@@ -284,10 +289,7 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (),
         "run": run_dir.resolve().name, "base_model": ws.base.name, "rows": rows,
         "base_precision": base_precision, "base_loaded_as": precision,
         "trained_on": _quantization_trained(adapter_dirs) or "full",
-        "columns": [{"name": c.name, "heldout_examples": len(c.heldout) if c.heldout is not None else 0,
-                     "test_examples": len(c.test.prompts) if c.test else 0,
-                     "exact_match": c.checker_text}
-                    for c in builder.columns],
+        "columns": [_column_record(c) for c in builder.columns],
         "metrics": builder.metrics, "samples": builder.sample_table(), "generation": asdict(settings),
         "routing": routing,
         "wall_time_s": time.perf_counter() - started,

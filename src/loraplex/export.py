@@ -17,6 +17,7 @@ from pathlib import Path
 from .atomic import atomic_write_text
 from .errors import LoraplexError
 from .inspect_adapter import AdapterWeights, read_adapter
+from .lora_settings import loftq_problem
 from .models import COMPLETE_MARKER
 from .run import adapter_dir, complete_adapters, compose_problems, read_recipe
 
@@ -58,7 +59,7 @@ def max_rank(adapter: AdapterWeights) -> int:
 
 def adapter_problems(name: str, adapter: AdapterWeights) -> list[str]:
     """What vLLM would refuse in this adapter, one line each with the fix."""
-    problems = []
+    problems = loftq_problem(name, adapter.meta, "that `vllm serve` loads")
     if adapter.use_dora:
         problems.append(f"{name}: trained with DoRA (use_dora), which vLLM does not support; train it again with "
                         f"datasets.{name}.lora.use_dora=false, or merge it (`loraplex merge`) and serve the merged "

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError, ParameterError, unknown_name_message
+from .lora_settings import adapter_variant
 from .models import BaseModelRef, base_fingerprint, load_model, resolve_base
 from .run import adapter_metadata, base_problem, trained_dtype
 
@@ -175,6 +176,7 @@ def inspect_adapter(adapter_dir: str | Path, layer: int | None = None, module: s
         "base_fingerprint_warning": warning,
         "target_modules": adapter.target_modules, "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
         "use_rslora": bool(cfg.get("use_rslora")), "use_dora": adapter.use_dora,
+        "variant": adapter_variant(adapter.meta),
         "scaling": adapter.scaling, "scaling_formula": adapter.scaling_formula(),
         "merge_formula": _merge_formula(adapter), "trainable_params": adapter.num_params,
         "other_tensors": adapter.extra_keys,

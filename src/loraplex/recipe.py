@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .checkers import CHECKER_NAMES
 from .columns import canonical_columns
 from .errors import RecipeError, friendly_validation_message, unknown_name_message
+from .lora_settings import LoraSettings, quantization_problems, without_default_variant
 from .overrides import apply_override
+from .train_settings import TrainSettings
 
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 RESERVED_NAMES = ("base", "auto")  # the server's names for the base model and the router
@@ -51,39 +53,6 @@ class ModelSpec(_Strict):
     @classmethod
     def _none_means_off(cls, value):
         return None if isinstance(value, str) and value.lower() in ("none", "") else value
-
-
-class LoraSettings(_Strict):
-    r: int = Field(16, gt=0, description="LoRA rank")
-    alpha: float = Field(32, gt=0, description="lora_alpha; scaling = alpha / r (alpha / sqrt(r) with rsLoRA)")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
-    bias: Literal["none", "all", "lora_only"] = "none"
-    use_rslora: bool = False
-    use_dora: bool = False
-    layers_to_transform: list[int] | None = Field(None, description="only these layer indices get LoRA")
-
-
-class TrainSettings(_Strict):
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs when set")
-    lr: float = Field(2e-4, gt=0)
-    batch_size: int = Field(8, gt=0, description="sequences per optimizer micro-step")
-    grad_accum: int = Field(1, gt=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 42
-    logging_steps: int = Field(5, gt=0)
-    save_steps: int = Field(50, gt=0, description="checkpoint every N optimizer steps (for --resume)")
-    packing: bool = Field(True, description="padding-free packing of each batch (else padded batches)")
-    packed_attention: Literal["per_sequence", "masked"] = Field(
-        "per_sequence", description="with sdpa attention, a packed row attends per sequence through SDPA's causal "
-        "kernel ('per_sequence'), or through one block-diagonal mask over the whole row ('masked', slower)")
-    micro_batch_tokens: int | None = Field(
-        None, gt=0, description="most tokens in one forward/backward pass: a larger packed batch runs as several "
-        "passes of whole sequences whose gradients add up to the same step (lower = less memory); default: "
-        "max(max_seq_length, 512) on CPU, the whole batch on GPU")
 
 
 class AutoSettings(_Strict):
@@ -213,6 +182,7 @@ class Recipe(_Strict):
                 entry.pop("compose_with", None)
             if entry.get("checker") == "exact":
                 entry.pop("checker", None)
+            entry["lora"] = without_default_variant(entry["lora"])
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -237,6 +207,7 @@ def load_recipe(source: str | Path | dict, overrides: list[str] | None = None) -
     problems.extend(_check_datasets(raw, base_dir))
     recipe = _validate(raw, base_dir, problems)
     problems.extend(_compose_problems(recipe))
+    problems.extend(_variant_problems(recipe))
     if problems:
         raise RecipeError(problems, title="recipe is invalid")
     if recipe.run_name is None:
@@ -255,6 +226,17 @@ def _compose_problems(recipe: Recipe) -> list[str]:
             compose_order(recipe.datasets)
         except RecipeError as exc:
             problems += exc.problems
+    return problems
+
+
+def _variant_problems(recipe: Recipe) -> list[str]:
+    """LoRA variants the base's precision rules out; per-module patterns with `target_modules: auto`."""
+    problems = []
+    for d in recipe.datasets:
+        problems += quantization_problems(d.lora, recipe.model.quantization, f"datasets[{d.name}]")
+        if d.target_modules == "auto" and (d.lora.rank_pattern or d.lora.alpha_pattern):
+            problems.append(f"datasets[{d.name}].lora: rank_pattern/alpha_pattern with target_modules: auto, which "
+                            "sets one rank for its parameter budget; name the modules, or drop the patterns")
     return problems
 
 

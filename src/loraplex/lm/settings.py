@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..device import on_gpu
+from ..lora_settings import LoraSettings
 from ..recipe import DatasetSpec
 
 CPU_MIN_PASS_TOKENS = 512  # below this, CPU matmuls are too small to run at full speed
@@ -17,11 +18,26 @@ def micro_batch_tokens(spec: DatasetSpec) -> int | None:
     return None if on_gpu() else max(spec.max_seq_length, CPU_MIN_PASS_TOKENS)
 
 
-def lora_config(spec: DatasetSpec):
-    """PEFT's LoraConfig for one dataset entry."""
+def lora_config(spec: DatasetSpec, variant: bool = True):
+    """PEFT's LoraConfig for one dataset entry; `variant=False`: plain LoRA (default init, no per-module patterns)."""
     from peft import LoraConfig
 
     lora = spec.lora
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                       use_rslora=lora.use_rslora, use_dora=lora.use_dora, target_modules=spec.target_modules,
-                      layers_to_transform=lora.layers_to_transform, task_type="CAUSAL_LM")
+                      layers_to_transform=lora.layers_to_transform, task_type="CAUSAL_LM",
+                      **(peft_options(lora) if variant else {}))
+
+
+def peft_options(lora: LoraSettings) -> dict:
+    """LoraConfig's keyword arguments for the variant (LoftQ starts as default LoRA: `inject` replaces A and B)."""
+    from peft.tuners.lora.config import CordaConfig, EvaConfig
+
+    init = True if lora.init in ("default", "loftq") else lora.init
+    options: dict = {"init_lora_weights": init, "rank_pattern": dict(lora.rank_pattern),
+                     "alpha_pattern": dict(lora.alpha_pattern)}
+    if lora.init == "eva":
+        options["eva_config"] = EvaConfig()
+    if lora.init == "corda":
+        options["corda_config"] = CordaConfig(corda_method="ipm")  # instruction-previewed: fit the task's inputs
+    return options

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import LoraplexError, ParameterError, unknown_name_message
 from ..inspect_adapter import AdapterWeights, read_adapter
+from ..lora_settings import loftq_problem
 from ..models import BaseModelRef
 from ..run import MERGE_REPORT, adapter_dir, complete_adapters, compose_problems
 
@@ -135,6 +136,7 @@ def _adapter_dir(run_dir: Path, name: str) -> Path:
 def _problems(plan: MergePlan) -> list[str]:
     problems = []
     for name, adapter in plan.adapters.items():
+        problems += loftq_problem(name, adapter.meta, "that a merge writes")
         if adapter.extra_keys:
             problems.append(f"adapter '{name}' holds tensors other than LoRA A/B ({adapter.extra_keys[0]}, ...: "
                             "trained biases, modules_to_save or embeddings); merging those is not supported")

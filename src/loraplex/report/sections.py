@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from ..lora_settings import variant_name
 from ..run import count_text, percent_of_base
 from .blocks import Plot, RunData, Section, Table, ascii_label, figure, nan_of, num, png, targets_text
 
@@ -17,10 +18,10 @@ def recipe_section(data: RunData) -> Section:
         lora, targets = spec["lora"], targets_text(spec["target_modules"])
         if meta and "selection" in meta:  # target_modules: auto -> what it chose, at the rank matching its budget
             lora, targets = meta["config"]["lora"], f"auto → {targets_text(meta['config']['target_modules'])}"
-        rows.append([spec["name"], files, targets, str(lora["r"]), f"{lora['alpha']:g}", f"{spec['train']['lr']:g}",
-                     _length(spec["train"]), trainable])
-    table = Table(["dataset", "data", "target modules", "r", "alpha", "lr", "length", "trainable params (% of base)"],
-                  rows, "recipe")
+        rows.append([spec["name"], files, targets, str(lora["r"]), f"{lora['alpha']:g}", variant_name(lora),
+                     f"{spec['train']['lr']:g}", _length(spec["train"]), trainable])
+    table = Table(["dataset", "data", "target modules", "r", "alpha", "variant", "lr", "length",
+                   "trainable params (% of base)"], rows, "recipe")
     return Section("Recipe", "One adapter per dataset entry, each trained against the untouched base.", [table])
 
 

@@ -62,7 +62,8 @@ def with_modules(spec: DatasetSpec, target_modules: list[str] | str, r: int, alp
 
 
 def trial_config(spec: DatasetSpec, trial: Trial):
-    return lora_config(with_modules(spec, trial.candidate.target_modules(), trial.rank, trial.alpha))
+    # plain LoRA: the trials compare module sets; the adapter then trains with the recipe's variant
+    return lora_config(with_modules(spec, trial.candidate.target_modules(), trial.rank, trial.alpha), variant=False)
 
 
 class Batches:

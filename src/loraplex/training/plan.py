@@ -59,7 +59,7 @@ def fingerprint_parts(spec: DatasetSpec, recipe: Recipe, data: PreparedDataset, 
                  "rows_held_out_by_other_datasets": data.stats.get("held_out_elsewhere", 0), "rows": data.rows_key},
         "target_modules": spec.target_modules,
         "auto": spec.auto.model_dump(mode="json") if spec.target_modules == "auto" else None,
-        "lora": spec.lora.model_dump(mode="json"),
+        "lora": spec.lora.fingerprint_dict(),  # variant fields only when set: older adapters keep their key
         "train": train,
         "compose_with": composed,
     }

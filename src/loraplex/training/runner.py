@@ -41,6 +41,7 @@ from ..tracking import check_trackers, finish_training, start_tracking
 from .distributed import gather, is_main, sum_over_processes, wait_for_everyone, world_size
 from .plan import KEEP, NEW, NOT_IN_RECIPE, REMOVED, RETRAIN, Step, fingerprint, fingerprint_parts, plan_run
 from .trainer import TrainStats, loss_curve, make_trainer
+from .variants import Variant
 
 
 @dataclass
@@ -224,22 +225,20 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
                   extra: dict | None = None) -> dict:
     """`base_record` (from `load_base`): the base's fingerprints, dtype and quantization, saved in loraplex.json;
     `extra`: more of loraplex.json (the fingerprint, the module selection)."""
-    from peft import get_peft_model
     from transformers import set_seed
 
     set_seed(spec.train.seed)
     base_val = heldout_metrics(model, data.val)
-    peft_model = get_peft_model(model, lora_config(spec))
+    checkpoints = checkpoint_dir(run_dir, spec.name)
+    variant = Variant(spec, data.train, checkpoints, ws.base)  # PiSSA & co: the base is put back after unload
+    peft_model = variant.inject(model, lora_config(spec))
     trainable, total = parameter_counts(peft_model)
     composed = compose(peft_model, spec, run_dir)
-    checkpoints = checkpoint_dir(run_dir, spec.name)
     last = _last_checkpoint(checkpoints) if resume else None
     earlier = TrainStats.at(last)  # tokens (of every process) and seconds before the checkpoint resumed from
     trainer, stats = make_trainer(peft_model, spec, data, checkpoints, progress=progress and is_main(),
                                   stats=TrainStats(earlier.tokens if is_main() else 0, earlier.seconds))
-    tracking = start_tracking(run_dir, ws.recipe.run_name, spec, resume=last is not None) if is_main() else None
-    if tracking:
-        trainer.add_callback(tracking.callback(lambda: stats.tokens / max(stats.seconds, 1e-9)))
+    tracking = _tracking(trainer, stats, run_dir, ws, spec, resumed=last is not None)
     started = time.perf_counter()
     _train_or_restore(trainer, last)
     wall = time.perf_counter() - started + earlier.seconds
@@ -270,12 +269,7 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     if composed:
         meta.update(compose_with=composed, heldout_loss_composed=composed_val["loss"],
                     heldout_token_accuracy_composed=composed_val["token_accuracy"])
-    if is_main():
-        with atomic_dir(folder) as tmp:
-            peft_model.save_pretrained(tmp, selected_adapters=[DEFAULT_ADAPTER])
-            write_record(tmp / ADAPTER_META, AdapterRecord.model_validate(meta))
-    wait_for_everyone()
-    meta["reload_max_abs_diff"] = _reload_diff(peft_model, spec.name, folder, probe, expected_logits)
+    _save_adapter(peft_model, variant, meta, folder, (probe, expected_logits))
     finish_training(tracking, meta)
     if is_main():
         write_record(folder / ADAPTER_META, AdapterRecord.model_validate(meta))
@@ -283,10 +277,35 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     return meta
 
 
-def _reload_diff(peft_model, name: str, folder: Path, probe: torch.Tensor, expected_logits: torch.Tensor) -> float:
+def _save_adapter(peft_model, variant: Variant, meta: dict, folder: Path, check: tuple) -> None:
+    """Saves the adapter (PEFT files + loraplex.json, swapped in at once), then unloads it, puts back what its
+    variant's init changed in the base, and reloads it from `folder`: `check` = (probe batch, the trained model's
+    logits on it), whose largest difference goes into `meta`."""
+    if is_main():
+        with atomic_dir(folder) as tmp:
+            peft_model.save_pretrained(tmp, selected_adapters=[DEFAULT_ADAPTER], **variant.save_options())
+            write_record(tmp / ADAPTER_META, AdapterRecord.model_validate(meta))
+    wait_for_everyone()
+    meta["reload_max_abs_diff"] = _reload_diff(peft_model, variant, meta["name"], folder, *check)
+    meta["variant"] = variant.record()
+
+
+def _tracking(trainer, stats: TrainStats, run_dir: Path, ws: Workspace, spec: DatasetSpec, resumed: bool):
+    """The adapter's tracked runs (`report_to`), fed by the Trainer's logs; None without trackers or off the main
+    process."""
+    tracking = start_tracking(run_dir, ws.recipe.run_name, spec, resume=resumed) if is_main() else None
+    if tracking:
+        trainer.add_callback(tracking.callback(lambda: stats.tokens / max(stats.seconds, 1e-9)))
+    return tracking
+
+
+def _reload_diff(peft_model, variant: Variant, name: str, folder: Path, probe: torch.Tensor,
+                 expected_logits: torch.Tensor) -> float:
     """The largest logit difference between the trained adapter and the same adapter reloaded from `folder`; the
-    base is left without LoRA layers (unloaded, never merged)."""
-    reloaded = attach(peft_model.unload(), {name: folder})
+    base is left without LoRA layers (unloaded, never merged) and as it was before the variant's init touched it."""
+    model = peft_model.unload()
+    variant.restore()
+    reloaded = attach(model, {name: folder})
     diff = float((_logits(reloaded, probe) - expected_logits).abs().max())
     reloaded.unload()
     return diff

@@ -28,6 +28,7 @@ from ..lm.packed import (PackedCollator, PaddedCollator, answer_count, answer_lo
 from ..lm.settings import micro_batch_tokens
 from .distributed import sum_over_processes, world_size
 from ..lm.dropout import use_lora_dropout
+from .variants import loraplus_optimizer
 
 
 PROGRESS_FILE = "loraplex_progress.json"  # TrainStats in each checkpoint folder
@@ -206,8 +207,10 @@ def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoin
     stats = stats or TrainStats()
     use_lora_dropout(peft_model)
     collator = PackedCollator() if spec.train.packing else PaddedCollator(peft_model.config.pad_token_id or 0)
+    args = training_arguments(spec, checkpoint_dir)
     trainer = AdapterTrainer(
-        model=peft_model, args=training_arguments(spec, checkpoint_dir), train_dataset=data.train,
+        model=peft_model, args=args, train_dataset=data.train,
+        optimizers=(loraplus_optimizer(peft_model, spec, args), None),
         data_collator=WithSources(collator), callbacks=[ProgressCallback(spec.name, stats, progress)], stats=stats,
         micro_batch_tokens=micro_batch_tokens(spec),
         per_sequence_attention=spec.train.packed_attention == "per_sequence",
