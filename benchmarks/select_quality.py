@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 FIXED = {"q": ["q_proj"], "v": ["v_proj"], "qv": ["q_proj", "v_proj"], "o": ["o_proj"],
          "mlp": ["gate_proj", "up_proj", "down_proj"], "all": "all-linear"}
+AUTO_ADAPTER = "auto-choice"  # `auto` names the router in `loraplex serve`: no adapter may take it
 ZEROED = "o_proj"  # the modules set to 0 in the o0-* datasets' base
 
 
@@ -94,7 +95,7 @@ def run_one(which: str, seed: int, work: Path, fixed: list[str]) -> dict:
     defaults["train"]["seed"] = seed
     meta = meta_model(resolve_base(base))
     budget = default_budget(meta, defaults["lora"]["r"])
-    datasets, left_out = [{**entry, "name": "auto", "target_modules": "auto"}], {}
+    datasets, left_out = [{**entry, "name": AUTO_ADAPTER, "target_modules": "auto"}], {}
     for name in fixed:
         targets = FIXED[name]
         lora = matched(meta, budget, targets)
@@ -107,18 +108,28 @@ def run_one(which: str, seed: int, work: Path, fixed: list[str]) -> dict:
               "datasets": datasets}
     path = work / f"{run_name}.yaml"
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False))
-    train(path, overwrite=True, resume=True, progress=False)  # adapters an interrupted run of this recipe finished stay
+    # the fixed choices an earlier run of this recipe (same work folder) finished stay: they do not depend on the
+    # selection method; auto is trained again every time
+    names = [AUTO_ADAPTER] + [d["name"] for d in datasets[1:] if not finished(work / "runs" / run_name, d["name"])]
+    train(path, only=names, overwrite=True, resume=True, progress=False)
     out = {"seed": seed, "budget": budget, "adapters": {}, "left_out": left_out}
     for d in datasets:
         m = adapter_metadata(adapter_dir(work / "runs" / run_name, d["name"]))
-        out["adapters"][d["name"]] = {"target_modules": m["config"]["target_modules"], "r": m["config"]["lora"]["r"],
+        key = "auto" if d["name"] == AUTO_ADAPTER else d["name"]
+        out["adapters"][key] = {"target_modules": m["config"]["target_modules"], "r": m["config"]["lora"]["r"],
                                       "params": m["trainable_params"], "heldout_loss": m["heldout_loss"],
                                       "heldout_loss_base": m["heldout_loss_base"], "wall_time_s": m["wall_time_s"]}
         if "selection" in m:
             s = m["selection"]
-            out["adapters"][d["name"]]["selection"] = {k: s.get(k) for k in (
+            out["adapters"][key]["selection"] = {k: s.get(k) for k in (
                 "winner", "decided_by", "seconds", "full_training_s", "candidates", "trials", "rows", "dropped")}
     return out
+
+
+def finished(run_dir: Path, name: str) -> bool:
+    from loraplex.run import adapter_dir, adapter_metadata
+
+    return "heldout_loss" in adapter_metadata(adapter_dir(run_dir, name))
 
 
 def summary(runs: list[dict]) -> dict:

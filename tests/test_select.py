@@ -14,6 +14,7 @@ from loraplex import train
 from loraplex.errors import RecipeError
 from loraplex.models import base_fingerprint, load_model, resolve_base
 from loraplex.select import choose
+from loraplex.select.split import SelectionSplit
 from loraplex.select.trials import Trial, rounds, run_trials, step_cost
 from loraplex.targets import candidates, default_budget, matched_alpha, matched_candidates, module_groups
 from loraplex.lm.packed import heldout_metrics
@@ -133,6 +134,52 @@ def test_successive_halving_schedule():
     assert step_cost(4) == pytest.approx(4 * 0.5 + 2 * 0.5)
 
 
+def test_the_trials_add_the_probes_best_set_of_several_modules_and_leave_out_sets_that_cannot_learn(
+        tiny_model_dir):
+    from loraplex.models import meta_model
+
+    sets = {c.label: c for c in candidates(meta_model(resolve_base(str(tiny_model_dir))))}
+    scores = {"o_proj": 6.0, "up_proj": 3.5, "mlp": 3.0, "all-linear": 2.5, "attention": 1.0, "q_proj": 0.0,
+              "q_proj+v_proj": 0.0}
+    ranked = [sets[label] for label in scores]
+    refs = [sets["q_proj+v_proj"], sets["all-linear"]]
+    assert [c.label for c in choose._trial_sets(ranked, refs, 2, scores)] == ["o_proj", "mlp", "all-linear", "up_proj"]
+    assert [c.label for c in choose._trial_sets(ranked, refs, 0, scores)] == ["o_proj"]
+    scores["q_proj+v_proj"] = 0.5  # a reference that can learn is trialled, after the set of several modules
+    assert [c.label for c in choose._trial_sets(ranked, refs, 1, scores)] == ["o_proj", "mlp", "q_proj+v_proj",
+                                                                              "all-linear"]
+
+
+def test_trials_that_do_not_fit_on_the_recipes_batches_run_on_smaller_ones(tmp_path, tiny_model_dir, monkeypatch):
+    from loraplex.pipeline import open_recipe
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 1, "cost": 0.15, "selection_rows": 8})
+    recipe["defaults"]["train"]["epochs"] = 8
+    ws = open_recipe(recipe)
+    data = ws.prepare()["a"]
+    read = rows_read_by_the_selection(monkeypatch)
+    decision = choose.choose_modules(load_model(ws.base), ws.recipe.datasets[0], data, "base", None, progress=False)
+    trials = decision["trials"]
+    assert decision["decided_by"] == "trials" and trials["horizon"] >= choose.MIN_TRIAL_STEPS
+    assert trials["batch_size"] < 4  # the recipe's batch of 4 does not fit in 15% of the training
+    probe_batches = recipe["datasets"][0]["auto"].get("probe_batches", 2)
+    assert read["batch_sizes"][:probe_batches] == [4] * probe_batches
+    assert set(read["batch_sizes"][probe_batches:]) == {trials["batch_size"]}
+    assert len(read["batch_sizes"]) == probe_batches + trials["horizon"]  # every step's batch is drawn once
+    ran = [c for c in decision["candidates"] if c["trial"]]
+    assert len(ran) >= 2 and max(c["trial"]["steps"] for c in ran) == trials["horizon"]
+
+
+def test_the_trial_plan_halves_the_batch_before_it_drops_sets():
+    tokens, row_tokens, score_tokens = 1000.0, 10.0, 30.0
+    count, batch, horizon = choose._trial_plan(tokens, 3, 8, row_tokens, score_tokens)
+    assert batch < 8 and horizon >= choose.MIN_TRIAL_STEPS
+    assert all(choose._horizon(tokens, n, batch * 2, row_tokens, score_tokens) < choose.MIN_TRIAL_STEPS
+               for n in (2, 3))  # no two trials fit on twice the batch
+    assert count == 3 or choose._horizon(tokens, 3, batch, row_tokens, score_tokens) < choose.MIN_TRIAL_STEPS
+    assert choose._trial_plan(40.0, 3, 8, row_tokens, score_tokens) is None  # not even two on one row each
+
+
 def test_trials_keep_the_better_half_see_the_same_batches_and_leave_the_base_alone(tmp_path, tiny_model_dir):
     from loraplex.pipeline import open_recipe
 
@@ -201,43 +248,89 @@ def test_a_selection_is_cached_and_reused(tmp_path, tiny_model_dir, monkeypatch)
 
 
 def rows_read_by_the_selection(monkeypatch) -> dict[str, list[tuple]]:
-    """Every row the probe or a trial trains on ("fit") and every row a trial is scored on ("scored"), as token ids."""
+    """As token ids: every row that reaches the model in a batch ("seen": the probe's, the trials' and their
+    scoring passes), every row a trial trains on ("fit"), every row a trial is scored on ("scored"), and the
+    number of rows of each training batch ("batch_sizes")."""
     from loraplex.select import trials
+    from loraplex.lm.packed import PackedCollator
 
-    read: dict[str, list[tuple]] = {"fit": [], "scored": []}
-    rows_of, metrics = trials.Batches.rows_of, trials.heldout_metrics
+    read: dict[str, list] = {"seen": [], "fit": [], "scored": [], "batch_sizes": []}
+    collate, rows_of, metrics = PackedCollator.__call__, trials.Batches.rows_of, trials.heldout_metrics
+
+    def recorded_collate(self, features):
+        read["seen"] += [tuple(f["input_ids"]) for f in features]
+        return collate(self, features)
 
     def recorded_rows_of(self, step):
         rows = rows_of(self, step)
         read["fit"] += [tuple(r["input_ids"]) for r in rows]
+        read["batch_sizes"].append(len(rows))
         return rows
 
     def recorded_metrics(model, dataset, *args, **kwargs):
         read["scored"] += [tuple(ids) for ids in dataset["input_ids"]]
         return metrics(model, dataset, *args, **kwargs)
 
+    monkeypatch.setattr(PackedCollator, "__call__", recorded_collate)
     monkeypatch.setattr(trials.Batches, "rows_of", recorded_rows_of)
     monkeypatch.setattr(trials, "heldout_metrics", recorded_metrics)
     return read
 
 
-def test_the_selection_never_reads_a_held_out_row_nor_scores_on_rows_it_trained_on(tmp_path, tiny_model_dir,
-                                                                                   monkeypatch):
+def check_no_held_out_row_read(read: dict[str, list], data) -> None:
+    """The selection's rows against the dataset's splits: no held-out row reached the model; trials were scored on
+    training rows they did not train on."""
+    heldout = {tuple(ids) for ids in data.val["input_ids"]}
+    train = {tuple(ids) for ids in data.train["input_ids"]}
+    assert read["fit"] and read["scored"] and read["seen"] and len(heldout) == 12
+    assert not heldout & set(read["seen"]), "the selection read held-out rows"
+    assert set(read["scored"]) <= train
+    assert not set(read["fit"]) & set(read["scored"]), "a trial was scored on rows it trained on"
+
+
+def selection_with_recorded_rows(tmp_path, model_dir, monkeypatch):
+    """(the decision, the rows it read, the prepared dataset) of a selection whose trials run."""
     from loraplex.pipeline import open_recipe
 
-    recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 1, "cost": 1.0, "selection_rows": 8})
+    recipe = make_recipe(tmp_path, model_dir, {"trials": 1, "cost": 1.0, "selection_rows": 8})
     recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials
     ws = open_recipe(recipe)
     data = ws.prepare()["a"]
     read = rows_read_by_the_selection(monkeypatch)
     decision = choose.choose_modules(load_model(ws.base), ws.recipe.datasets[0], data, "base", None, progress=False)
+    return decision, read, data
+
+
+def test_the_selection_never_reads_a_held_out_row_nor_scores_on_rows_it_trained_on(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    decision, read, data = selection_with_recorded_rows(tmp_path, tiny_model_dir, monkeypatch)
     assert decision["decided_by"] == "trials"
-    heldout = {tuple(ids) for ids in data.val["input_ids"]}
-    train = {tuple(ids) for ids in data.train["input_ids"]}
-    assert read["fit"] and read["scored"] and len(heldout) == 12
-    assert not heldout & set(read["fit"]) and not heldout & set(read["scored"])
-    assert set(read["scored"]) <= train and len(set(read["scored"])) == 8 == decision["rows"]["trials_scored_on"]
-    assert not set(read["fit"]) & set(read["scored"])  # a trial is never scored on rows it trained on
+    check_no_held_out_row_read(read, data)
+    assert len(set(read["scored"])) == 8 == decision["rows"]["trials_scored_on"]
+
+
+def _score_on_held_out_rows(monkeypatch, data):
+    split = choose.selection_split
+    monkeypatch.setattr(choose, "selection_split", lambda train, rows, min_fit: SelectionSplit(
+        split(train, rows, min_fit).fit, data.val))
+
+
+def _probe_held_out_rows(monkeypatch, data):
+    probe = choose.probe
+    monkeypatch.setattr(choose, "probe", lambda model, rows, *args: probe(model, rows + [data.val[0]], *args))
+
+
+@pytest.mark.parametrize("peek", [_score_on_held_out_rows, _probe_held_out_rows])
+def test_a_selection_that_peeks_at_held_out_rows_is_caught(tmp_path, tiny_model_dir, monkeypatch, peek):
+    """The check above against planted faults: trials scored on the held-out split; a probe fed one held-out row."""
+    from loraplex.pipeline import open_recipe
+
+    recipe = make_recipe(tmp_path, tiny_model_dir)
+    peek(monkeypatch, open_recipe(recipe).prepare()["a"])
+    decision, read, data = selection_with_recorded_rows(tmp_path, tiny_model_dir, monkeypatch)
+    assert decision["decided_by"] == "trials"
+    with pytest.raises(AssertionError, match="held-out rows"):
+        check_no_held_out_row_read(read, data)
 
 
 def test_a_decision_does_not_change_when_the_held_out_rows_are_poisoned(tmp_path, tiny_model_dir):

@@ -79,6 +79,8 @@ def select_table(name: str, decision: dict) -> Table:
     """`target_modules: auto` for one dataset: every candidate at the budget, its probe score and trial losses."""
     trials = decision["trials"]
     rounds = ", ".join(f"{alive} to step {stop}" for stop, alive in trials["rounds"]) or "none"
+    if trials["rounds"] and "batch_size" in trials:  # records of an earlier version may not say
+        rounds += f", batches of {trials['batch_size']} rows"
     table = Table(title=f"{name}: modules at a budget of {count_text(decision['budget'])} trainable parameters",
                   title_justify="left", caption_justify="left")
     for col in ("modules", "r", "params", "probe\nscore", "trial loss on the\nselection rows per round"):

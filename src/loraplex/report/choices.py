@@ -40,11 +40,12 @@ def selection_section(data: RunData) -> Section | None:
     text = ("`target_modules: auto` gives every candidate module set the same number of trainable parameters "
             "(its rank is set to match), scores each with a gradient probe on a few training batches (the expected "
             "loss decrease of the first Adam step of its LoRA: its rank times the row norms of the loss gradient of "
-            "its weights), and trains the probe's best sets and the references q_proj+v_proj and all-linear in "
-            "short trials, keeping the better half by loss on the selection rows after each round: "
+            "its weights), and trains the probe's best set, its best set of several modules, the references "
+            "q_proj+v_proj and all-linear and the probe's next sets in short trials (on smaller batches when the "
+            "recipe's do not fit), keeping the better half by loss on the selection rows after each round: "
             "`auto.selection_rows` training rows the trials do not train on. No decision reads the held-out split, "
-            "so the adapters' held-out losses grade the choice on rows it never saw. Trials are skipped when they do "
-            "not fit in `auto.cost` of the full training; then the probe decides.")
+            "so the adapters' held-out losses grade the choice on rows it never saw. Trials are skipped when not "
+            "even two fit in `auto.cost` of the full training; then the probe decides.")
     return Section("Module selection (target_modules: auto)", text, blocks)
 
 

@@ -25,7 +25,7 @@ from .probe import probe, score
 from .split import SelectionSplit, selection_split
 from .trials import Batches, Trial, rounds, run_trials, step_cost, with_modules
 
-VERSION = 3  # part of the cache key: a change to the method invalidates old decisions
+VERSION = 4  # part of the cache key: a change to the method invalidates old decisions
 PROBE_COST = 1.5  # a probe pass (forward, backward, weight gradients) against a LoRA training step, per token
 EVAL_COST = 1 / 3  # a forward pass against a training step, per token
 MIN_TRIAL_STEPS = 8  # a shorter trial ranks the sets by their first steps' noise: the probe decides alone
@@ -85,12 +85,12 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
     scores = {c.label: score(probed["row_norms"], c, ranks[c.label]) for c in sets}
     ranked = sorted(sets, key=lambda c: -scores[c.label])
     refs = [c for c in references(model, layers) if c.label not in dropped]
-    trials = [Trial(c, ranks[c.label], alphas[c.label]) for c in _trial_sets(ranked, refs, auto.trials)]
+    trials = [Trial(c, ranks[c.label], alphas[c.label]) for c in _trial_sets(ranked, refs, auto.trials, scores)]
     budget_tokens = auto.cost * full_training_tokens(spec, data)
     left = budget_tokens - PROBE_COST * probed["tokens"]
     trial_started = time.perf_counter()
-    trials, horizon, skipped = _run_trials_that_fit(model, spec, split, trials, left, micro_batch_tokens, progress,
-                                                    no_trials)
+    trials, (horizon, trial_batch), skipped = _run_trials_that_fit(model, spec, split, trials, left,
+                                                                   micro_batch_tokens, progress, no_trials)
     trial_seconds = time.perf_counter() - trial_started
     winner = trials[0].candidate if horizon else ranked[0]
     by_label = {tr.candidate.label: tr for tr in trials} if horizon else {}
@@ -104,8 +104,7 @@ def _select(model, spec: DatasetSpec, data: PreparedDataset, micro_batch_tokens:
         "decided_by": "trials" if horizon else f"probe ({skipped})",
         "probe": {"batches": auto.probe_batches, "tokens": probed["tokens"], "seconds": probed["seconds"],
                   "row_norms": probed["row_norms"]},
-        "trials": {"horizon": horizon, "batch_size": spec.train.batch_size,
-                   "seconds": trial_seconds if horizon else 0.0,
+        "trials": {"horizon": horizon, "batch_size": trial_batch, "seconds": trial_seconds if horizon else 0.0,
                    "rounds": [list(r) for r in rounds(len(trials), horizon)] if horizon else []},
         "seconds": time.perf_counter() - started, "budget_tokens": budget_tokens,
         "rows": _rows_record(split, len(probe_rows), horizon),
@@ -135,22 +134,37 @@ def _rows_record(split: SelectionSplit, probe_rows: int, horizon: int) -> dict:
 
 def _run_trials_that_fit(model, spec: DatasetSpec, split: SelectionSplit, trials: list[Trial], tokens: float,
                          micro_batch_tokens: int | None, progress: bool,
-                         no_trials: str) -> tuple[list[Trial], int, str]:
-    """As many of `trials` (in order of priority) as fit in `tokens` with at least MIN_TRIAL_STEPS each, run
-    (none when `no_trials` says why).
+                         no_trials: str) -> tuple[list[Trial], tuple[int, int], str]:
+    """The most wanted of `trials` (in order of priority) that fit in `tokens` with at least MIN_TRIAL_STEPS each,
+    run (none when `no_trials` says why): on the recipe's batch size if they fit, else on smaller batches (halved
+    down to one row) before fewer sets: a noisier trial of the sets the probe cannot tell apart says more than none.
 
-    Returns (the trials best first, their length in steps, why none ran: "" when they did)."""
-    auto = spec.auto
+    Returns (the trials that ran, best first; (their length in steps, rows per step): (0, 0) when none ran; why
+    none ran: "" when they did)."""
     if no_trials or len(trials) < 2:
-        return trials, 0, no_trials or "fewer than two sets to trial"
-    row_tokens, score_tokens = _mean_length(split.fit), sum(split.score["length"])
-    while len(trials) > 1:
-        horizon = _horizon(tokens, len(trials), spec.train.batch_size, row_tokens, score_tokens)
-        if horizon >= MIN_TRIAL_STEPS:
-            return run_trials(model, spec, split.fit, split.score, trials, horizon, micro_batch_tokens,
-                              progress), horizon, ""
-        trials = trials[:-1]  # the least wanted: _trial_sets lists them in order of priority
-    return trials, 0, f"no two trials of {MIN_TRIAL_STEPS} steps fit in auto.cost = {auto.cost:g} of the full training"
+        return trials, (0, 0), no_trials or "fewer than two sets to trial"
+    plan = _trial_plan(tokens, len(trials), spec.train.batch_size, _mean_length(split.fit), sum(split.score["length"]))
+    if plan is None:
+        return trials, (0, 0), (f"no two trials of {MIN_TRIAL_STEPS} steps fit in auto.cost = {spec.auto.cost:g} of "
+                                "the full training, even on batches of one row")
+    count, batch, horizon = plan
+    ran = run_trials(model, spec, split.fit, split.score, trials[:count], horizon, micro_batch_tokens, progress,
+                     batch_size=batch)
+    return ran, (horizon, batch), ""
+
+
+def _trial_plan(tokens: float, trials: int, batch_size: int, row_tokens: float,
+                score_tokens: float) -> tuple[int, int, int] | None:
+    """(how many trials, rows per step, steps) of the largest batch, then the most trials, that fit in `tokens`
+    with at least MIN_TRIAL_STEPS each; None when not even two fit on batches of one row."""
+    batch = batch_size
+    while batch >= 1:
+        for count in range(trials, 1, -1):
+            horizon = _horizon(tokens, count, batch, row_tokens, score_tokens)
+            if horizon >= MIN_TRIAL_STEPS:
+                return count, batch, horizon
+        batch = batch // 2
+    return None
 
 
 def trial_losses(trial: dict) -> list[float]:
@@ -164,16 +178,21 @@ def _trial_record(trial: Trial | None) -> dict | None:
     return {"steps": trial.steps, "selection_loss": trial.selection_loss, "train_loss": trial.train_loss}
 
 
-def _trial_sets(ranked: list, refs: list, count: int) -> list:
-    """The probe's best `count` sets and the references, in order of priority: the probe's best, the references,
-    then the probe's next ones (the probe's best alone when `count` is 0)."""
+def _trial_sets(ranked: list, refs: list, count: int, scores: dict[str, float]) -> list:
+    """The sets the trials train, in order of priority: the probe's best; the probe's best set of several modules;
+    the references; the probe's next ones (up to `count` of them). The probe's best alone when `count` is 0.
+
+    The probe measures the first step, where one module at a high rank gains most; a budget spread over many
+    modules at a low rank may learn more over a whole training, which only a trial shows. A set the probe scores 0
+    is left out: its LoRA's gradient is 0 (B starts at 0 and A's gradient goes through B), so it cannot learn."""
     if count == 0:
         return ranked[:1]
+    spread = [c for c in ranked if len(c.modules) > 1][:1]
     chosen = []
-    for c in [ranked[0], *refs, *ranked[1:count]]:
-        if all(set(c.modules) != set(o.modules) for o in chosen):
+    for c in [ranked[0], *spread, *refs, *ranked[1:count]]:
+        if scores.get(c.label, 0.0) > 0 and all(set(c.modules) != set(o.modules) for o in chosen):
             chosen.append(c)
-    return chosen
+    return chosen or ranked[:1]
 
 
 def _mean_length(rows) -> float:

@@ -85,9 +85,10 @@ class Batches:
 
 
 def run_trials(model, spec: DatasetSpec, train_rows, score_rows, trials: list[Trial], horizon: int,
-               micro_batch_tokens: int | None, progress: bool = True) -> list[Trial]:
-    """Train `trials` by successive halving up to `horizon` steps; returns them ordered best first. On a model with
-    adapters loaded (`composed.composed_model`) they stay active and frozen beside each trial."""
+               micro_batch_tokens: int | None, progress: bool = True, batch_size: int | None = None) -> list[Trial]:
+    """Train `trials` by successive halving up to `horizon` steps of `batch_size` rows (default: the recipe's);
+    returns them ordered best first. On a model with adapters loaded (`composed.composed_model`) they stay active
+    and frozen beside each trial."""
     from transformers import get_scheduler
 
     t = spec.train
@@ -104,7 +105,7 @@ def run_trials(model, spec: DatasetSpec, train_rows, score_rows, trials: list[Tr
         optimizers[name] = torch.optim.AdamW(params[name], lr=t.lr, weight_decay=t.weight_decay)
         schedulers[name] = get_scheduler(t.scheduler, optimizers[name], num_training_steps=horizon,
                                          num_warmup_steps=math.ceil(t.warmup_ratio * horizon))
-    batches = Batches(train_rows, t.batch_size, t.seed)
+    batches = Batches(train_rows, batch_size or t.batch_size, t.seed)
     plan = rounds(len(trials), horizon)
     alive = list(range(len(trials)))
     device = next(model.parameters()).device
