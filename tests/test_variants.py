@@ -18,7 +18,7 @@ from loraplex.lora_settings import BASE_REWRITING, LoraSettings, variant_name
 from loraplex.merging import merge
 from loraplex.recipe import load_recipe
 from loraplex.training import runner
-from test_qlora import BNB_PROBLEM, needs_bnb
+from test_qlora import needs_bnb
 
 ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w}"}
         for w in ["apple", "river", "stone", "cloud", "amber", "pilot"] * 4]
@@ -207,7 +207,8 @@ def test_variants_on_a_4bit_base(dtype, tiny_model_dir, tmp_path):
                                                                    quantization="4bit"))
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items() if isinstance(v, torch.Tensor))
-    fresh = base_fingerprint(load_model(resolve_base(str(tiny_model_dir)), getattr(torch, dtype)), getattr(torch, dtype))
+    torch_dtype = getattr(torch, dtype)
+    fresh = base_fingerprint(load_model(resolve_base(str(tiny_model_dir)), torch_dtype), torch_dtype)
     for name, meta in result.adapters.items():
         assert meta["base_fingerprint"] == fresh and meta["quantized_base_fingerprint"]
         assert meta["reload_max_abs_diff"] <= (1e-4 if dtype == "float32" else 1.6e-2), name
