@@ -7,7 +7,8 @@ schedule) for the same number of optimizer steps on the same rows in the same or
 variant of a run shares it), so they differ only in how A and B start (LoRA's default, PiSSA, OLoRA, EVA) or in
 B's learning rate (LoRA+, ratio 16). Parameter counts are equal, except EVA's, which may move rank between
 layers within the same total. Each adapter is graded on the held-out split (val), which no variant read: EVA
-reads training rows only. The loss is that of the saved adapter on the untouched base, as it is served. It
+reads training rows only. The loss is the trained model's (for PiSSA and OLoRA: on the rewritten base); the
+`reload Δ` column is the largest logit difference of the saved adapter on the untouched base against it. It
 prints each variant's held-out loss per seed, the mean, and the mean difference to LoRA; no variant has a
 target to meet.
 """

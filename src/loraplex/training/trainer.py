@@ -210,7 +210,7 @@ def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoin
     args = training_arguments(spec, checkpoint_dir)
     trainer = AdapterTrainer(
         model=peft_model, args=args, train_dataset=data.train,
-        optimizers=(loraplus_optimizer(peft_model, spec, args), None),
+        optimizers=(loraplus_optimizer(peft_model, spec, args), None),  # None: the Trainer's own (no LoRA+)
         data_collator=WithSources(collator), callbacks=[ProgressCallback(spec.name, stats, progress)], stats=stats,
         micro_batch_tokens=micro_batch_tokens(spec),
         per_sequence_attention=spec.train.packed_attention == "per_sequence",
