@@ -227,3 +227,38 @@ def test_the_cli_writes_and_refuses_to_overwrite(trained, monkeypatch):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "exists; choose another --out, or pass --force" in again.output
     assert CliRunner().invoke(app, args + ["--force"]).exit_code == 0
+
+
+# --------------------------------------------------------------------------- the llama.cpp round trip
+
+
+def llama_cpp_or_skip():
+    """llama-cpp-python, or a skip saying what is missing (a failure under `make test-llamacpp`, which builds it)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        reason = ("needs llama-cpp-python (built from its sdist with cmake and a C++ compiler); "
+                  "`make test-llamacpp` installs it and runs this test")
+        if os.environ.get("LORAPLEX_REQUIRE_LLAMA_CPP") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.mark.llamacpp
+def test_llama_cpp_runs_the_exported_adapter_as_loraplex_does(trained, monkeypatch):
+    """The GGUF base (float32) + the LoRA file in llama.cpp against loraplex's base + adapter: the same greedy
+    tokens, log-probs equal to float32 rounding, and the adapter's held-out loss gain under both."""
+    llama_cpp_or_skip()
+    run_dir, _, home = trained
+    monkeypatch.setenv("LORAPLEX_HOME", str(home))
+    result = export_gguf(run_dir, out=run_dir / "gguf-verify", verify=True, rows=3)
+    check = result.checks["zh"]
+    assert check.rows == 3 and check.answer_tokens > 3 * 4
+    assert check.greedy_agreement == 1.0, check.samples
+    assert check.base_gap < 1e-3 and check.adapter_gap < 1e-3, (check.base_gap, check.adapter_gap)
+    ours, theirs = check.loss["loraplex"], check.loss["llama.cpp"]
+    assert ours["base"] - ours["adapter"] > 0.5  # the adapter learned the task
+    assert theirs["base"] - theirs["adapter"] == pytest.approx(ours["base"] - ours["adapter"], abs=1e-3)
+    written = json.loads((result.out_dir / "zh" / "llama_cpp_check.json").read_text(encoding="utf-8"))
+    assert written["greedy_agreement"] == 1.0 and written["adapter"] == "zh"
