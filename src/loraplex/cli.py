@@ -338,6 +338,40 @@ def export_vllm_command(run: Path = typer.Argument(..., help="run folder, e.g. r
         stdout.print(f"wrote {out}", markup=False, highlight=False)
 
 
+@export_app.command("gguf")
+def export_gguf_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/demo"),
+                        adapters: Optional[str] = typer.Option(None, "--adapters", help="adapters to export, "
+                                                               "comma-separated (default: every finished one)"),
+                        merged: Optional[Path] = typer.Option(None, "--merged", help="also write this merged model "
+                                                              "folder (`loraplex merge --out`) as one GGUF file"),
+                        merged_type: str = typer.Option("f16", "--merged-type", help="f16, bf16 or q8_0"),
+                        out: Optional[Path] = typer.Option(None, "--out", help="folder to write into "
+                                                           "(default: RUN/gguf)"),
+                        verify: bool = typer.Option(False, "--verify", help="run each adapter in llama.cpp "
+                                                    "(llama-cpp-python) and compare with loraplex on held-out rows"),
+                        rows: int = typer.Option(16, "--rows", help="--verify: held-out rows per adapter"),
+                        force: bool = typer.Option(False, "--force", help="replace files written before")) -> None:
+    """Each adapter as a llama.cpp LoRA file (GGUF) with an Ollama Modelfile; optionally a merged model as GGUF."""
+    from .llamacpp.export import export_gguf
+
+    names = [a.strip() for a in adapters.split(",") if a.strip()] if adapters else None
+    result = _run(export_gguf, run, names, merged, merged_type, out, force=force, verify=verify, rows=rows)
+    say = print  # plain lines: paths must not wrap
+    for name, path in result.loras.items():
+        say(f"{name}: {path}  {result.modelfiles[name]}")
+        if result.base_gguf:
+            say(f"  llama-cli -m {result.base_gguf} --lora {path}")
+    if result.merged:
+        say(f"merged: {result.merged}")
+    for name, check in result.checks.items():
+        loss = check.loss
+        say(f"{name} under llama.cpp vs loraplex ({check.rows} held-out rows, {check.answer_tokens} answer tokens): "
+            f"greedy agreement {check.greedy_agreement:.0%}; mean |Δ log-prob| base {check.base_gap:.4f}, "
+            f"base+adapter {check.adapter_gap:.4f}; held-out loss base -> adapter: llama.cpp "
+            f"{loss['llama.cpp']['base']:.3f} -> {loss['llama.cpp']['adapter']:.3f}, loraplex "
+            f"{loss['loraplex']['base']:.3f} -> {loss['loraplex']['adapter']:.3f}")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m loraplex`
     app(prog_name="loraplex")
 

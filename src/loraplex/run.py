@@ -8,6 +8,7 @@ runs/<run>/
                            written last: an adapter folder without it is incomplete
   checkpoints/<name>/      Trainer checkpoints while an adapter trains (removed once it is saved)
   eval.json, report.md, report.html, merged/<name>/
+  gguf/<name>/             `loraplex export gguf`: the adapter as a llama.cpp LoRA file and an Ollama Modelfile
 ```
 """
 from __future__ import annotations
@@ -51,6 +52,11 @@ def merged_dir(run_dir: str | Path, name: str) -> Path:
 
 def tracking_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / TRACKING
+
+
+def gguf_dir(run_dir: str | Path) -> Path:
+    """Where `loraplex export gguf` writes by default (gguf/<adapter>/, merged GGUF files)."""
+    return Path(run_dir) / "gguf"
 
 
 def checkpoint_dir(run_dir: str | Path, name: str) -> Path:
