@@ -56,7 +56,8 @@ def qkv_adapter(gguf_base, tmp_path_factory) -> Path:
 
 
 def gguf_weights(path: Path) -> dict[str, np.ndarray]:
-    return {t.name: np.array(t.data).reshape([int(d) for d in reversed(t.shape)]) for t in gguf.GGUFReader(path).tensors}
+    tensors = gguf.GGUFReader(path).tensors
+    return {t.name: np.array(t.data).reshape([int(d) for d in reversed(t.shape)]) for t in tensors}
 
 
 def test_names_shapes_and_alpha_read_back(qkv_adapter, gguf_base, tmp_path):
@@ -132,8 +133,8 @@ def test_another_architecture_and_a_foreign_base_are_refused(qkv_adapter, gguf_b
     target = gguf_target(str(gguf_base[1]))
     smaller = GgufTarget(target.arch, 2, 4, 2, {**target.tensors, "blk.0.attn_q.weight": (48, 64)}, target.gguf_path)
     problems = lora_problems("zh", adapter, smaller)
-    assert problems == [f"zh: module model.layers.0.self_attn.q_proj is [64, 64] but the base GGUF's "
-                        f"blk.0.attn_q.weight is [48, 64]: the adapter was trained on another base"]
+    assert problems == ["zh: module model.layers.0.self_attn.q_proj is [64, 64] but the base GGUF's "
+                        "blk.0.attn_q.weight is [48, 64]: the adapter was trained on another base"]
 
 
 # --------------------------------------------------------------------------- a trained run on a GGUF base

@@ -50,7 +50,8 @@ def _shared_base(adapters: dict[str, AdapterWeights]) -> str:
     locations = {name: a.meta.get("base_model_location") for name, a in adapters.items()}
     unrecorded = [name for name, loc in locations.items() if not loc]
     if unrecorded:
-        raise LoraplexError(f"{', '.join(unrecorded)}: loraplex.json records no base model; train it again with loraplex")
+        raise LoraplexError(f"{', '.join(unrecorded)}: loraplex.json records no base model; "
+                            "train it again with loraplex")
     if len(set(locations.values())) > 1:
         by = ", ".join(f"{name}: {loc}" for name, loc in locations.items())
         raise LoraplexError(f"the adapters were trained on different base models ({by}); export them one at a time "
