@@ -172,6 +172,24 @@ def test_eva_reads_the_datasets_own_training_rows(tiny_model_dir, tmp_path):
     assert (first.abs() - other.abs()).abs().max() > 1e-3  # other rows, another A
 
 
+def test_eva_keeps_every_lora_weight_in_float32_on_a_bfloat16_base(tiny_model_dir, tmp_path):
+    """PEFT loads a saved adapter's weights in float32 onto a bfloat16 base; EVA's init must leave the trained ones
+    in float32 too, or the adapter trains in bfloat16 and its saved copy does not reproduce it."""
+    from loraplex.lm.settings import lora_config
+    from loraplex.models import load_model, resolve_base
+    from loraplex.pipeline import open_recipe
+    from loraplex.training.variants import Variant
+
+    # rank 16 of the tiny model's 64 features: EVA moves rank between layers (rho 2), re-creating those layers
+    recipe = variant_recipe(tmp_path, tiny_model_dir, "bfloat16", {"eva": {"init": "eva", "r": 16, "alpha": 32}})
+    ws = open_recipe(recipe)
+    spec = ws.recipe.dataset("eva")
+    model = load_model(resolve_base(str(tiny_model_dir)), torch.bfloat16)
+    peft_model = Variant(spec, ws.prepare()["eva"].train, tmp_path / "ck").inject(model, lora_config(spec))
+    dtypes = {n: p.dtype for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert dtypes and set(dtypes.values()) == {torch.float32}, dtypes
+
+
 def test_report_display_and_inspect_name_each_variant(variants_run):
     from rich.console import Console
 

@@ -157,6 +157,12 @@ class Variant:
         batches = [collate(rows[i:i + size]) for i in range(0, len(rows), size)]  # answer tokens only (labels)
         # every process has all the rows: no gathering, the same A everywhere
         initialize_lora_eva_weights(peft_model, batches, gather_distributed_inputs=False, show_progress_bar=False)
+        # EVA re-creates the layers whose rank it redistributes in the base's dtype, while PEFT keeps the others (and
+        # every layer of the saved adapter once loaded) in float32: cast them alike, or a bfloat16 base trains those
+        # layers in bfloat16 and the saved adapter does not reproduce the trained model
+        from peft.tuners.tuners_utils import cast_adapter_dtype
+
+        cast_adapter_dtype(peft_model, adapter_name=peft_model.active_adapter, autocast_adapter_dtype=True)
 
     @torch.no_grad()
     def _loftq(self, peft_model) -> None:
