@@ -163,6 +163,11 @@ def write_lora_gguf(adapter: AdapterWeights, target: GgufTarget, path: Path) -> 
     writer.add_name(adapter.name)
     for name, array in lora_tensors(adapter, target).items():
         writer.add_tensor(name, array)
+    return finish_gguf(writer, tmp, path)
+
+
+def finish_gguf(writer, tmp: Path, path: Path) -> Path:
+    """Writes a filled GGUFWriter's header, metadata and tensors to `tmp`, then puts the file at `path` in one step."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import LoraplexError
-from .lora import PERMUTED, permute_rows, target_from_gguf
+from .lora import PERMUTED, finish_gguf, permute_rows, target_from_gguf
 
 OUT_TYPES = ("f16", "bf16", "q8_0")
 
@@ -91,9 +91,4 @@ def write_merged_gguf(merged_dir: Path, base_gguf: Path, path: Path, out_type: s
             array = permute_rows(array, heads)
         data, raw = _stored(np.ascontiguousarray(array), out_type)
         writer.add_tensor(tensor.name, data, raw_dtype=raw)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(path)
-    return path
+    return finish_gguf(writer, tmp, path)
