@@ -122,7 +122,7 @@ def worker(name: str, data: Path, rows: int, steps: int, batch_size: int, thread
 
     torch.set_num_threads(threads)
     from loraplex.adapters import load as load_adapters
-    from loraplex.evaluate import heldout_metrics
+    from loraplex.evaluation import heldout_metrics
     from loraplex.pipeline import open_recipe
     from loraplex.models import weight_bytes
     from loraplex.quantize import is_quantized

@@ -38,7 +38,7 @@ def one_request(url: str, model: str, question: str, max_tokens: int, timeout: f
 
 
 def load(run_dir: str, batch: int, args) -> dict:
-    from loraplex.serve import app, start_in_thread
+    from loraplex.serving import app, start_in_thread
 
     asgi = app(run_dir, max_batch_size=batch, max_tokens_limit=max(args.max_tokens, 1))
     models = list(asgi.state.engine.entries)

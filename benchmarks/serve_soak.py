@@ -107,7 +107,7 @@ def soak(url: str, models: list[str], minutes: float, clients: int, timeout: flo
 
 
 def run_soak(run_dir: str, args) -> dict:
-    from loraplex.serve import app, start_in_thread
+    from loraplex.serving import app, start_in_thread
 
     asgi = app(run_dir, max_batch_size=args.max_batch_size, max_tokens_limit=64)
     models = list(asgi.state.engine.entries) + ["auto"]

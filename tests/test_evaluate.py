@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import write_jsonl
 from loraplex.demo.data import demo_checkers
-from loraplex.evaluate import (GenerationSettings, chrf, evaluate_run, exact_match,
+from loraplex.evaluation import (GenerationSettings, chrf, evaluate_run, exact_match,
                                load_test_split)
 
 WORDS = ["apple", "river", "stone", "cloud", "amber", "pilot"]
@@ -208,7 +208,7 @@ def test_a_recipe_checker_judges_exact_match(run_dir, tmp_path, monkeypatch):
     resolved.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
     monkeypatch.setenv("LORAPLEX_HOME", str(run_dir.parent.parent / "home"))
     # every model answers the first test row with the reference inside a sentence, the second wrongly
-    monkeypatch.setattr("loraplex.evaluate.generate", lambda model, tokenizer, prompts, *args: [
+    monkeypatch.setattr("loraplex.evaluation.generate", lambda model, tokenizer, prompts, *args: [
         "答：苹果苹果。", "river"][:len(prompts)])
     result = evaluate_run(copy, generation=GenerationSettings(max_examples=2, cross=True))
     columns = {c["name"]: c["exact_match"] for c in result["columns"]}

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from loraplex.cli import app
 from loraplex.errors import LoraplexError
-from loraplex.export import MAX_LORA_RANKS, base_note, vllm_command
+from loraplex.vllm_export import MAX_LORA_RANKS, base_note, vllm_command
 from loraplex.models import COMPLETE_MARKER, load_model, resolve_base
 
 runner = CliRunner()

@@ -151,7 +151,7 @@ def test_leftovers_of_an_interrupted_replace_are_never_adapters(run):
 
 def test_compose_with_hashes_are_checked_where_the_adapter_is_used(run, tmp_path):
     from loraplex.adapters import load
-    from loraplex.export import vllm_command
+    from loraplex.vllm_export import vllm_command
     from loraplex.merging import plan_merge
 
     recipe, run_dir = run
@@ -174,7 +174,7 @@ def test_compose_with_hashes_are_checked_where_the_adapter_is_used(run, tmp_path
 
 
 def test_stale_eval_and_merges_are_named_not_deleted(run, tmp_path, monkeypatch):
-    from loraplex.evaluate import evaluate_run
+    from loraplex.evaluation import evaluate_run
     from loraplex.merging import merge
     from loraplex.run import stale_outputs
 
@@ -194,7 +194,7 @@ def test_stale_eval_and_merges_are_named_not_deleted(run, tmp_path, monkeypatch)
 
     import uvicorn
 
-    import loraplex.serve as serving
+    import loraplex.serving as serving
     fake = types.SimpleNamespace(state=types.SimpleNamespace(engine=types.SimpleNamespace(entries={}), router=None))
     monkeypatch.setattr(serving, "app", lambda *args, **kwargs: fake)
     monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
@@ -205,7 +205,7 @@ def test_stale_eval_and_merges_are_named_not_deleted(run, tmp_path, monkeypatch)
 
 
 def test_export_refuses_to_replace_a_file(run, tmp_path):
-    from loraplex.export import export_vllm
+    from loraplex.vllm_export import export_vllm
 
     _, run_dir = run
     out = tmp_path / "serve.sh"

@@ -108,7 +108,7 @@ def test_cli_merge_weights_search_says_where_the_weights_come_from(run):
 
 
 def test_the_eval_matrix_grades_a_searched_merge_only_on_rows_the_search_never_read(run):
-    from loraplex.evaluate import evaluate_run
+    from loraplex.evaluation import evaluate_run
 
     report = merge(run, ["a", "b"], method="weights-search", out_dir=run.parent / "ab-eval")
     result = evaluate_run(run, merged=[run.parent / "ab-eval"], generation={"enabled": False})

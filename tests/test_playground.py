@@ -27,7 +27,7 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def site(run):  # noqa: F811
-    from loraplex.serve import app
+    from loraplex.serving import app
 
     run_dir, merged, home = run
     with pytest.MonkeyPatch.context() as mp:

@@ -102,7 +102,7 @@ def test_adapter_loads_on_the_other_host(host_run, tiny_model_dir, monkeypatch):
 
 
 def test_run_evaluates_and_merges_on_the_other_host(host_run, tmp_path, monkeypatch):
-    from loraplex.evaluate import evaluate_run
+    from loraplex.evaluation import evaluate_run
     from loraplex.merging import merge
 
     trained_bf16, result, home = host_run

@@ -242,7 +242,7 @@ def test_merge_of_a_qlora_adapter_uses_the_full_precision_base(qlora_run, tmp_pa
 
 
 def test_eval_records_the_base_precision(qlora_run):
-    from loraplex.evaluate import evaluate_run
+    from loraplex.evaluation import evaluate_run
 
     full = evaluate_run(qlora_run.run_dir, generation={"enabled": False})
     assert (full["base_precision"], full["base_loaded_as"]) == ("full", "full")

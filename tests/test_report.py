@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from loraplex.report import write_report
+from loraplex.reporting import write_report
 from test_evaluate import make_run_recipe
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -145,7 +145,7 @@ def test_report_renders_in_a_headless_browser(report, tmp_path):
 def test_a_selection_recorded_before_the_selection_split_still_renders():
     """Trial records written before the trials scored on selection rows call their losses "heldout"."""
     from loraplex.display import select_table
-    from loraplex.select import trial_losses
+    from loraplex.selection import trial_losses
 
     old = {"steps": 8, "heldout": [1.5, 1.25], "train_loss": [2.0]}
     assert trial_losses(old) == [1.5, 1.25] and trial_losses({**old, "selection_loss": [0.5]}) == [0.5]

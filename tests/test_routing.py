@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from conftest import write_jsonl
 from loraplex import train
 from loraplex.cli import app
-from loraplex.evaluate import evaluate_run
+from loraplex.evaluation import evaluate_run
 
 EN_WORDS = ["apple", "river", "stone", "cloud", "amber", "pilot", "table", "green", "music", "ocean", "paper", "tiger",
             "bread", "chair", "light", "horse", "glass", "money", "night", "plant", "sugar", "train", "water", "zebra",

@@ -13,12 +13,12 @@ from conftest import write_jsonl
 from loraplex import train
 from loraplex.errors import RecipeError
 from loraplex.models import base_fingerprint, load_model, resolve_base
-from loraplex.select import choose
-from loraplex.select.split import SelectionSplit
-from loraplex.select.trials import Trial, rounds, run_trials, step_cost
+from loraplex.selection import choose
+from loraplex.selection.split import SelectionSplit
+from loraplex.selection.trials import Trial, rounds, run_trials, step_cost
 from loraplex.targets import candidates, default_budget, matched_alpha, matched_candidates, module_groups
 from loraplex.lm.packed import heldout_metrics
-from loraplex.select.operation import select
+from loraplex.selection.operation import select
 
 ROWS = [{"instruction": f"Repeat the word {w} {n} times.", "input": "", "output": " ".join([w] * n)}
         for w in ["apple", "river", "stone", "cloud", "amber", "pilot", "maple", "ocean"] for n in range(1, 7)]
@@ -251,7 +251,7 @@ def rows_read_by_the_selection(monkeypatch) -> dict[str, list[tuple]]:
     """As token ids: every row that reaches the model in a batch ("seen": the probe's, the trials' and their
     scoring passes), every row a trial trains on ("fit"), every row a trial is scored on ("scored"), and the
     number of rows of each training batch ("batch_sizes")."""
-    from loraplex.select import trials
+    from loraplex.selection import trials
     from loraplex.lm.packed import PackedCollator
 
     read: dict[str, list] = {"seen": [], "fit": [], "scored": [], "batch_sizes": []}
@@ -366,7 +366,7 @@ def test_a_composed_adapter_is_selected_in_the_model_it_trains_in(tmp_path, tiny
     assert scores["q_proj"] > 0 and scores["v_proj"] > 0, scores  # 0 on the pristine base
     qv = next(c["trial"] for c in decision["candidates"] if c["label"] == "q_proj+v_proj")
     from loraplex.pipeline import open_recipe
-    from loraplex.select.split import selection_split
+    from loraplex.selection.split import selection_split
 
     ws = open_recipe(recipe)
     scored = selection_split(ws.prepare()["second"].train, 16, 4).score

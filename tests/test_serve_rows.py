@@ -1,4 +1,4 @@
-"""One request's decoding state (`loraplex.serve.batch.Row`), the batch's cache, and the request schema, without a
+"""One request's decoding state (`loraplex.serving.batch.Row`), the batch's cache, and the request schema, without a
 server: stop strings, broken characters, end-of-turn tokens, bounded memory, field validation."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_byte_tokenizer
-from loraplex.serve.batch import Batch, Row
+from loraplex.serving.batch import Batch, Row
 
 LLAMA3_MARKERS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
@@ -147,7 +147,7 @@ def test_the_cache_keeps_only_columns_a_live_row_needs(tiny_model_dir, tiny_toke
 def test_a_row_that_fails_to_decode_leaves_the_others_decoding(tiny_model_dir, tiny_tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from loraplex.serve import batch as batch_module
+    from loraplex.serving import batch as batch_module
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     pick = batch_module.pick
@@ -179,7 +179,7 @@ def test_a_row_that_fails_to_decode_leaves_the_others_decoding(tiny_model_dir, t
                                           ("logprobs", True), ("logit_bias", {"1": 5}), ("frequency_penalty", 1),
                                           ("stream_options", {"include_usage": True}), ("wizard", 1)])
 def test_fields_out_of_range_or_unsupported_are_refused_by_name(field, value):
-    from loraplex.serve.schema import ApiError, ChatRequest, parse_request
+    from loraplex.serving.schema import ApiError, ChatRequest, parse_request
 
     with pytest.raises(ApiError) as caught:
         parse_request(ChatRequest, {"model": "en", "messages": [{"role": "user", "content": "hi"}], field: value})
@@ -187,7 +187,7 @@ def test_fields_out_of_range_or_unsupported_are_refused_by_name(field, value):
 
 
 def test_null_means_the_default_and_tiny_temperatures_are_greedy():
-    from loraplex.serve.schema import ChatRequest, parse_request
+    from loraplex.serving.schema import ChatRequest, parse_request
 
     base = {"model": "en", "messages": [{"role": "user", "content": "hi"}]}
     req = parse_request(ChatRequest, {**base, "temperature": None, "top_p": None, "stream": None, "n": None,
@@ -210,7 +210,7 @@ def test_the_servers_own_model_names_are_refused_as_dataset_names(name):
 def test_an_adapter_is_served_with_its_datasets_system_prompt(tiny_tokenizer):
     """Trained on rows given the dataset's `system` prompt, an adapter sees it when a conversation brings none."""
     from loraplex.data.render import chat_template_for
-    from loraplex.serve.engine import Engine, ModelEntry
+    from loraplex.serving.engine import Engine, ModelEntry
 
     entry = ModelEntry("chat", "adapter", "run", tiny_tokenizer, chat_template_for(tiny_tokenizer), "chat",
                        system="You are a travel agent.")
@@ -225,7 +225,7 @@ def test_eval_generation_also_stops_on_the_end_of_turn_tokens(tiny_model_dir, mo
     from transformers import AutoModelForCausalLM
 
     from loraplex.data.render import FALLBACK_TEMPLATES, end_of_turn_ids
-    from loraplex.evaluate import generate
+    from loraplex.evaluation import generate
 
     tokenizer = make_byte_tokenizer(extra_special_tokens=LLAMA3_MARKERS)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -14,7 +14,7 @@ import pytest
 from conftest import write_jsonl
 from loraplex import train
 from loraplex.errors import LoraplexError
-from loraplex.evaluate import evaluate_run
+from loraplex.evaluation import evaluate_run
 from loraplex.merging import merge
 
 WORDS = ["apple", "river", "stone", "cloud", "amber", "pilot"]

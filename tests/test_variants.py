@@ -195,8 +195,8 @@ def test_report_display_and_inspect_name_each_variant(variants_run):
 
     from loraplex.display import render_inspect, train_table
     from loraplex.inspect_adapter import inspect_adapter
-    from loraplex.report.blocks import RunData
-    from loraplex.report.sections import recipe_section
+    from loraplex.reporting.blocks import RunData
+    from loraplex.reporting.sections import recipe_section
     from loraplex.run import read_recipe
 
     _, result, _, _ = variants_run
@@ -232,7 +232,7 @@ def test_variants_on_a_4bit_base(dtype, tiny_model_dir, tmp_path):
         assert meta["base_fingerprint"] == fresh and meta["quantized_base_fingerprint"]
         assert meta["reload_max_abs_diff"] <= (1e-4 if dtype == "float32" else 1.6e-2), name
         assert meta["heldout_loss"] < meta["heldout_loss_base"], name
-    from loraplex.export import vllm_command
+    from loraplex.vllm_export import vllm_command
 
     with pytest.raises(LoraplexError, match="initialized with LoftQ.*count that error twice"):
         merge(result.run_dir, ["loftq"], out_dir=tmp_path / "merged")

@@ -21,10 +21,15 @@ _warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", cate
 
 from . import adapters  # noqa: E402  (loraplex.adapters.load after a plain `import loraplex`)
 from .adapters import load  # noqa: E402
+from .evaluation import evaluate_run as evaluate  # noqa: E402
 from .inspect_adapter import inspect_adapter as inspect  # noqa: E402
 from .merging import MergeMethod, merge  # noqa: E402
 from .pipeline import prepare_recipe as prepare  # noqa: E402
 from .recipe import load_recipe  # noqa: E402
+from .reporting import write_report as report  # noqa: E402
+from .selection.operation import select  # noqa: E402
+from .serving import serve  # noqa: E402
 from .training.runner import train  # noqa: E402
 
-__all__ = ["MergeMethod", "adapters", "inspect", "load", "load_recipe", "merge", "prepare", "train"]
+__all__ = ["MergeMethod", "adapters", "evaluate", "inspect", "load", "load_recipe", "merge", "prepare", "report",
+           "select", "serve", "train"]

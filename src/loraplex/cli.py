@@ -140,7 +140,7 @@ def select(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES
            as_json: bool = typer.Option(False, "--json", help="print the decisions as JSON")) -> None:
     """Which modules should each dataset train? Measure it (target_modules: auto) without the full training."""
     from .display import select_table
-    from .select.operation import select as select_run
+    from .selection.operation import select as select_run
 
     decisions = _run(select_run, recipe, overrides or [], only, allow_pickle=allow_pickle)
     if as_json:
@@ -210,7 +210,7 @@ def eval_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/dem
                                                             "for exact match and chrF"),
                  no_generate: bool = typer.Option(False, "--no-generate", help="held-out metrics only")) -> None:
     """Evaluate the base, every adapter and merged models on every dataset's held-out and test data."""
-    from .evaluate import GenerationSettings, evaluate_run
+    from .evaluation import GenerationSettings, evaluate_run
     from .display import eval_table
     from .run import stale_outputs
 
@@ -225,7 +225,7 @@ def eval_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/dem
 @app.command()
 def report(run: Path = typer.Argument(..., help="run folder, e.g. runs/demo")) -> None:
     """Write report.md and a self-contained report.html for a run (evaluates first if eval.json is missing)."""
-    from .report import write_report
+    from .reporting import write_report
 
     md_path, html_path = _run(write_report, run)
     stdout.print(f"wrote {md_path} and {html_path}")
@@ -306,7 +306,7 @@ def serve_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/de
                   max_tokens: int = typer.Option(1024, "--max-tokens-limit", min=1, help="the most tokens a request "
                                                  "may ask for")) -> None:
     """An OpenAI-compatible HTTP API over the run's base and every adapter; the request's `model` picks one."""
-    from .serve import serve
+    from .serving import serve
 
     _run(serve, run, host, port, merged or [], api_key, max_batch_size=max_batch_size, max_tokens_limit=max_tokens,
          log=lambda line: console.print(line, markup=False, highlight=False))
@@ -326,7 +326,7 @@ def export_vllm_command(run: Path = typer.Argument(..., help="run folder, e.g. r
                         force: bool = typer.Option(False, "--force",
                                                    help="replace the --out file if it exists")) -> None:
     """Print the `vllm serve` command that serves the run's base with every adapter (checked against vLLM's limits)."""
-    from .export import export_vllm
+    from .vllm_export import export_vllm
 
     targets = [t.strip() for t in lora_target_modules.split(",") if t.strip()] if lora_target_modules else None
     export = _run(export_vllm, run, out, targets, force=force)

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from .lora_settings import adapter_variant
 from .run import MERGE_REPORT, count_text, percent_of_base
-from .select import trial_losses
+from .selection import trial_losses
 
 
 

@@ -22,10 +22,10 @@ import yaml
 from ..atomic import atomic_dir, atomic_write_json, atomic_write_text
 from .data import DEMO_ADAPTERS, demo_checkers, demo_file, write_demo_data
 from ..errors import LoraplexError
-from ..evaluate import evaluate_run
+from ..evaluation import evaluate_run
 from ..merging import merge
 from ..recipe import DATASET_NAME_PATTERN, load_recipe
-from ..report import write_report
+from ..reporting import write_report
 from ..run import merged_dir, writer_lock
 from ..training.runner import train
 

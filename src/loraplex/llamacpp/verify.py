@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import LoraplexError
-from ..evaluate import load_test_split
+from ..evaluation import load_test_split
 from ..adapters import load
 from ..data.render import chat_template_for, end_of_turn_ids
 

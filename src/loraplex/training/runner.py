@@ -4,7 +4,7 @@ The base model is loaded once (in 4 or 8 bit with `model.quantization`: QLoRA). 
 LoRA is injected with that dataset's own target modules and settings, trained with the HF Trainer, saved,
 then unloaded (never merged), which restores the original modules. A fingerprint of every base weight
 (for a quantized base: the packed codes and their quantization state) is taken before training and after
-each adapter; any difference stops the run. `target_modules: auto` is decided first (`loraplex.select`);
+each adapter; any difference stops the run. `target_modules: auto` is decided first (`loraplex.selection`);
 an adapter with `compose_with` trains after those adapters, with them loaded, active and frozen beside it.
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ from ..run import (ADAPTER_META, ADAPTER_WEIGHTS, RUN_META, adapter_dir, adapter
 from ..lm.base import load_base
 from ..lm.packed import heldout_metrics
 from ..lm.settings import lora_config, micro_batch_tokens
-from ..select import choose_modules, resolved_spec
-from ..select.composed import composed_folders
+from ..selection import choose_modules, resolved_spec
+from ..selection.composed import composed_folders
 from ..tracking import check_trackers, finish_training, start_tracking
 from .distributed import gather, is_main, sum_over_processes, wait_for_everyone, world_size
 from .plan import KEEP, NEW, NOT_IN_RECIPE, REMOVED, RETRAIN, Step, fingerprint, fingerprint_parts, plan_run

@@ -28,7 +28,7 @@ from .schema import (ApiError, ChatRequest, CompletionRequest, decode_body, is_j
 
 AUTO = "auto"
 DISCONNECT_POLL_S = 0.25  # how often a request checks that its client is still there (uvicorn does not say)
-log = logging.getLogger("loraplex.serve")
+log = logging.getLogger("loraplex.serving")
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -77,7 +77,7 @@ def app(run_dir: str | Path, merged: tuple | list = (), api_key: str | None = No
 
     `max_tokens_limit`: the most tokens one request may ask for; `max_body_bytes`: the largest request body;
     `max_batch_size`: requests decoded together (1: one at a time); `max_queue`: requests waiting beyond that.
-    `auto_route`: offer `model: auto` (see `loraplex.serve.router`), answering with `base` for prompts farther
+    `auto_route`: offer `model: auto` (see `loraplex.serving.router`), answering with `base` for prompts farther
     from every adapter's data than `route_threshold` times the distance calibrated on its held-out prompts.
     """
     engine = Engine(run_dir, merged, max_batch_size=max_batch_size, max_queue=max_queue, batch_wait_s=batch_wait_s)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 PEFT_BASE = "__base__"  # the base's name in PEFT's adapter_names
-log = logging.getLogger("loraplex.serve")
+log = logging.getLogger("loraplex.serving")
 
 
 def row_error(job, exc: BaseException, where: str) -> None:

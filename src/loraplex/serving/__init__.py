@@ -28,7 +28,7 @@ def _needs_extra():
 
 
 def app(run_dir: str | Path, merged: tuple | list = (), api_key: str | None = None, **options):
-    """The server as an ASGI app; `options` go to `loraplex.serve.api.app` (limits, batch size)."""
+    """The server as an ASGI app; `options` go to `loraplex.serving.api.app` (limits, batch size)."""
     _needs_extra()
     from .api import app as build
 

@@ -30,7 +30,7 @@ from ..routing import BASE
 from ..run import adapter_dir, adapter_metadata, complete_adapters, open_run
 from .batch import Batch, row_error
 
-log = logging.getLogger("loraplex.serve")
+log = logging.getLogger("loraplex.serving")
 WORKER_STOPPED = "the generation worker has stopped (the server's log says why); restart the server"
 
 

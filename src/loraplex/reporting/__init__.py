@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..atomic import atomic_dir, atomic_write_text
-from ..evaluate import GenerationSettings, evaluate_run, load_eval
+from ..evaluation import GenerationSettings, evaluate_run, load_eval
 from ..run import (REPORT_ASSETS, REPORT_HTML, REPORT_MD, adapter_dir, adapter_metadata, is_complete, read_recipe,
                    stale_outputs, weights_hash, writer_lock)
 from .blocks import Plot, RunData, Section, Table, render_html, render_markdown

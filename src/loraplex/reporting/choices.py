@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..records import MergeRecord, RecordError, read_record
 from ..run import MERGE_REPORT, count_text
-from ..select import trial_losses
+from ..selection import trial_losses
 from .blocks import Plot, RunData, Section, Table, ascii_label, figure, num, png
 
 
