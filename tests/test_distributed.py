@@ -43,6 +43,15 @@ def logged_dir(path):
     return make_dir(path)
 
 atomic.atomic_write_text, runner.atomic_dir = logged_text, logged_dir
+from loraplex.select import choose
+probe = choose.probe
+
+def counted_probe(*args, **kwargs):  # `target_modules: auto` measures in the main process only
+    with open(os.path.join(sys.argv[2], f"probes-{rank}.txt"), "a") as out:
+        out.write("probe\\n")
+    return probe(*args, **kwargs)
+
+choose.probe = counted_probe
 if os.environ.get("FAIL_RANK") == rank:
     def fail(*args, **kwargs):
         raise loraplex.errors.LoraplexError(f"a failure made on purpose in process {rank}")
@@ -123,6 +132,31 @@ def test_two_processes_train_the_adapters_of_one(one_process, tiny_model_dir, tm
     writes = {rank: (tmp_path / "logs" / f"writes-{rank}.txt").read_text().split() for rank in ("0", "1")}
     assert writes["1"] == [], writes["1"]  # the other process wrote nothing
     assert any(line.endswith("/adapters/b/") for line in writes["0"]) and any("run.json" in w for w in writes["0"])
+
+
+@pytest.mark.slow
+def test_fsdp_in_two_processes_trains_the_adapters_of_one_and_decides_auto_once(one_process, tiny_model_dir,
+                                                                                tmp_path):
+    """FSDP2 (float32, gloo): the adapters and loss curves of one process; `target_modules: auto` probed by the main
+    process alone, every process training its choice."""
+    raw = recipe(tmp_path, tiny_model_dir, "fsdp")
+    raw["distributed"] = {"strategy": "fsdp"}
+    raw["datasets"].append({"name": "c", "path": str(tmp_path / "a.jsonl"), "target_modules": "auto",
+                            "auto": {"trials": 0, "candidates": ["attention", "mlp"], "probe_batches": 1}})
+    done = launch(raw, tmp_path / "logs", tmp_path / "home")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = Path(raw["output_dir"]) / "fsdp"
+    assert_same_adapters(run_dir / "adapters", one_process.run_dir / "adapters")
+    for name, reference in one_process.adapters.items():
+        meta = json.loads((run_dir / "adapters" / name / "loraplex.json").read_text())
+        assert meta["processes"] == 2 and meta["steps"] == reference["steps"] == 6
+        torch.testing.assert_close(torch.tensor([p["loss"] for p in meta["train_loss_curve"]]),
+                                   torch.tensor([p["loss"] for p in reference["train_loss_curve"]]), atol=1e-5, rtol=0)
+        assert meta["reload_max_abs_diff"] < 1e-4
+    assert (tmp_path / "logs" / "probes-0.txt").read_text() == "probe\n"
+    assert not (tmp_path / "logs" / "probes-1.txt").exists()  # the other process only received the decision
+    chosen = json.loads((run_dir / "adapters" / "c" / "loraplex.json").read_text())
+    assert is_complete(run_dir / "adapters" / "c") and chosen["selection"]["winner"] in ("attention", "mlp")
 
 
 @pytest.mark.slow
