@@ -203,12 +203,13 @@ def test_resume_in_two_processes_from_a_one_process_checkpoint(one_process, tiny
 
 
 @pytest.mark.slow
-def test_nproc_on_the_command_line(tiny_model_dir, tmp_path):
+def test_nproc_with_fsdp_on_the_command_line(tiny_model_dir, tmp_path):
     import yaml
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe(tmp_path, tiny_model_dir)), encoding="utf-8")
-    command = [sys.executable, "-m", "loraplex", "train", str(path), "--nproc", "2", "--only", "a"]
+    command = [sys.executable, "-m", "loraplex", "train", str(path), "--nproc", "2", "--only", "a",
+               "distributed.strategy=fsdp"]
     done = run(command, environment(tmp_path / "home"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("adapters in ") == 1  # one table, from the main process
@@ -219,6 +220,35 @@ def test_nproc_on_the_command_line(tiny_model_dir, tmp_path):
     said = " ".join(bad.stderr.split())  # the console wraps long lines
     assert "datasets[a].train.batch_size: 7 sequences do not split evenly over 2 processes; use a multiple of 2" in said
     assert "training stopped in one of the 2 processes" in said
+
+
+@pytest.mark.parametrize("strategy, quantization, message", [
+    ("deepspeed", None, "distributed.strategy: 'deepspeed' is not available in this version of loraplex; use 'fsdp'"),
+    ("fsdp", "4bit", "distributed.strategy: 'fsdp' with model.quantization: 4bit needs CUDA"),
+    ("fsdp", "8bit", "distributed.strategy: 'fsdp' with model.quantization: 8bit cannot shard LLM.int8 weights"),
+])
+def test_strategies_this_machine_cannot_run_are_refused_before_anything_loads(tiny_model_dir, tmp_path, monkeypatch,
+                                                                               strategy, quantization, message):
+    from loraplex.errors import LoraplexError
+
+    if quantization == "4bit" and torch.cuda.is_available():
+        pytest.skip("QLoRA with FSDP runs on a GPU (benchmarks/gpu_check.sh)")
+    raw = recipe(tmp_path, tiny_model_dir)
+    raw["distributed"] = {"strategy": strategy}
+    raw["model"]["quantization"] = quantization
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as in a launched process; refused before the process group is joined
+    with pytest.raises(LoraplexError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
+        train(raw, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_distributed_block_leaves_the_recipe_fingerprint_alone(tiny_model_dir, tmp_path):
+    from loraplex.recipe import load_recipe
+
+    raw = recipe(tmp_path, tiny_model_dir)
+    fsdp = {**raw, "distributed": {"strategy": "fsdp"}}
+    assert load_recipe(fsdp).distributed.strategy == "fsdp"
+    assert load_recipe(fsdp).fingerprint() == load_recipe(raw).fingerprint()
 
 
 @pytest.mark.slow

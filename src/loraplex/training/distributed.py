@@ -75,26 +75,26 @@ def sharded(strategy: str) -> bool:
 
 def shard(peft_model):
     """A copy of `peft_model` sharded with FSDP2 over every process (`fully_shard` per decoder layer, the LM head
-    when it has its own weight, then the whole model); its shards sit on this process's device. A bfloat16 base
-    computes in bfloat16 and reduces gradients in float32 (the LoRA weights stay float32 shards)."""
+    when it has its own weight, then the whole model); its shards sit on this process's device. Each weight keeps
+    its dtype, as with one process: a bfloat16 base is gathered and computes in bfloat16, the LoRA weights, their
+    gradients and the gradients' reduction stay float32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     state()
     model = copy.deepcopy(peft_model)
     lm = causal_lm(model)
     head = answer_head(lm)  # the loss runs in the head's forward, where FSDP holds its weight gathered
-    bf16 = any(p.dtype == torch.bfloat16 for p in lm.parameters())
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()
     mesh = init_device_mesh("cuda" if on_gpu() else "cpu", (world_size(),))
     layer_classes = set(getattr(lm, "_no_split_modules", None) or [])
     for module in lm.modules():
         if type(module).__name__ in layer_classes:
-            fully_shard(module, mesh=mesh, mp_policy=policy)
-    if head.weight is not lm.get_input_embeddings().weight:  # a tied head stays with the embeddings, in the root
-        fully_shard(head, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+            fully_shard(module, mesh=mesh)
+    # a head tied to the embeddings stays in the root's group, which FSDP keeps gathered from the model's forward
+    # to its backward (the root does not reshard after its forward)
+    if head.weight is not lm.get_input_embeddings().weight:
+        fully_shard(head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     model.is_distributed_loading_by_transformers = True  # the Trainer neither wraps it in DDP nor moves it
     return model
 
