@@ -230,7 +230,6 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
                   extra: dict | None = None) -> dict:
     """`base_record` (from `load_base`): the base's fingerprints, dtype and quantization, saved in loraplex.json;
     `extra`: more of loraplex.json (the fingerprint, the module selection)."""
-    from peft import set_peft_model_state_dict
     from transformers import set_seed
 
     set_seed(spec.train.seed)
@@ -242,17 +241,14 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     composed = compose(peft_model, spec, run_dir)
     last = _last_checkpoint(checkpoints) if resume else None
     earlier = TrainStats.at(last)  # tokens (of every process) and seconds before the checkpoint resumed from
-    trained = shard(peft_model) if sharded(ws.recipe.distributed.strategy) else peft_model
+    trained = shard(peft_model) if sharded(ws.recipe.distributed.strategy) else peft_model  # FSDP: a sharded copy
     trainer, stats = make_trainer(trained, spec, data, checkpoints, progress=progress and is_main(),
                                   stats=TrainStats(earlier.tokens if is_main() else 0, earlier.seconds))
     tracking = _tracking(trainer, stats, run_dir, ws, spec, resumed=last is not None)
     started = time.perf_counter()
     _train_or_restore(trainer, last)
     wall = time.perf_counter() - started + earlier.seconds
-    if trained is not peft_model:  # the sharded copy's adapter, gathered whole into the unsharded model
-        set_peft_model_state_dict(peft_model, full_adapter_state(trained), adapter_name=DEFAULT_ADAPTER)
-        trainer.accelerator.free_memory()
-        trainer.model = trainer.model_wrapped = trainer.optimizer = trained = None
+    _gather_adapter(trainer, peft_model)
     tokens = sum_over_processes(stats.tokens)
     composed_val = heldout_metrics(peft_model, data.val) if composed else None  # the model it trained in
     peft_model.base_model.set_adapter(DEFAULT_ADAPTER)  # from here on the adapter alone, as it is saved and loaded
@@ -286,6 +282,18 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
         write_record(folder / ADAPTER_META, AdapterRecord.model_validate(meta))
         _remove_checkpoints(checkpoints)
     return meta
+
+
+def _gather_adapter(trainer, peft_model) -> None:
+    """After training an FSDP-sharded copy (`distributed.shard`): its adapter gathered whole into `peft_model`, which
+    saves and checks it; the copy is freed."""
+    from peft import set_peft_model_state_dict
+
+    if trainer.model is peft_model:
+        return
+    set_peft_model_state_dict(peft_model, full_adapter_state(trainer.model), adapter_name=DEFAULT_ADAPTER)
+    trainer.accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = trainer.optimizer = None
 
 
 def _save_adapter(peft_model, variant: Variant, meta: dict, folder: Path, check: tuple) -> None:
