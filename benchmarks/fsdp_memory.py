@@ -143,7 +143,9 @@ def agreement(folder: Path, dtype: str) -> None:
     make_tiny_model_dir(folder / "base")
     raw = recipe(folder, "ddp", 6)
     raw["model"]["dtype"] = dtype
-    raw["datasets"][0].update(target_modules=["q_proj"], lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    # every row trains (the held-out rows are the same file): 4 full batches, none topped up in two processes
+    raw["datasets"][0].update(target_modules=["q_proj"], lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                              val_path=raw["datasets"][0]["path"])
     raw["datasets"][0]["train"].update(batch_size=8, lr=3e-2, max_steps=None, epochs=1)
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")

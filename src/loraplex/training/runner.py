@@ -239,9 +239,10 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     peft_model = variant.inject(model, lora_config(spec))
     trainable, total = parameter_counts(peft_model)
     composed = compose(peft_model, spec, run_dir)
-    last = _last_checkpoint(checkpoints) if resume else None
+    fsdp = sharded(ws.recipe.distributed.strategy)
+    last = _last_checkpoint(checkpoints) if resume and not fsdp else None  # FSDP: no checkpoint to resume from
     earlier = TrainStats.at(last)  # tokens (of every process) and seconds before the checkpoint resumed from
-    trained = shard(peft_model) if sharded(ws.recipe.distributed.strategy) else peft_model  # FSDP: a sharded copy
+    trained = shard(peft_model) if fsdp else peft_model  # FSDP: a sharded copy
     trainer, stats = make_trainer(trained, spec, data, checkpoints, progress=progress and is_main(),
                                   stats=TrainStats(earlier.tokens if is_main() else 0, earlier.seconds))
     tracking = _tracking(trainer, stats, run_dir, ws, spec, resumed=last is not None)
