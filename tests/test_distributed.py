@@ -43,6 +43,15 @@ def logged_dir(path):
     return make_dir(path)
 
 atomic.atomic_write_text, runner.atomic_dir = logged_text, logged_dir
+from loraplex.selection import choose
+probe = choose.probe
+
+def counted_probe(*args, **kwargs):  # `target_modules: auto` measures in the main process only
+    with open(os.path.join(sys.argv[2], f"probes-{rank}.txt"), "a") as out:
+        out.write("probe\\n")
+    return probe(*args, **kwargs)
+
+choose.probe = counted_probe
 if os.environ.get("FAIL_RANK") == rank:
     def fail(*args, **kwargs):
         raise loraplex.errors.LoraplexError(f"a failure made on purpose in process {rank}")
@@ -126,6 +135,31 @@ def test_two_processes_train_the_adapters_of_one(one_process, tiny_model_dir, tm
 
 
 @pytest.mark.slow
+def test_fsdp_in_two_processes_trains_the_adapters_of_one_and_decides_auto_once(one_process, tiny_model_dir,
+                                                                                tmp_path):
+    """FSDP2 (float32, gloo): the adapters and loss curves of one process; `target_modules: auto` probed by the main
+    process alone, every process training its choice."""
+    raw = recipe(tmp_path, tiny_model_dir, "fsdp")
+    raw["distributed"] = {"strategy": "fsdp"}
+    raw["datasets"].append({"name": "c", "path": str(tmp_path / "a.jsonl"), "target_modules": "auto",
+                            "auto": {"trials": 0, "candidates": ["attention", "mlp"], "probe_batches": 1}})
+    done = launch(raw, tmp_path / "logs", tmp_path / "home")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = Path(raw["output_dir"]) / "fsdp"
+    assert_same_adapters(run_dir / "adapters", one_process.run_dir / "adapters")
+    for name, reference in one_process.adapters.items():
+        meta = json.loads((run_dir / "adapters" / name / "loraplex.json").read_text())
+        assert meta["processes"] == 2 and meta["steps"] == reference["steps"] == 6
+        torch.testing.assert_close(torch.tensor([p["loss"] for p in meta["train_loss_curve"]]),
+                                   torch.tensor([p["loss"] for p in reference["train_loss_curve"]]), atol=1e-5, rtol=0)
+        assert meta["reload_max_abs_diff"] < 1e-4
+    assert (tmp_path / "logs" / "probes-0.txt").read_text() == "probe\n"
+    assert not (tmp_path / "logs" / "probes-1.txt").exists()  # the other process only received the decision
+    chosen = json.loads((run_dir / "adapters" / "c" / "loraplex.json").read_text())
+    assert is_complete(run_dir / "adapters" / "c") and chosen["selection"]["winner"] in ("attention", "mlp")
+
+
+@pytest.mark.slow
 def test_a_failure_in_one_process_stops_every_process(tiny_model_dir, tmp_path):
     raw = recipe(tmp_path, tiny_model_dir)
     done = launch(raw, tmp_path / "logs", tmp_path / "home", FAIL_RANK="1")  # returns: nothing waits forever
@@ -169,12 +203,13 @@ def test_resume_in_two_processes_from_a_one_process_checkpoint(one_process, tiny
 
 
 @pytest.mark.slow
-def test_nproc_on_the_command_line(tiny_model_dir, tmp_path):
+def test_nproc_with_fsdp_on_the_command_line(tiny_model_dir, tmp_path):
     import yaml
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe(tmp_path, tiny_model_dir)), encoding="utf-8")
-    command = [sys.executable, "-m", "loraplex", "train", str(path), "--nproc", "2", "--only", "a"]
+    command = [sys.executable, "-m", "loraplex", "train", str(path), "--nproc", "2", "--only", "a",
+               "distributed.strategy=fsdp"]
     done = run(command, environment(tmp_path / "home"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("adapters in ") == 1  # one table, from the main process
@@ -185,6 +220,35 @@ def test_nproc_on_the_command_line(tiny_model_dir, tmp_path):
     said = " ".join(bad.stderr.split())  # the console wraps long lines
     assert "datasets[a].train.batch_size: 7 sequences do not split evenly over 2 processes; use a multiple of 2" in said
     assert "training stopped in one of the 2 processes" in said
+
+
+@pytest.mark.parametrize("strategy, quantization, message", [
+    ("deepspeed", None, "distributed.strategy: 'deepspeed' is not available in this version of loraplex; use 'fsdp'"),
+    ("fsdp", "4bit", "distributed.strategy: 'fsdp' with model.quantization: 4bit needs CUDA"),
+    ("fsdp", "8bit", "distributed.strategy: 'fsdp' with model.quantization: 8bit cannot shard LLM.int8 weights"),
+])
+def test_strategies_this_machine_cannot_run_are_refused_before_anything_loads(tiny_model_dir, tmp_path, monkeypatch,
+                                                                               strategy, quantization, message):
+    from loraplex.errors import LoraplexError
+
+    if quantization == "4bit" and torch.cuda.is_available():
+        pytest.skip("QLoRA with FSDP runs on a GPU (benchmarks/gpu_check.sh)")
+    raw = recipe(tmp_path, tiny_model_dir)
+    raw["distributed"] = {"strategy": strategy}
+    raw["model"]["quantization"] = quantization
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as in a launched process; refused before the process group is joined
+    with pytest.raises(LoraplexError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
+        train(raw, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_distributed_block_leaves_the_recipe_fingerprint_alone(tiny_model_dir, tmp_path):
+    from loraplex.recipe import load_recipe
+
+    raw = recipe(tmp_path, tiny_model_dir)
+    fsdp = {**raw, "distributed": {"strategy": "fsdp"}}
+    assert load_recipe(fsdp).distributed.strategy == "fsdp"
+    assert load_recipe(fsdp).fingerprint() == load_recipe(raw).fingerprint()
 
 
 @pytest.mark.slow

@@ -84,6 +84,35 @@ def test_the_decoder_forward_runs_no_head_rows_and_training_skips_accuracy(tiny_
         handle.remove()
 
 
+def test_the_answer_loss_reads_the_head_weight_only_inside_the_heads_forward(tiny_model_dir, monkeypatch):
+    """As under FSDP or ZeRO-3: the head's weight is whole only from its forward pre-hook to its forward hook (here
+    it holds zeros outside); the loss, its gradients and the correct count are those of the plain head, in every
+    chunking."""
+    model = lora_model(tiny_model_dir, torch.float32)
+    batch = PackedCollator()(features())
+    monkeypatch.setattr(batching, "HEAD_CHUNK_ELEMENTS", 5 * 260)  # several chunks
+    reference = loss_and_grads(model, batch)
+    with torch.no_grad():
+        _, _, correct_ref = answer_loss_sum(model, batch)
+    head = model.get_base_model().get_output_embeddings()
+    whole = head.weight.detach().clone()
+
+    def gather(module, args):
+        module.weight.data = whole
+
+    def release(module, args, out):
+        module.weight.data = torch.zeros_like(whole)
+
+    release(head, None, None)
+    head.register_forward_pre_hook(gather)
+    head.register_forward_hook(release)
+    sharded_like = loss_and_grads(model, batch)
+    with torch.no_grad():
+        _, _, correct = answer_loss_sum(model, batch)
+    assert_close(sharded_like, reference, torch.float32)
+    assert correct == correct_ref and float(head.weight.abs().max()) == 0  # released after each forward
+
+
 # --------------------------------------------------------------------------- dropout
 
 

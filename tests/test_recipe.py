@@ -138,13 +138,14 @@ def test_unknown_top_level_and_model_keys(data_file):
     problems = problems_of({"modle": {}, "model": {"dtyp": "auto"},
                             "datasets": [{"name": "zh", "path": str(data_file)}]})
     assert "modle: unknown key 'modle'; did you mean 'model'? known: model, run_name, output_dir, defaults, " \
-           "datasets" in problems
+           "datasets, distributed" in problems
     assert has_line(problems, "model.dtyp", "did you mean 'dtype'?")
 
 
 def test_internal_base_dir_is_not_a_recipe_key(data_file):
     problems = problems_of({"base_dir": "/elsewhere", "datasets": [{"name": "zh", "path": str(data_file)}]})
-    assert problems == ["base_dir: unknown key 'base_dir'; known: model, run_name, output_dir, defaults, datasets"]
+    assert problems == ["base_dir: unknown key 'base_dir'; known: model, run_name, output_dir, defaults, datasets, "
+                        "distributed"]
 
 
 def test_bad_dataset_name_and_empty_target_modules(data_file):
@@ -216,15 +217,16 @@ def test_fingerprint_changes_with_any_value(data_file):
 
 
 def test_fingerprint_ignores_settings_that_change_nothing(data_file):
-    """`auto` without target_modules: auto, an empty compose_with, report_to (any) and the default checker leave
-    the fingerprint of runs written before those fields existed as it was (their hash of the same recipe without the
-    keys)."""
+    """`auto` without target_modules: auto, an empty compose_with, report_to (any), the default checker and the
+    `distributed:` block leave the fingerprint of runs written before those fields existed as it was (their hash of
+    the same recipe without the keys)."""
     import hashlib
     import json
 
     raw = {"datasets": [{"name": "zh", "path": str(data_file)}, {"name": "en", "path": str(data_file)}]}
     recipe = load_recipe(raw)
     old_style = recipe.to_dict()
+    del old_style["distributed"]  # how processes share the work
     for entry in old_style["datasets"]:
         del entry["auto"], entry["compose_with"], entry["report_to"], entry["checker"]
         for key in ("init", "loraplus_lr_ratio", "rank_pattern", "alpha_pattern"):  # LoRA variants, at defaults
@@ -232,6 +234,7 @@ def test_fingerprint_ignores_settings_that_change_nothing(data_file):
     assert recipe.fingerprint() == hashlib.sha256(json.dumps(old_style, sort_keys=True).encode()).hexdigest()[:16]
     assert load_recipe(raw, ["defaults.report_to=[tensorboard, mlflow]"]).fingerprint() == recipe.fingerprint()
     assert load_recipe(raw, ["datasets.zh.auto.trials=1"]).fingerprint() == recipe.fingerprint()
+    assert load_recipe(raw, ["distributed.strategy=fsdp"]).fingerprint() == recipe.fingerprint()
     auto = load_recipe(raw, ["datasets.zh.target_modules=auto"])
     assert load_recipe(raw, ["datasets.zh.target_modules=auto", "datasets.zh.auto.trials=1"]).fingerprint() \
         != auto.fingerprint() != recipe.fingerprint()

@@ -41,8 +41,8 @@ def train_watching_the_base(recipe: dict) -> tuple:
     seen = {}
     load_base = runner.load_base
 
-    def spy(ws, allow_pickle=False):
-        model, record = load_base(ws, allow_pickle)
+    def spy(ws, allow_pickle=False, **options):
+        model, record = load_base(ws, allow_pickle, **options)
         seen["model"], seen["before"] = model, {k: v.clone() for k, v in model.state_dict().items()}
         return model, record
 

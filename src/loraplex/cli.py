@@ -104,7 +104,8 @@ def train(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
           allow_pickle: bool = typer.Option(False, "--allow-pickle", help="also read pickled .bin weights (they can "
                                             "run code: only files from a source you trust)"),
           nproc: int = typer.Option(1, "--nproc", min=1, help="train with N processes on this machine (data "
-                                    "parallel; each step's batch_size is split over them)"),
+                                    "parallel; each step's batch_size is split over them; with "
+                                    "distributed.strategy=fsdp the base is sharded over them too)"),
           ) -> None:
     """Train one LoRA adapter per dataset, each against the untouched base model."""
     from .display import select_table, train_table

@@ -98,11 +98,13 @@ def platform_error(config: BitsAndBytesConfig, exc: Exception) -> ModelError:
     return _cannot_run("8bit" if getattr(config, "load_in_8bit", False) else "4bit", version, exc)
 
 
-def quantization_config(spec: ModelSpec) -> BitsAndBytesConfig | None:
+def quantization_config(spec: ModelSpec, strategy: str = "ddp") -> BitsAndBytesConfig | None:
     """transformers' BitsAndBytesConfig for a recipe's `model:` block (None without quantization).
 
     The compute dtype is the recipe's dtype: `auto` is bfloat16 where the hardware runs it natively, else
-    float32 (a CPU without AVX512-BF16/AMX runs bfloat16 matmuls many times slower than float32).
+    float32 (a CPU without AVX512-BF16/AMX runs bfloat16 matmuls many times slower than float32). For FSDP
+    (`strategy` 'fsdp') the packed 4-bit codes are stored in the compute dtype, so that FSDP shards and gathers
+    them with the base's other weights.
     """
     if spec.quantization is None:
         return None
@@ -111,9 +113,10 @@ def quantization_config(spec: ModelSpec) -> BitsAndBytesConfig | None:
     require_bitsandbytes(spec.quantization)
     if spec.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
+    compute = pick_dtype(spec.dtype)
+    storage = {"bnb_4bit_quant_storage": compute} if strategy == "fsdp" else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
-                              bnb_4bit_use_double_quant=spec.double_quant,
-                              bnb_4bit_compute_dtype=pick_dtype(spec.dtype))
+                              bnb_4bit_use_double_quant=spec.double_quant, bnb_4bit_compute_dtype=compute, **storage)
 
 
 def describe(spec: ModelSpec) -> str | None:

@@ -22,6 +22,7 @@ from .errors import RecipeError, friendly_validation_message, unknown_name_messa
 from .lora_settings import LoraSettings, quantization_problems, without_default_variant
 from .overrides import apply_override
 from .train_settings import TrainSettings
+from .distributed_settings import DistributedSettings
 
 DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 RESERVED_NAMES = ("base", "auto")  # the server's names for the base model and the router
@@ -137,6 +138,7 @@ class Recipe(_Strict):
     output_dir: str = Field("runs", description="runs are written to <output_dir>/<run_name>")
     defaults: dict[str, Any] = Field(default_factory=dict, description="values every dataset inherits")
     datasets: list[DatasetSpec] = Field(min_length=1)
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
 
     # where relative paths are resolved from (the recipe file's folder); not part of the recipe
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
@@ -174,6 +176,7 @@ class Recipe(_Strict):
         empty `compose_with`, the default `checker`) are left out, so runs written before those fields existed keep
         their fingerprint."""
         data = self.to_dict()
+        data.pop("distributed")  # how processes share the work; the adapters' weights do not depend on it
         for entry in data["datasets"]:
             entry.pop("report_to", None)  # where figures are sent changes no weight
             if entry.get("target_modules") != "auto":

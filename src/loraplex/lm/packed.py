@@ -11,7 +11,8 @@ is kept for comparison (`train.packing: false`).
 
 The loss runs the LM head only on positions that have a label (the prompt's positions have none), in
 chunks: each chunk's logits and their gradient are computed and freed before the next, so the
-`[answer_tokens, vocab]` logits never exist at once.
+`[answer_tokens, vocab]` logits never exist at once. It runs inside the head's own forward (`AnswerHead`), where
+FSDP and DeepSpeed ZeRO-3, which gather a module's weights around its forward, hold the head's weight whole.
 """
 from __future__ import annotations
 
@@ -176,6 +177,7 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor], per_sequence_attentio
     The decoder runs on every token; the LM head only on positions whose next token has a label.
     """
     lm = causal_lm(model)
+    head = answer_head(lm)  # before the forward: the model's own call of the head then runs through it too
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     with packed_attention(lm, batch, per_sequence_attention), final_hidden_states(lm) as captured:
         # through the model's own forward (a DDP wrapper syncs gradients only for a forward it ran), with the
@@ -188,12 +190,38 @@ def answer_loss_sum(model, batch: dict[str, torch.Tensor], per_sequence_attentio
     keep = targets != IGNORE_INDEX
     picked = hidden[:, :-1][keep]  # [N, H]
     wanted = targets[keep]
-    head = lm.get_output_embeddings()
-    if any(p.requires_grad for p in head.parameters()):  # a trained head needs autograd's weight gradient
-        loss, correct = _head_loss(lm, picked, wanted)
-    else:
-        loss, correct = _ChunkedHeadLoss.apply(picked, wanted, lm, accuracy)
+    rules = logit_rules(lm.config)
+    if isinstance(head, AnswerHead) and not any(p.requires_grad for p in head.parameters()):
+        loss, correct = head(picked, wanted, accuracy, rules)
+    else:  # a trained (or wrapped) head needs autograd's weight gradient
+        loss, correct = _head_loss(head, rules, picked, wanted)
     return loss, int(keep.sum()), int(correct)
+
+
+def logit_rules(config) -> tuple[float | None, float | None]:
+    """(divisor of the logits, soft cap) of a model's config: e.g. Granite divides its logits, Gemma 2 caps them."""
+    return getattr(config, "logits_scaling", None), getattr(config, "final_logit_softcapping", None)
+
+
+class AnswerHead(torch.nn.Linear):
+    """A frozen linear LM head that also computes the answer loss in its forward: `head(hidden [N, H], wanted [N],
+    accuracy, rules)` -> (cross-entropy sum, correct predictions), in row chunks (`_ChunkedHeadLoss`). Called with
+    hidden states alone it is the plain linear layer the model's own forward calls."""
+
+    def forward(self, hidden: torch.Tensor, wanted: torch.Tensor | None = None, accuracy: bool = True,
+                rules: tuple[float | None, float | None] = (None, None)):
+        if wanted is None:
+            return super().forward(hidden)
+        return _ChunkedHeadLoss.apply(hidden, wanted, self.weight, self.bias, rules, accuracy)
+
+
+def answer_head(lm) -> torch.nn.Module:
+    """The LM head of `lm`; a plain `nn.Linear` head becomes an `AnswerHead` in place (same weights, same output).
+    Done before FSDP wraps the head, since FSDP gives the module a class of its own."""
+    head = lm.get_output_embeddings()
+    if type(head) is torch.nn.Linear:
+        head.__class__ = AnswerHead
+    return head
 
 
 def answer_count(batch: dict[str, torch.Tensor]) -> int:
@@ -215,39 +243,38 @@ def backward_answer_loss(model, batch: dict[str, torch.Tensor], answers: int, ma
     return total
 
 
-def _head_loss(lm, hidden: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy sum and correct predictions of hidden states [N, H] against targets [N]."""
-    logits = lm.get_output_embeddings()(hidden).float()  # [N, V]
-    scaling = getattr(lm.config, "logits_scaling", None)  # e.g. Granite divides logits
+def _head_loss(head, rules: tuple, hidden: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy sum and correct predictions of hidden states [N, H] against targets [N]; `head` maps [N, H] to
+    logits [N, V], `rules` = `logit_rules`."""
+    logits = head(hidden).float()  # [N, V]
+    scaling, cap = rules
     if scaling:
         logits = logits / scaling
-    cap = getattr(lm.config, "final_logit_softcapping", None)  # e.g. Gemma 2
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return F.cross_entropy(logits, wanted, reduction="sum"), (logits.argmax(-1) == wanted).sum()
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """`_head_loss` over row chunks for a frozen head: the gradient w.r.t. the hidden states is computed
-    chunk by chunk in the forward pass and kept ([N, H]), so no chunk's logits outlive the chunk. Without
-    logit scaling or soft-capping the cross-entropy and its gradient (softmax - one-hot) are computed in
+    """`_head_loss` over row chunks for a frozen head (weight [V, H], bias): the gradient w.r.t. the hidden states
+    is computed chunk by chunk in the forward pass and kept ([N, H]), so no chunk's logits outlive the chunk.
+    Without logit scaling or soft-capping the cross-entropy and its gradient (softmax - one-hot) are computed in
     place on the chunk's float32 logits (`_plain_head_chunk`) instead of through autograd."""
 
     @staticmethod
-    def forward(ctx, hidden, wanted, lm, accuracy):
-        rows = max(1, HEAD_CHUNK_ELEMENTS // lm.get_output_embeddings().weight.shape[0])
-        plain = IN_PLACE_HEAD_LOSS and not getattr(lm.config, "logits_scaling", None) \
-            and not getattr(lm.config, "final_logit_softcapping", None)
+    def forward(ctx, hidden, wanted, weight, bias, rules, accuracy):
+        rows = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
+        plain = IN_PLACE_HEAD_LOSS and not any(rules)
         need_grad = ctx.needs_input_grad[0]
         loss, correct, grads = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.long), []
         for start in range(0, hidden.shape[0], rows):
             chunk, targets = hidden[start:start + rows].detach(), wanted[start:start + rows]
             if plain:
-                part, right, grad = _plain_head_chunk(lm.get_output_embeddings(), chunk, targets, need_grad, accuracy)
+                part, right, grad = _plain_head_chunk(weight, bias, chunk, targets, need_grad, accuracy)
             else:
                 chunk.requires_grad_(need_grad)
                 with torch.enable_grad():
-                    part, right = _head_loss(lm, chunk, targets)
+                    part, right = _head_loss(lambda h: F.linear(h, weight, bias), rules, chunk, targets)
                 grad = torch.autograd.grad(part, chunk)[0] if need_grad else None
             if grad is not None:
                 grads.append(grad)
@@ -260,13 +287,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None, None
 
 
-def _plain_head_chunk(head, hidden: torch.Tensor, wanted: torch.Tensor, need_grad: bool, accuracy: bool):
+def _plain_head_chunk(weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor, wanted: torch.Tensor,
+                      need_grad: bool, accuracy: bool):
     """Cross-entropy sum, correct predictions (0 unless `accuracy`) and the gradient w.r.t. `hidden` (or None)
     of one chunk: logsumexp and softmax share one exp pass over the float32 logits, in place."""
-    logits = head(hidden).float()  # [n, V]
+    logits = F.linear(hidden, weight, bias).float()  # [n, V]
     correct = (logits.argmax(-1) == wanted).sum() if accuracy else hidden.new_zeros((), dtype=torch.long)
     top = logits.amax(-1, keepdim=True)
     picked = logits.gather(1, wanted[:, None])
@@ -277,7 +305,7 @@ def _plain_head_chunk(head, hidden: torch.Tensor, wanted: torch.Tensor, need_gra
         return loss, correct, None
     probs.div_(total)  # softmax
     probs[torch.arange(len(wanted), device=wanted.device), wanted] -= 1
-    return loss, correct, probs.to(hidden.dtype) @ head.weight
+    return loss, correct, probs.to(hidden.dtype) @ weight
 
 
 @torch.no_grad()

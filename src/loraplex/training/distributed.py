@@ -3,9 +3,15 @@
 Every process runs the same recipe, loads the same base and trains every adapter together with the others
 (data parallel: each optimizer step's batch is split over the processes). The main process alone writes files,
 prints tables and shows progress; the others wait for it where they would read what it wrote.
+
+`distributed.strategy: fsdp` trains each adapter on a copy of the base sharded with FSDP2 (`shard`): every
+decoder layer, the LM head and the rest are sharded over the processes and gathered around their forward and
+backward; the adapter's weights are then gathered whole (`full_adapter_state`) into the unsharded model, which
+saves, checks and reloads it as with one process.
 """
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -14,6 +20,7 @@ import torch
 
 from ..device import on_gpu
 from ..errors import LoraplexError
+from ..lm.packed import answer_head, causal_lm
 
 
 def launched() -> bool:
@@ -54,6 +61,51 @@ def gather(value) -> list:
 def sum_over_processes(value: int) -> int:
     """The sum of an integer over every process."""
     return sum(gather(value))
+
+
+def on_main(decide, *args, **kwargs):
+    """`decide(*args, **kwargs)` run by the main process alone; every process gets its result."""
+    return gather(decide(*args, **kwargs) if is_main() else None)[0]
+
+
+def sharded(strategy: str) -> bool:
+    """Whether adapters train on an FSDP2-sharded copy of the base (`strategy` 'fsdp' in a launch)."""
+    return strategy == "fsdp" and launched()
+
+
+def shard(peft_model):
+    """A copy of `peft_model` sharded with FSDP2 over every process (`fully_shard` per decoder layer, the LM head
+    when it has its own weight, then the whole model); its shards sit on this process's device. Each weight keeps
+    its dtype, as with one process: a bfloat16 base is gathered and computes in bfloat16, the LoRA weights, their
+    gradients and the gradients' reduction stay float32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    state()
+    model = copy.deepcopy(peft_model)
+    lm = causal_lm(model)
+    head = answer_head(lm)  # the loss runs in the head's forward, where FSDP holds its weight gathered
+    mesh = init_device_mesh("cuda" if on_gpu() else "cpu", (world_size(),))
+    layer_classes = set(getattr(lm, "_no_split_modules", None) or [])
+    for module in lm.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, mesh=mesh)
+    # a head tied to the embeddings stays in the root's group, which FSDP keeps gathered from the model's forward
+    # to its backward (the root does not reshard after its forward)
+    if head.weight is not lm.get_input_embeddings().weight:
+        fully_shard(head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.is_distributed_loading_by_transformers = True  # the Trainer neither wraps it in DDP nor moves it
+    return model
+
+
+def full_adapter_state(peft_model, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's weights (PEFT's state dict) as whole tensors, in every process: shards are gathered."""
+    from peft import get_peft_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    weights = get_peft_model_state_dict(peft_model, adapter_name=adapter)
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in weights.items()}
 
 
 def launch(processes: int, command: list[str]) -> int:

@@ -38,7 +38,9 @@ from ..lm.settings import lora_config, micro_batch_tokens
 from ..selection import choose_modules, resolved_spec
 from ..selection.composed import composed_folders
 from ..tracking import check_trackers, finish_training, start_tracking
-from .distributed import gather, is_main, sum_over_processes, wait_for_everyone, world_size
+from ..distributed_settings import strategy_problems
+from .distributed import (full_adapter_state, gather, is_main, launched, on_main, shard, sharded, sum_over_processes,
+                          wait_for_everyone, world_size)
 from .plan import KEEP, NEW, NOT_IN_RECIPE, REMOVED, RETRAIN, Step, fingerprint, fingerprint_parts, plan_run
 from .trainer import TrainStats, loss_curve, make_trainer
 from .variants import Variant
@@ -66,6 +68,9 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     """
     say = say or (lambda line: None)
     ws = open_recipe(recipe, overrides, only)
+    problems = strategy_problems(ws.recipe.distributed, ws.recipe.model.quantization, on_gpu()) if launched() else []
+    if problems:
+        raise LoraplexError(problems[0])
     run_dir = ws.recipe.run_dir()
     names = [spec.name for spec in ws.selected()]
     _check_run_meta(run_dir / RUN_META)
@@ -94,7 +99,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
 def _train_steps(ws: Workspace, prepared: dict, run_dir: Path, steps: list[Step], result: RunResult, resume: bool,
                  progress: bool, allow_pickle: bool, say: Callable[[str], None]) -> None:
     """Load the base once and train every adapter whose step says so, in plan order."""
-    model, base_record = load_base(ws, allow_pickle)
+    model, base_record = load_base(ws, allow_pickle, on_device=not sharded(ws.recipe.distributed.strategy))
     dtype = ws.dtype
     pristine = base_record.get("quantized_base_fingerprint", base_record["base_fingerprint"])  # the weights in memory
     _same_everywhere(pristine)
@@ -109,9 +114,9 @@ def _train_steps(ws: Workspace, prepared: dict, run_dir: Path, steps: list[Step]
         resume_here = _prepare_checkpoints(checkpoint_dir(run_dir, spec.name), key, resume, say)
         selection = None
         if spec.target_modules == "auto":
-            selection = gather(choose_modules(model, spec, prepared[spec.name], pristine, micro_batch_tokens(spec),
-                                              progress and is_main(), composed_folders(spec, run_dir)))[0]  # every
-            # process trains what the main one chose, and decides in the model it trains in (compose_with)
+            # decided by the main process alone, in the model it trains in (compose_with); every process trains it
+            selection = on_main(choose_modules, model, spec, prepared[spec.name], pristine, micro_batch_tokens(spec),
+                                progress, composed_folders(spec, run_dir))
         meta = train_adapter(model, resolved_spec(spec, selection) if selection else spec, prepared[spec.name], ws,
                              run_dir, pristine, resume_here, progress, base_record=base_record,
                              extra={"fingerprint": key, "fingerprint_parts": parts,
@@ -234,14 +239,17 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     peft_model = variant.inject(model, lora_config(spec))
     trainable, total = parameter_counts(peft_model)
     composed = compose(peft_model, spec, run_dir)
-    last = _last_checkpoint(checkpoints) if resume else None
+    fsdp = sharded(ws.recipe.distributed.strategy)
+    last = _last_checkpoint(checkpoints) if resume and not fsdp else None  # FSDP: no checkpoint to resume from
     earlier = TrainStats.at(last)  # tokens (of every process) and seconds before the checkpoint resumed from
-    trainer, stats = make_trainer(peft_model, spec, data, checkpoints, progress=progress and is_main(),
+    trained = shard(peft_model) if fsdp else peft_model  # FSDP: a sharded copy
+    trainer, stats = make_trainer(trained, spec, data, checkpoints, progress=progress and is_main(),
                                   stats=TrainStats(earlier.tokens if is_main() else 0, earlier.seconds))
     tracking = _tracking(trainer, stats, run_dir, ws, spec, resumed=last is not None)
     started = time.perf_counter()
     _train_or_restore(trainer, last)
     wall = time.perf_counter() - started + earlier.seconds
+    _gather_adapter(trainer, peft_model)
     tokens = sum_over_processes(stats.tokens)
     composed_val = heldout_metrics(peft_model, data.val) if composed else None  # the model it trained in
     peft_model.base_model.set_adapter(DEFAULT_ADAPTER)  # from here on the adapter alone, as it is saved and loaded
@@ -275,6 +283,18 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
         write_record(folder / ADAPTER_META, AdapterRecord.model_validate(meta))
         _remove_checkpoints(checkpoints)
     return meta
+
+
+def _gather_adapter(trainer, peft_model) -> None:
+    """After training an FSDP-sharded copy (`distributed.shard`): its adapter gathered whole into `peft_model`, which
+    saves and checks it; the copy is freed."""
+    from peft import set_peft_model_state_dict
+
+    if trainer.model is peft_model:
+        return
+    set_peft_model_state_dict(peft_model, full_adapter_state(trainer.model), adapter_name=DEFAULT_ADAPTER)
+    trainer.accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = trainer.optimizer = None
 
 
 def _save_adapter(peft_model, variant: Variant, meta: dict, folder: Path, check: tuple) -> None:

@@ -96,6 +96,15 @@ class AdapterTrainer(Trainer):
                 losses.append(self._attended_step(model, part, num_items_in_batch))
         return torch.stack(losses).sum()
 
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        # an FSDP2-sharded model (`distributed.shard`) reduce-scatters its gradients after the last micro-batch only
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
     def _attended_step(self, model, inputs, num_items_in_batch):
         # the backward pass too: gradient checkpointing recomputes the forward there, with the same attention
         with packed_attention(model, inputs, self.per_sequence_attention):
@@ -164,14 +173,16 @@ class ProgressCallback(TrainerCallback):
         return f"{self.last_loss:.4f}" if self.last_loss is not None else "-"
 
 
-def training_arguments(spec: DatasetSpec, checkpoint_dir: Path) -> TrainingArguments:
+def training_arguments(spec: DatasetSpec, checkpoint_dir: Path, checkpoints: bool = True) -> TrainingArguments:
+    """`checkpoints`: False for an FSDP-sharded model, whose Trainer checkpoints could not be resumed from."""
     t = spec.train
     return TrainingArguments(
         output_dir=str(checkpoint_dir), per_device_train_batch_size=per_process_batch(spec),
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1, warmup_steps=t.warmup_ratio, lr_scheduler_type=t.scheduler,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
-        logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps", save_steps=t.save_steps,
+        logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps" if checkpoints else "no",
+        save_steps=t.save_steps,
         save_total_limit=1, report_to=[], disable_tqdm=True, remove_unused_columns=False,
         dataloader_num_workers=0, use_cpu=not on_gpu(), ddp_find_unused_parameters=False,  # every LoRA weight is used
         # weights are already in their training dtype (bf16 where supported): no autocast on top
@@ -207,7 +218,8 @@ def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoin
     stats = stats or TrainStats()
     use_lora_dropout(peft_model)
     collator = PackedCollator() if spec.train.packing else PaddedCollator(peft_model.config.pad_token_id or 0)
-    args = training_arguments(spec, checkpoint_dir)
+    sharded = getattr(peft_model, "is_distributed_loading_by_transformers", False)  # distributed.shard
+    args = training_arguments(spec, checkpoint_dir, checkpoints=not sharded)
     trainer = AdapterTrainer(
         model=peft_model, args=args, train_dataset=data.train,
         optimizers=(loraplus_optimizer(peft_model, spec, args), None),  # None: the Trainer's own (no LoRA+)
