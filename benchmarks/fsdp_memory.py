@@ -106,8 +106,9 @@ def worker(folder: Path, strategy: str, steps: int) -> None:
     before = peak_mb()  # what the process holds when training starts
     trainer.train()
     losses = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
-    print("RESULT " + json.dumps({"strategy": strategy, "rank": int(os.environ["RANK"]), "start_mb": before, "peak_mb": peak_mb(),
-                                  "losses": losses, "main": is_main()}), flush=True)
+    result = {"strategy": strategy, "rank": int(os.environ["RANK"]), "start_mb": before, "peak_mb": peak_mb(),
+              "losses": losses, "main": is_main()}
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 def cpu_line() -> str:
