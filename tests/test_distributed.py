@@ -108,6 +108,20 @@ def assert_same_adapters(ours: Path, reference: Path) -> None:
         assert any(float(want[k].abs().max()) > 1e-3 for k in want if "lora_B" in k)  # B moved: a real comparison
 
 
+def two_process_metas_like_one(run_dir: Path, one_process) -> dict[str, dict]:
+    """The adapters of a two-process run equal one process's (weights, 6 steps, loss curves within 1e-5); returns
+    each adapter's loraplex.json for the caller's own checks."""
+    assert_same_adapters(run_dir / "adapters", one_process.run_dir / "adapters")
+    metas = {}
+    for name, reference in one_process.adapters.items():
+        meta = json.loads((run_dir / "adapters" / name / "loraplex.json").read_text())
+        assert meta["processes"] == 2 and meta["steps"] == reference["steps"] == 6
+        torch.testing.assert_close(torch.tensor([p["loss"] for p in meta["train_loss_curve"]]),
+                                   torch.tensor([p["loss"] for p in reference["train_loss_curve"]]), atol=1e-5, rtol=0)
+        metas[name] = meta
+    return metas
+
+
 @pytest.fixture(scope="module")
 def one_process(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one")
@@ -122,13 +136,9 @@ def test_two_processes_train_the_adapters_of_one(one_process, tiny_model_dir, tm
     done = launch(raw, tmp_path / "logs", tmp_path / "home")
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = Path(raw["output_dir"]) / "two"
-    assert_same_adapters(run_dir / "adapters", one_process.run_dir / "adapters")
-    for name, reference in one_process.adapters.items():
-        meta = json.loads((run_dir / "adapters" / name / "loraplex.json").read_text())
-        assert meta["processes"] == 2 and meta["isolation_checked_in_processes"] == 2
-        assert meta["steps"] == reference["steps"] == 6 and meta["tokens_trained"] == reference["tokens_trained"]
-        torch.testing.assert_close(torch.tensor([p["loss"] for p in meta["train_loss_curve"]]),
-                                   torch.tensor([p["loss"] for p in reference["train_loss_curve"]]), atol=1e-5, rtol=0)
+    for name, meta in two_process_metas_like_one(run_dir, one_process).items():
+        assert meta["isolation_checked_in_processes"] == 2
+        assert meta["tokens_trained"] == one_process.adapters[name]["tokens_trained"]
     writes = {rank: (tmp_path / "logs" / f"writes-{rank}.txt").read_text().split() for rank in ("0", "1")}
     assert writes["1"] == [], writes["1"]  # the other process wrote nothing
     assert any(line.endswith("/adapters/b/") for line in writes["0"]) and any("run.json" in w for w in writes["0"])
@@ -146,12 +156,7 @@ def test_fsdp_in_two_processes_trains_the_adapters_of_one_and_decides_auto_once(
     done = launch(raw, tmp_path / "logs", tmp_path / "home")
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = Path(raw["output_dir"]) / "fsdp"
-    assert_same_adapters(run_dir / "adapters", one_process.run_dir / "adapters")
-    for name, reference in one_process.adapters.items():
-        meta = json.loads((run_dir / "adapters" / name / "loraplex.json").read_text())
-        assert meta["processes"] == 2 and meta["steps"] == reference["steps"] == 6
-        torch.testing.assert_close(torch.tensor([p["loss"] for p in meta["train_loss_curve"]]),
-                                   torch.tensor([p["loss"] for p in reference["train_loss_curve"]]), atol=1e-5, rtol=0)
+    for meta in two_process_metas_like_one(run_dir, one_process).values():
         assert meta["reload_max_abs_diff"] < 1e-4
     assert (tmp_path / "logs" / "probes-0.txt").read_text() == "probe\n"
     assert not (tmp_path / "logs" / "probes-1.txt").exists()  # the other process only received the decision
