@@ -30,15 +30,18 @@ OVERRIDES_ARG = typer.Argument(None, help="dotted overrides, e.g. datasets.zh.lo
 
 # the library's parameters -> the flags that set them
 FLAGS = {"adapters": "--adapters", "weights": "--weights", "method": "--method", "dtype": "--dtype",
-         "density": "--density", "out_dir": "--out", "overwrite": "--overwrite", "module": "--module",
-         "layer": "--layer", "only": "--only"}
+         "density": "--density", "out_dir": "--out", "out": "--out", "overwrite": "--overwrite", "force": "--force",
+         "module": "--module", "layer": "--layer", "only": "--only", "merged": "--merged",
+         "merged_type": "--merged-type", "verify": "--verify", "rows": "--rows", "allow_pickle": "--allow-pickle",
+         "resume": "--resume", "prune": "--prune", "lora_target_modules": "--lora-target-modules"}
 _PARAM_HEAD = re.compile(r"^(\s*- )?(" + "|".join(FLAGS) + r"): ", re.MULTILINE)
-_PARAM_VALUE = re.compile(r"\b(" + "|".join(FLAGS) + r")=('[^']*'|\[[^\]]*\]|[\w.-]+)")
+_PARAM_VALUE = re.compile(r"\b(" + "|".join(FLAGS) + r")=('[^']*'|\[[^\]]*\]|<[^>]*>|[\w.-]+)")
 
 
 def cli_words(message: str) -> str:
     """A library message in the CLI's words: a line led by a parameter's name is led by its flag, and
-    `overwrite=True`, `method='sum'`, `adapters=['zh', 'en']`, `weights=None` read as the flags that say so."""
+    `overwrite=True`, `method='sum'`, `adapters=['zh', 'en']`, `weights=None`, `merged=<folder>` read as the flags
+    that say so."""
     def flag(match: re.Match) -> str:
         name, value = FLAGS[match.group(1)], match.group(2)
         if value == "True":
@@ -326,10 +329,10 @@ def export_vllm_command(run: Path = typer.Argument(..., help="run folder, e.g. r
                         force: bool = typer.Option(False, "--force",
                                                    help="replace the --out file if it exists")) -> None:
     """Print the `vllm serve` command that serves the run's base with every adapter (checked against vLLM's limits)."""
-    from .vllm_export import export_vllm
+    from .exporting import ExportFormat, export as export_run
 
     targets = [t.strip() for t in lora_target_modules.split(",") if t.strip()] if lora_target_modules else None
-    export = _run(export_vllm, run, out, targets, force=force)
+    export = _run(export_run, run, ExportFormat.VLLM, out=out, lora_target_modules=targets, force=force)
     for warning in export.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if out is None:
@@ -352,10 +355,10 @@ def export_gguf_command(run: Path = typer.Argument(..., help="run folder, e.g. r
                         rows: int = typer.Option(16, "--rows", help="--verify: held-out rows per adapter"),
                         force: bool = typer.Option(False, "--force", help="replace files written before")) -> None:
     """Each adapter as a llama.cpp LoRA file (GGUF) with an Ollama Modelfile; optionally a merged model as GGUF."""
-    from .llamacpp.export import export_gguf
+    from .exporting import ExportFormat, export as export_run
 
-    names = [a.strip() for a in adapters.split(",") if a.strip()] if adapters else None
-    result = _run(export_gguf, run, names, merged, merged_type, out, force=force, verify=verify, rows=rows)
+    result = _run(export_run, run, ExportFormat.GGUF, adapters=_names_flag(adapters) if adapters else None,
+                  merged=merged, merged_type=merged_type, out=out, force=force, verify=verify, rows=rows)
     say = print  # plain lines: paths must not wrap
     for name, path in result.loras.items():
         say(f"{name}: {path}  {result.modelfiles[name]}")
