@@ -83,7 +83,7 @@ def test_demo_refuses_a_folder_it_did_not_make(inside, tmp_path):
     out.mkdir()
     for name in inside:
         (out / name).write_text('{"recipe_fingerprint": "x"}', encoding="utf-8")
-    with pytest.raises(ParameterError, match=f"out_dir: {out} exists and was not made by `loraplex demo`; choose a new"):
+    with pytest.raises(ParameterError, match=f"out_dir: {out} exists and was not made by `loraplex demo`; choose"):
         run_demo(out, seed=0, sizes=SMALL, progress=False)
     refused = CliRunner().invoke(app, ["demo", "--out", str(out)])  # the CLI names its flag
     assert refused.exit_code == 2 and "error: --out: " in refused.output and "out_dir" not in refused.output

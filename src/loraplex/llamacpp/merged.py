@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import LoraplexError, ParameterError
+from ..errors import ParameterError
 from .lora import PERMUTED, finish_gguf, permute_rows, target_from_gguf
 
 OUT_TYPES = ("f16", "bf16", "q8_0")
