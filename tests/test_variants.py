@@ -112,8 +112,8 @@ def test_every_variant_trains(variants_run):
 def test_merge_is_exact(variants_run, name, tmp_path):
     _, result, _, _ = variants_run
     report = merge(result.run_dir, [name], out_dir=tmp_path / "merged")
-    assert report["verification"]["weights"]["max_relative"] < 1e-6
-    logits = report["verification"]["logits"]
+    assert report.verification["weights"]["max_relative"] < 1e-6
+    logits = report.verification["logits"]
     assert logits["max_abs_diff"] < logits["tolerance"]
 
 

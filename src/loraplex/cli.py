@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -35,13 +36,14 @@ FLAGS = {"adapters": "--adapters", "weights": "--weights", "method": "--method",
          "merged_type": "--merged-type", "verify": "--verify", "rows": "--rows", "allow_pickle": "--allow-pickle",
          "resume": "--resume", "prune": "--prune", "lora_target_modules": "--lora-target-modules"}
 _PARAM_HEAD = re.compile(r"^(\s*- )?(" + "|".join(FLAGS) + r"): ", re.MULTILINE)
+_PARAM_NAME = re.compile(r"`(" + "|".join(FLAGS) + r")`")
 _PARAM_VALUE = re.compile(r"\b(" + "|".join(FLAGS) + r")=('[^']*'|\[[^\]]*\]|<[^>]*>|[\w.-]+)")
 
 
 def cli_words(message: str) -> str:
     """A library message in the CLI's words: a line led by a parameter's name is led by its flag, and
     `overwrite=True`, `method='sum'`, `adapters=['zh', 'en']`, `weights=None`, `merged=<folder>` read as the flags
-    that say so."""
+    that say so, and a parameter named in backquotes (`only`) as its flag."""
     def flag(match: re.Match) -> str:
         name, value = FLAGS[match.group(1)], match.group(2)
         if value == "True":
@@ -51,7 +53,8 @@ def cli_words(message: str) -> str:
         parts = [part.strip().strip("'") for part in value.strip("[]").split(",")]
         return f"{name} {','.join(parts)}"
 
-    return _PARAM_VALUE.sub(flag, _PARAM_HEAD.sub(lambda m: f"{m.group(1) or ''}{FLAGS[m.group(2)]}: ", message))
+    message = _PARAM_HEAD.sub(lambda m: f"{m.group(1) or ''}{FLAGS[m.group(2)]}: ", message)
+    return _PARAM_NAME.sub(lambda m: FLAGS[m.group(1)], _PARAM_VALUE.sub(flag, message))
 
 
 def _run(fn, *args, **kwargs):
@@ -126,8 +129,9 @@ def train(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
         for name, meta in result.adapters.items():
             if "selection" in meta and name in trained:
                 stdout.print(select_table(name, meta["selection"]))
-        stdout.print(train_table(result.adapters, result.steps))
-        for step in result.steps:
+        steps = [replace(step, action=cli_words(step.action), reason=cli_words(step.reason)) for step in result.steps]
+        stdout.print(train_table(result.adapters, steps))
+        for step in steps:
             if step.reason or step.name not in result.adapters:
                 stdout.print(f"{step.name}: {step.describe()}", markup=False, highlight=False)
         for line in result.stale:
@@ -147,10 +151,10 @@ def select(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES
 
     decisions = _run(select_run, recipe, overrides or [], only, allow_pickle=allow_pickle)
     if as_json:
-        print(json.dumps(decisions, indent=2, ensure_ascii=False))
+        print(json.dumps({name: d.as_dict() for name, d in decisions.items()}, indent=2, ensure_ascii=False))
         return
     for name, decision in decisions.items():
-        stdout.print(select_table(name, decision))
+        stdout.print(select_table(name, decision.as_dict()))
 
 
 @app.command()
@@ -165,7 +169,7 @@ def demo(overrides: Optional[list[str]] = OVERRIDES_ARG,
 
     started = time.perf_counter()
     summary = _run(run_demo, out, seed, overrides or [],
-                   log=lambda line: console.print(line, markup=False, highlight=False))
+                   log=lambda line: console.print(cli_words(line), markup=False, highlight=False))
     stdout.print(demo_table(summary))
     verification = summary["merged"]["verification"]
     merged = summary["merged"]
@@ -219,7 +223,7 @@ def eval_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/dem
 
     settings = GenerationSettings(enabled=not no_generate, max_new_tokens=max_new_tokens, max_examples=max_examples)
     result = _run(evaluate_run, run, merged or [], settings, log=lambda message: console.print(f"[dim]{message}[/]"))
-    stdout.print(eval_table(result))
+    stdout.print(eval_table(result.as_dict()))
     for line in stale_outputs(run):  # merged folders made with adapters that were retrained since
         console.print(f"[yellow]stale:[/] {escape(line)} (merge again to refresh it)", highlight=False)
     stdout.print(f"saved {run / 'eval.json'}")
@@ -230,8 +234,8 @@ def report(run: Path = typer.Argument(..., help="run folder, e.g. runs/demo")) -
     """Write report.md and a self-contained report.html for a run (evaluates first if eval.json is missing)."""
     from .reporting import write_report
 
-    md_path, html_path = _run(write_report, run)
-    stdout.print(f"wrote {md_path} and {html_path}")
+    written = _run(write_report, run)
+    stdout.print(f"wrote {written.markdown} and {written.html}")
 
 
 @app.command("inspect")
@@ -275,7 +279,7 @@ def merge_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/<r
     report = _run(merge, run, _names_flag(adapters), _weights_flag(weights), method, out_dir=out, dtype=dtype,
                   density=density,
                   overwrite=overwrite, echo=lambda line: stdout.print(line, markup=False, highlight=False))
-    for part in render_merge(report):
+    for part in render_merge(report.as_dict()):
         stdout.print(part)
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .device import accelerator, dtype_name, pick_dtype
+from .device import accelerator, dtype_name
 from .errors import ModelError
 from .recipe import ModelSpec
 
@@ -98,11 +98,11 @@ def platform_error(config: BitsAndBytesConfig, exc: Exception) -> ModelError:
     return _cannot_run("8bit" if getattr(config, "load_in_8bit", False) else "4bit", version, exc)
 
 
-def quantization_config(spec: ModelSpec) -> BitsAndBytesConfig | None:
+def quantization_config(spec: ModelSpec, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     """transformers' BitsAndBytesConfig for a recipe's `model:` block (None without quantization).
 
-    The compute dtype is the recipe's dtype: `auto` is bfloat16 where the hardware runs it natively, else
-    float32 (a CPU without AVX512-BF16/AMX runs bfloat16 matmuls many times slower than float32).
+    The compute dtype is `dtype`, the workspace's (`pipeline.Workspace.dtype`: the recipe's `dtype` resolved, `auto`
+    being bfloat16 where the hardware runs it natively, else float32).
     """
     if spec.quantization is None:
         return None
@@ -113,17 +113,17 @@ def quantization_config(spec: ModelSpec) -> BitsAndBytesConfig | None:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
                               bnb_4bit_use_double_quant=spec.double_quant,
-                              bnb_4bit_compute_dtype=pick_dtype(spec.dtype))
+                              bnb_4bit_compute_dtype=dtype)
 
 
-def describe(spec: ModelSpec) -> str | None:
-    """'4bit nf4, double quantization, compute float32' (None without quantization)."""
+def describe(spec: ModelSpec, dtype: torch.dtype) -> str | None:
+    """'4bit nf4, double quantization, compute float32' (None without quantization; `dtype`: the compute dtype)."""
     if spec.quantization is None:
         return None
     if spec.quantization == "8bit":
         return "8bit (LLM.int8)"
     double = ", double quantization" if spec.double_quant else ""
-    return f"4bit {spec.quant_type}{double}, compute {dtype_name(pick_dtype(spec.dtype))}"
+    return f"4bit {spec.quant_type}{double}, compute {dtype_name(dtype)}"
 
 
 def is_quantized(model: nn.Module) -> bool:

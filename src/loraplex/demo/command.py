@@ -93,12 +93,12 @@ def _run_demo(out_dir: Path, seed: int, overrides: list[str] | None, sizes: dict
                          echo=log)
     log("evaluating base, adapters and the merged model")
     evaluation = evaluate_run(result.run_dir, merged=[merged_model], checkers=demo_checkers(loaded), log=log,
-                              generation={"max_new_tokens": 24, "batch_size": 40, "cross": False})
-    _, html = write_report(result.run_dir)
+                              generation={"max_new_tokens": 24, "batch_size": 40, "cross": False}).as_dict()
+    html = write_report(result.run_dir).html
     summary = {"seed": seed, "run_dir": str(result.run_dir), "report": str(html),
                "merged": {"dir": str(merged_model), "adapters": list(MERGED), "method": MERGE_METHOD,
-                          "weights": {a["name"]: a["weight"] for a in merge_report["adapters"]},
-                          "verification": _verification(merge_report)},
+                          "weights": {a.name: a.weight for a in merge_report.adapters},
+                          "verification": _verification(merge_report.as_dict())},
                "results": demo_rows(evaluation, result.adapters, merged_label=_merged_label(evaluation))}
     atomic_write_json(result.run_dir / DEMO_RESULTS, summary)
     return summary

@@ -20,7 +20,7 @@ def load_base(ws: Workspace, allow_pickle: bool = False) -> tuple[torch.nn.Modul
     """
     spec = ws.recipe.model
     dtype = ws.dtype
-    config = quantization_config(spec)  # checks that bitsandbytes runs here before anything is loaded
+    config = quantization_config(spec, dtype)  # checks that bitsandbytes runs here before anything is loaded
     record: dict = {"dtype": dtype_name(dtype)}
     if config is not None:
         full = load_model(ws.base, dtype, spec.trust_remote_code, allow_pickle=allow_pickle)
@@ -33,6 +33,6 @@ def load_base(ws: Workspace, allow_pickle: bool = False) -> tuple[torch.nn.Modul
     fingerprint = base_fingerprint(model, dtype)
     record.setdefault("base_fingerprint", fingerprint)
     if config is not None:
-        record.update(quantization=describe(spec), quantized_base_fingerprint=fingerprint)
+        record.update(quantization=describe(spec, dtype), quantized_base_fingerprint=fingerprint)
     record["gradient_checkpointing"] = gradient_checkpointing(spec)
     return model, record
