@@ -86,6 +86,9 @@ def test_tensorboard_holds_one_run_per_tracked_adapter(tracked):
     result, evaluation, report = tracked
     root = result.run_dir / "tracking" / "tensorboard" / "t"
     assert sorted(p.name for p in root.iterdir()) == ["chat", "say"]  # spell has report_to: []
+    for name in ("chat", "say"):  # the runs' ids, written through records (the eval and merge reopened them)
+        saved = json.loads((result.run_dir / "tracking" / f"{name}.json").read_text(encoding="utf-8"))
+        assert next(iter(saved)) == "schema" and saved["label"] == f"t/{name}" and "tensorboard" in saved
     for name in ("chat", "say"):
         events = EventAccumulator(str(root / name), size_guidance={"scalars": 0, "tensors": 0})
         events.Reload()

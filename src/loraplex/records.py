@@ -1,6 +1,7 @@
 """The run folder's JSON records, typed and versioned, written and read only here: run.json (`RunRecord`), each
 adapter's loraplex.json (`AdapterRecord`), eval.json (`EvalRecord`), a merged model's merge_report.json
-(`MergeRecord`) and a `target_modules: auto` decision in the selection cache (`SelectionRecord`).
+(`MergeRecord`), an adapter's tracked runs in tracking/<adapter>.json (`TrackingRecord`) and a `target_modules:
+auto` decision in the selection cache (`SelectionRecord`).
 
 `write_record` validates a record and writes it with `"schema": SCHEMA` first; `read_record` refuses a file of a
 newer schema, validates the rest and returns the model. A file without `schema` (written before records were
@@ -124,6 +125,17 @@ class SelectionRecord(Record):
     seconds: Optional[float] = None
     cached: Optional[bool] = Field(None, description="answered from the cache")
     recipe_target_modules: Optional[Any] = Field(None, description="what the recipe names (`auto` or modules)")
+
+
+class TrackingRecord(Record):
+    """tracking/<adapter>.json: the adapter's runs in its trackers (`report_to`), what reopens them to add figures."""
+
+    label: str = Field(description="<run_name>/<adapter>, the runs' name")
+    step: int = Field(0, description="the adapter's last training step, where later figures are logged")
+    tensorboard: Optional[dict[str, Any]] = Field(None, description="logdir")
+    mlflow: Optional[dict[str, Any]] = Field(None, description="uri, run_id")
+    wandb: Optional[dict[str, Any]] = Field(None, description="id")
+    trackio: Optional[dict[str, Any]] = Field(None, description="project, name")
 
 
 R = TypeVar("R", bound=Record)
