@@ -33,7 +33,7 @@ def test_the_readme_python_block_runs(tiny_model_dir, tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(blocks[0], str(README), "exec"), scope)
-    assert [s["name"] for s in scope["stats"]] == ["zh", "en"]
+    assert [s.name for s in scope["stats"]] == ["zh", "en"] and all(s.answer_tokens > 0 for s in scope["stats"])
     assert set(scope["run"].adapters) == {"zh", "en"} and (tmp_path / "runs" / "recipe" / "merged" / "zh+en").is_dir()
     assert scope["report"].method == "sum" and [a.weight for a in scope["report"].adapters] == [1.0, 0.5]
     matrix = scope["matrix"]  # its diagonal is the held-out loss training recorded

@@ -207,7 +207,7 @@ def test_report_display_and_inspect_name_each_variant(variants_run):
     assert all(name in shown for name in names), shown
     recipe = recipe_section(RunData(result.run_dir, read_recipe(result.run_dir), result.adapters, {}))
     assert [row[5] for row in recipe.blocks[0].rows] == names
-    console.print(*render_inspect(inspect_adapter(result.run_dir / "adapters" / "pissa")))
+    console.print(*render_inspect(inspect_adapter(result.run_dir / "adapters" / "pissa").to_dict()))
     assert "variant: PiSSA" in console.export_text()
 
 

@@ -9,7 +9,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -91,7 +91,7 @@ def prepare(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDE
     from .pipeline import prepare_recipe
     from .display import prepare_table
 
-    stats = _run(prepare_recipe, recipe, overrides or [], only)
+    stats = [asdict(s) for s in _run(prepare_recipe, recipe, overrides or [], only)]
     if as_json:
         print(json.dumps(stats, indent=2, ensure_ascii=False))
     else:
@@ -248,7 +248,7 @@ def inspect_command(adapter_dir: Path = typer.Argument(..., help="adapter folder
     from .display import render_inspect
     from .inspect_adapter import inspect_adapter
 
-    report = _run(inspect_adapter, adapter_dir, layer=layer, module=module)
+    report = _run(inspect_adapter, adapter_dir, layer=layer, module=module).to_dict()
     if as_json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return
