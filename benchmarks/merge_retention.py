@@ -93,7 +93,7 @@ def measure(run_dir: Path, group: tuple[str, ...], work: Path) -> dict:
     report = merge(run_dir, list(group), method="weights-search", out_dir=work / "merged" / "+".join(group),
                    overwrite=True)
     search_seconds = time.perf_counter() - started
-    rows = report["heldout"]["datasets"]  # on the report rows: base, own adapter, merged at the searched weights
+    rows = report.heldout["datasets"]  # on the report rows: base, own adapter, merged at the searched weights
     union = "union_" + "_".join(group)
     plan = plan_merge(run_dir, [*group, union], None, "sum", "float32")
     _, report_rows = halves(plan)
@@ -129,7 +129,7 @@ def measure(run_dir: Path, group: tuple[str, ...], work: Path) -> dict:
     union_meta = adapter_metadata(adapter_dir(run_dir, union))
     return {"group": list(group), "base": {n: rows[n]["base"] for n in group},
             "adapter": {n: rows[n]["adapter"] for n in group}, "losses": losses, "retention": retention,
-            "weights": report["weights_search"]["weights"], "search": report["weights_search"],
+            "weights": report.weights_search["weights"], "search": report.weights_search,
             "report_rows": {n: rows[n]["rows"] for n in group}, "search_seconds": search_seconds,
             "union_training_s": union_meta["wall_time_s"], "compose_merged": list(COMPOSE_MERGE[group]),
             "compose_training_s": sum(adapter_metadata(adapter_dir(run_dir, n))["wall_time_s"]

@@ -255,7 +255,7 @@ def test_loftq_starts_closer_to_the_full_precision_weights(tiny_model_dir, tmp_p
                                     quantization="4bit"))
     spec = ws.recipe.dataset("q")
     full = load_model(ws.base, torch.float32).model.layers[0].self_attn.q_proj.weight.detach()
-    model = load_model(ws.base, torch.float32, quantization_config=quantization_config(ws.recipe.model))
+    model = load_model(ws.base, torch.float32, quantization_config=quantization_config(ws.recipe.model, ws.dtype))
     peft_model = Variant(spec, [], tmp_path / "ck", ws.base).inject(model, lora_config(spec))
     layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     weight = layer.get_base_layer().weight
