@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 import yaml
+
+from common import add_output_options, work_folder
 
 GROUPS = (("zh", "en"), ("zh", "en", "ja"))
 # compose: (adapter, its data, the adapters it trains on top of); per group the adapters merged for "compose"
@@ -92,7 +93,7 @@ def measure(run_dir: Path, group: tuple[str, ...], work: Path) -> dict:
     report = merge(run_dir, list(group), method="weights-search", out_dir=work / "merged" / "+".join(group),
                    overwrite=True)
     search_seconds = time.perf_counter() - started
-    rows = report["heldout"]["datasets"]  # on the report rows: base, own adapter, merged at the searched weights
+    rows = report.heldout["datasets"]  # on the report rows: base, own adapter, merged at the searched weights
     union = "union_" + "_".join(group)
     plan = plan_merge(run_dir, [*group, union], None, "sum", "float32")
     _, report_rows = halves(plan)
@@ -128,7 +129,7 @@ def measure(run_dir: Path, group: tuple[str, ...], work: Path) -> dict:
     union_meta = adapter_metadata(adapter_dir(run_dir, union))
     return {"group": list(group), "base": {n: rows[n]["base"] for n in group},
             "adapter": {n: rows[n]["adapter"] for n in group}, "losses": losses, "retention": retention,
-            "weights": report["weights_search"]["weights"], "search": report["weights_search"],
+            "weights": report.weights_search["weights"], "search": report.weights_search,
             "report_rows": {n: rows[n]["rows"] for n in group}, "search_seconds": search_seconds,
             "union_training_s": union_meta["wall_time_s"], "compose_merged": list(COMPOSE_MERGE[group]),
             "compose_training_s": sum(adapter_metadata(adapter_dir(run_dir, n))["wall_time_s"]
@@ -156,19 +157,14 @@ def show(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/tmp/loraplex-merge-retention")
-    parser.add_argument("--out", default=None)
+    add_output_options(parser, "/tmp/loraplex-merge-retention")
     parser.add_argument("--model", default="default", help="base model (default: the embedded SmolLM2)")
     parser.add_argument("--max-steps", type=int, default=None, help="a quick check: this many steps per adapter")
     parser.add_argument("--rows", type=int, default=None, help="a quick check: this many training rows per language")
     args = parser.parse_args()
     from loraplex.training.runner import train
 
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    print(f"{os.cpu_count()} cores, native bf16: {'yes' if 'avx512_bf16' in flags or 'amx_bf16' in flags else 'no'}",
-          flush=True)
+    work = work_folder(args)
     sizes = {"n_train": args.rows, "n_val": 8, "n_test": 4} if args.rows else None
     run = train(recipe(work, args.model, args.max_steps, sizes), overwrite=True, progress=False)
     results = [measure(run.run_dir, group, work) for group in GROUPS]

@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+from common import cpu_line
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
 CONFIGS = {
@@ -229,6 +231,7 @@ def main() -> None:
     if not args.data.is_file():
         raise SystemExit(f"{args.data} does not exist; pass a data file (alpaca or messages rows)")
     names = args.configs.split(",")
+    print(cpu_line(), flush=True)
     print(f"SmolLM2-135M-Instruct, {args.data.name}: first {args.rows} rows, max_seq_length 256, all-linear r 16, "
           f"batch {args.batch_size}, {args.steps} steps, {args.threads} thread(s), "
           f"{attention_setting().get('packed_attention', 'default')} packed attention; each configuration in a "

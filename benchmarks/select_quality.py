@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import yaml
+
+from common import cpu_line
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -142,17 +142,6 @@ def summary(runs: list[dict]) -> dict:
     return {"mean": mean, "best_fixed": best, "regret_per_seed": regrets, "mean_regret": statistics.mean(regrets),
             "best_fixed_spread": max(best_losses) - min(best_losses),
             "auto_chose": [r["adapters"]["auto"]["selection"]["winner"] for r in runs]}
-
-
-def cpu_line() -> str:
-    import torch
-
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
-                platform.machine())
-    bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-    return (f"CPU {name}, {os.cpu_count()} cores, native bf16: {'yes' if bf16 else 'no (AVX2 or older)'}; "
-            f"torch {torch.__version__}")
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from select_quality import cpu_line
+from common import add_output_options, add_seed_options, cpu_line, demo_entry, seeds, work_folder
 
 VARIANTS = {"lora": {}, "pissa": {"init": "pissa"}, "olora": {"init": "olora"}, "eva": {"init": "eva"},
             "loraplus": {"loraplus_lr_ratio": 16}}
@@ -30,18 +30,14 @@ VARIANTS = {"lora": {}, "pissa": {"init": "pissa"}, "olora": {"init": "olora"}, 
 
 def run_seed(seed: int, max_steps: int, work: Path) -> dict:
     """Train every variant at one seed; returns name -> held-out loss, params, init seconds, wall time."""
-    from loraplex.demo.data import DEMO_ADAPTERS, demo_file, write_demo_data
-    from loraplex.demo.command import DEMO_SIZES, DEMO_SYSTEM, demo_recipe
+    from loraplex.demo.data import DEMO_ADAPTERS
     from loraplex.run import adapter_dir, adapter_metadata
     from loraplex.training.runner import train
 
-    if not (work / "data").is_dir():
-        write_demo_data(work / "data", seed=0, **DEMO_SIZES)
-    defaults = demo_recipe(seed)["defaults"]
-    defaults["train"].update(max_steps=max_steps, save_steps=max_steps)
     lang, targets = DEMO_ADAPTERS["zh"]
-    entry = {"path": str(work / demo_file(lang, "train")), "val_path": str(work / demo_file(lang, "val")),
-             "system": DEMO_SYSTEM, "target_modules": targets}
+    defaults, entry = demo_entry(work, lang, seed)
+    defaults["train"].update(max_steps=max_steps, save_steps=max_steps)
+    entry["target_modules"] = targets
     datasets = [{**entry, "name": name, "lora": {**defaults["lora"], **lora}} for name, lora in VARIANTS.items()]
     run_name = f"variants-seed{seed}-steps{max_steps}"
     recipe = {"model": {"path": "default"}, "run_name": run_name, "output_dir": str(work / "runs"),
@@ -73,18 +69,14 @@ def print_table(runs: list[dict], seeds: list[int]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--first-seed", type=int, default=0)
+    add_seed_options(parser)
     parser.add_argument("--max-steps", type=int, default=20, help="optimizer steps per adapter (the demo's epoch: 40)")
-    parser.add_argument("--work", default="/tmp/loraplex-variants")
-    parser.add_argument("--out", default=None)
+    add_output_options(parser, "/tmp/loraplex-variants")
     args = parser.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    print(cpu_line(), flush=True)
+    work = work_folder(args)
     results: dict = {"cpu": cpu_line(), "max_steps": args.max_steps, "variants": VARIANTS, "runs": {}}
     started = time.perf_counter()
-    for seed in range(args.first_seed, args.first_seed + args.seeds):  # saved after every seed: an interrupted
+    for seed in seeds(args):  # saved after every seed: an interrupted
         results["runs"][seed] = run_seed(seed, args.max_steps, work)  # benchmark keeps what it measured
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False))

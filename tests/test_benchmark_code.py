@@ -50,3 +50,26 @@ def test_ceiling_reads_the_model_shapes(tiny_model_dir):
     assert ceiling.pass_seconds([12, 20], 0).get("lm_head", 0.0) == 0.0
     at16, at32 = ceiling._attn_time(16), ceiling._attn_time(32)
     assert ceiling.attention(20) == pytest.approx(at16 + (at32 - at16) / 4)  # linear between grid points
+
+
+def test_the_shared_benchmark_helpers(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import common
+
+    for script in ("variants", "merge_retention", "select_quality", "qlora_memory"):
+        importlib.import_module(script)  # each finds what it takes from common
+    line = common.cpu_line()
+    assert f"{__import__('os').cpu_count()} cores" in line and "native bf16" in line and "load" in line
+    assert set(common.cpu_features()) <= set(common.CPU_FEATURES)
+    parser = argparse.ArgumentParser()
+    common.add_seed_options(parser)
+    common.add_output_options(parser, str(tmp_path / "work"))
+    args = parser.parse_args(["--seeds", "2", "--first-seed", "5"])
+    assert list(common.seeds(args)) == [5, 6] and args.out is None
+    assert common.work_folder(args).is_dir() and capsys.readouterr().out.startswith("CPU ")
+    calls = []
+    assert common.median_seconds(lambda: calls.append(1), repeats=3) >= 0 and len(calls) == 3
+    value, seconds = common.timed(lambda: 42)
+    assert value == 42 and seconds >= 0

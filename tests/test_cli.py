@@ -214,3 +214,9 @@ def test_library_messages_in_the_cli_words():
         "--weights: --method weights-search picks them; leave --weights out"
     assert cli_words("2 problems:\n  - only: unknown dataset 'fr'") == "2 problems:\n  - --only: unknown dataset 'fr'"
     assert cli_words("datasets[a].lora.r: must be a whole number") == "datasets[a].lora.r: must be a whole number"
+    assert cli_words("out: /x exists; choose another file, or pass force=True to replace it") == \
+        "--out: /x exists; choose another file, or pass --force to replace it"
+    assert cli_words("b: not named by `only`; train it first (or leave only=None)") == \
+        "b: not named by --only; train it first (or leave --only out)"
+    assert cli_words("export the merged folder (merged=<folder>)") == "export the merged folder (--merged <folder>)"
+    assert cli_words("a layout=x with max_rows=3") == "a layout=x with max_rows=3"  # only whole parameter names

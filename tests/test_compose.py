@@ -80,7 +80,7 @@ def test_the_sum_is_the_model_the_adapter_trained_in(composed):
     meta = result.adapters["zh"]
     assert meta["heldout_loss_composed"] != pytest.approx(meta["heldout_loss"], abs=1e-4)  # en mattered
     report = merge(result.run_dir, ["zh", "en"], out_dir=result.run_dir.parent / "zh+en")
-    assert report["heldout"]["datasets"]["zh"]["merged"] == pytest.approx(meta["heldout_loss_composed"], abs=1e-4)
+    assert report.heldout["datasets"]["zh"]["merged"] == pytest.approx(meta["heldout_loss_composed"], abs=1e-4)
 
 
 @pytest.mark.parametrize("compose, message", [

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from loraplex.cli import app
 from loraplex.demo.data import DEMO_ADAPTERS
 from loraplex.demo.command import demo_recipe, run_demo, targets_met
-from loraplex.errors import LoraplexError
+from loraplex.errors import LoraplexError, ParameterError
 from loraplex.recipe import load_recipe
 from loraplex.run import adapter_metadata
 
@@ -83,8 +83,10 @@ def test_demo_refuses_a_folder_it_did_not_make(inside, tmp_path):
     out.mkdir()
     for name in inside:
         (out / name).write_text('{"recipe_fingerprint": "x"}', encoding="utf-8")
-    with pytest.raises(LoraplexError, match=f"--out {out} exists and was not made by `loraplex demo`; choose a new"):
+    with pytest.raises(ParameterError, match=f"out_dir: {out} exists and was not made by `loraplex demo`; choose"):
         run_demo(out, seed=0, sizes=SMALL, progress=False)
+    refused = CliRunner().invoke(app, ["demo", "--out", str(out)])  # the CLI names its flag
+    assert refused.exit_code == 2 and "error: --out: " in refused.output and "out_dir" not in refused.output
     assert sorted(p.name for p in out.iterdir()) == sorted(inside)
 
 

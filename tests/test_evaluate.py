@@ -12,6 +12,7 @@ from conftest import write_jsonl
 from loraplex.demo.data import demo_checkers
 from loraplex.evaluation import (GenerationSettings, chrf, evaluate_run, exact_match,
                                load_test_split)
+from loraplex.records import EvalRecord, read_record
 
 WORDS = ["apple", "river", "stone", "cloud", "amber", "pilot"]
 FRUIT = ["苹果", "河流", "石头", "云朵", "琥珀", "飞行员"]
@@ -52,7 +53,7 @@ def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def matrix(run_dir) -> dict:
+def matrix(run_dir) -> EvalRecord:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORAPLEX_HOME", str(run_dir.parent.parent / "home"))
         return evaluate_run(run_dir, generation=GENERATION)
@@ -63,11 +64,11 @@ def trained_meta(run_dir: Path, name: str) -> dict:
 
 
 def test_matrix_shape(matrix):
-    assert [r["name"] for r in matrix["rows"]] == ["base", "en", "en_all", "zh"]
-    assert [r["kind"] for r in matrix["rows"]] == ["base", "adapter", "adapter", "adapter"]
-    assert [c["name"] for c in matrix["columns"]] == ["en", "en_all", "zh"]
-    assert set(matrix["metrics"]) == {"base", "en", "en_all", "zh"}
-    for row in matrix["metrics"].values():
+    assert [r["name"] for r in matrix.rows] == ["base", "en", "en_all", "zh"]
+    assert [r["kind"] for r in matrix.rows] == ["base", "adapter", "adapter", "adapter"]
+    assert [c["name"] for c in matrix.columns] == ["en", "en_all", "zh"]
+    assert set(matrix.metrics) == {"base", "en", "en_all", "zh"}
+    for row in matrix.metrics.values():
         assert set(row) == {"en", "en_all", "zh"}
         for cell in row.values():
             assert cell["loss"] > 0 and cell["tokens"] > 0 and 0 <= cell["token_accuracy"] <= 1
@@ -77,28 +78,29 @@ def test_matrix_shape(matrix):
 def test_diagonal_and_base_row_equal_the_training_numbers(matrix, run_dir):
     for name in ("en", "en_all", "zh"):
         meta = trained_meta(run_dir, name)
-        assert matrix["metrics"][name][name]["loss"] == pytest.approx(meta["heldout_loss"], abs=1e-5)
-        assert matrix["metrics"]["base"][name]["loss"] == pytest.approx(meta["heldout_loss_base"], abs=1e-5)
-        assert matrix["metrics"][name][name]["token_accuracy"] == pytest.approx(meta["heldout_token_accuracy"])
+        assert matrix.metrics[name][name]["loss"] == pytest.approx(meta["heldout_loss"], abs=1e-5)
+        assert matrix.metrics["base"][name]["loss"] == pytest.approx(meta["heldout_loss_base"], abs=1e-5)
+        assert matrix.metrics[name][name]["token_accuracy"] == pytest.approx(meta["heldout_token_accuracy"])
     # the adapters do differ from the base and from each other
-    assert matrix["metrics"]["zh"]["zh"]["loss"] < matrix["metrics"]["base"]["zh"]["loss"]
-    assert matrix["metrics"]["en"]["zh"]["loss"] != matrix["metrics"]["zh"]["zh"]["loss"]
+    assert matrix.metrics["zh"]["zh"]["loss"] < matrix.metrics["base"]["zh"]["loss"]
+    assert matrix.metrics["en"]["zh"]["loss"] != matrix.metrics["zh"]["zh"]["loss"]
     # the same data under two entries gives the same held-out numbers for every model
-    for row in matrix["metrics"].values():
+    for row in matrix.metrics.values():
         assert row["en"]["loss"] == row["en_all"]["loss"]
 
 
 def test_generation_metrics_only_where_a_test_split_exists(matrix, run_dir):
-    for row in matrix["metrics"].values():
+    for row in matrix.metrics.values():
         assert row["en"]["test_examples"] == 4 and 0 <= row["en"]["exact_match"] <= 1 and 0 <= row["en"]["chrf"] <= 100
         assert row["zh"]["test_examples"] == 4
         assert "exact_match" not in row["en_all"]
-    assert set(matrix["samples"]) == {"en", "zh"}
-    sample = matrix["samples"]["zh"][0]
+    assert set(matrix.samples) == {"en", "zh"}
+    sample = matrix.samples["zh"][0]
     assert sample["question"] == "重复：苹果" and sample["reference"] == "苹果苹果"
     assert set(sample["outputs"]) == {"base", "en", "en_all", "zh"}
     saved = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
-    assert saved["metrics"] == matrix["metrics"]
+    assert saved["metrics"] == matrix.metrics and saved["schema"] == 1
+    assert read_record(run_dir / "eval.json", EvalRecord).rows == matrix.rows  # evaluate returns the file's record
     assert not list(run_dir.glob(".eval.json.*"))  # written atomically, no leftovers
 
 
@@ -189,8 +191,8 @@ def test_a_run_trained_from_a_recipe_file_with_relative_paths(tiny_model_dir, tm
     run = train("recipe.yaml", progress=False).run_dir
     result = evaluate_run(Path("runs/recipe"), generation={"max_examples": 2, "max_new_tokens": 2})
     meta = trained_meta(run, "en")
-    assert result["metrics"]["en"]["en"]["loss"] == pytest.approx(meta["heldout_loss"], abs=1e-5)
-    assert result["metrics"]["base"]["en"]["test_examples"] == 2
+    assert result.metrics["en"]["en"]["loss"] == pytest.approx(meta["heldout_loss"], abs=1e-5)
+    assert result.metrics["base"]["en"]["test_examples"] == 2
 
 
 def test_a_recipe_checker_judges_exact_match(run_dir, tmp_path, monkeypatch):
@@ -211,10 +213,10 @@ def test_a_recipe_checker_judges_exact_match(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("loraplex.evaluation.generate", lambda model, tokenizer, prompts, *args: [
         "答：苹果苹果。", "river"][:len(prompts)])
     result = evaluate_run(copy, generation=GenerationSettings(max_examples=2, cross=True))
-    columns = {c["name"]: c["exact_match"] for c in result["columns"]}
+    columns = {c["name"]: c["exact_match"] for c in result.columns}
     assert columns == {"en": "stripped string equality", "en_all": "stripped string equality",
                        "zh": "expected answer contained"}
-    for cells in result["metrics"].values():
+    for cells in result.metrics.values():
         assert cells["zh"]["exact_match"] == 0.5 and cells["en"]["exact_match"] == 0.0
 
 

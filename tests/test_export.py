@@ -120,3 +120,23 @@ def test_cli_prints_writes_and_refuses(good_run, tmp_path):
     assert warned.exit_code == 0 and "warning: en: targets o_proj, v_proj" in warned.output
     missing = runner.invoke(app, ["export", "vllm", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "is not a loraplex run" in missing.output
+
+
+def test_loraplex_export_dispatches_and_names_its_parameters(good_run, tmp_path):
+    import loraplex
+    from loraplex.errors import ParameterError
+
+    out = tmp_path / "serve.sh"
+    export = loraplex.export(good_run, loraplex.ExportFormat.VLLM, out=out)
+    assert export.command == vllm_command(good_run).command and out.read_text() == "#!/bin/sh\n" + export.text()
+    with pytest.raises(ParameterError, match=r"^out: .* exists; choose another file, or pass force=True") as again:
+        loraplex.export(good_run, "vllm", out=out)
+    assert again.value.param == "out"
+    assert loraplex.export(good_run, "vllm", out=out, force=True).max_lora_rank == 16
+    with pytest.raises(ParameterError, match="^adapters: the vllm export does not read it") as foreign:
+        loraplex.export(good_run, "vllm", adapters=["zh"])
+    assert foreign.value.param == "adapters"
+    with pytest.raises(ParameterError, match="^to: 'onnx' is not an export format; choose one of 'vllm', 'gguf'"):
+        loraplex.export(good_run, "onnx")
+    refused = runner.invoke(app, ["export", "vllm", str(good_run), "--out", str(out)])  # the CLI names its flags
+    assert refused.exit_code == 2 and "error: --out: " in refused.output and "pass --force to" in refused.output

@@ -226,7 +226,8 @@ def test_the_cli_writes_and_refuses_to_overwrite(trained, monkeypatch):
     assert (out / "zh" / "lora.gguf").is_file() and (out / "merged-zh.q8_0.gguf").is_file()
     assert f"--lora {out / 'zh' / 'lora.gguf'}" in result.output
     again = CliRunner().invoke(app, args)
-    assert again.exit_code == 2 and "exists; choose another --out, or pass --force" in again.output
+    assert again.exit_code == 2 and "--out: " in again.output
+    assert "choose another folder, or pass --force" in again.output
     assert CliRunner().invoke(app, args + ["--force"]).exit_code == 0
 
 

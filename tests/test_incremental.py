@@ -210,7 +210,7 @@ def test_export_refuses_to_replace_a_file(run, tmp_path):
     _, run_dir = run
     out = tmp_path / "serve.sh"
     out.write_text("mine", encoding="utf-8")
-    with pytest.raises(LoraplexError, match="exists; choose another file, or pass --force"):
+    with pytest.raises(LoraplexError, match="^out: .* exists; choose another file, or pass force=True"):
         export_vllm(run_dir, out)
     assert out.read_text(encoding="utf-8") == "mine"
     export_vllm(run_dir, out, force=True)

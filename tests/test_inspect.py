@@ -31,14 +31,14 @@ def adapters(tiny_model_dir, tmp_path_factory):
 def test_numbers_match_a_direct_computation(adapters, tiny_model_dir, name, scaling, formula):
     adapter_dir = adapters[name]
     report = inspect_adapter(adapter_dir)
-    assert report["scaling"] == scaling and report["scaling_formula"] == formula
-    assert report["use_rslora"] == (name == "rslora") and not report["use_dora"]
-    assert "not W + B@A" in report["merge_formula"]
+    assert report.scaling == scaling and report.scaling_formula == formula
+    assert report.use_rslora == (name == "rslora") and not report.use_dora
+    assert "not W + B@A" in report.merge_formula
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
-    assert report["trainable_params"] == sum(t.numel() for t in tensors.values())
+    assert report.trainable_params == sum(t.numel() for t in tensors.values())
     base = load_file(tiny_model_dir / "model.safetensors")
-    assert len(report["modules"]) == len(tensors) // 2
-    for row in report["modules"]:
+    assert len(report.modules) == len(tensors) // 2
+    for row in report.modules:
         A, B = (tensors[f"base_model.model.{row['name']}.lora_{part}.weight"] for part in "AB")
         W, delta = base[f"{row['name']}.weight"].double(), direct_delta(adapter_dir, row["name"])
         assert row["A_shape"] == [4, 64] and row["B_shape"] == [W.shape[0], 4]
@@ -55,8 +55,8 @@ def test_layer_and_module_show_the_values(adapters, tiny_model_dir):
     adapter_dir = adapters["plain"]
     report = inspect_adapter(adapter_dir, layer=1, module="q_proj")
     name = "model.layers.1.self_attn.q_proj"
-    assert [row["name"] for row in report["modules"]] == [name]
-    values = report["values"]
+    assert [row["name"] for row in report.modules] == [name]
+    values = report.values
     W = load_file(tiny_model_dir / "model.safetensors")[f"{name}.weight"].double()
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
     A, B = (tensors[f"base_model.model.{name}.lora_{p}.weight"].double() for p in "AB")
@@ -64,19 +64,20 @@ def test_layer_and_module_show_the_values(adapters, tiny_model_dir):
     for key, expected in (("W", W), ("A", A), ("B", B), ("BA", B @ A), ("delta", delta), ("merged", W + delta)):
         torch.testing.assert_close(torch.tensor(values[key], dtype=torch.float64), expected[:4, :4], rtol=0, atol=1e-6)
     assert values["scaling"] == 2.0 and not torch.allclose(torch.tensor(values["delta"]), torch.tensor(values["BA"]))
-    assert "values" not in loraplex.inspect(adapter_dir, module="q_proj")  # two layers: no values
+    assert loraplex.inspect(adapter_dir, module="q_proj").values is None  # two layers: no values
+    assert "values" not in loraplex.inspect(adapter_dir, module="q_proj").to_dict()  # nor in --json
 
 
 def test_dora_reports_its_effective_change(adapters, tiny_model_dir):
     report = inspect_adapter(adapters["dora"], layer=0, module="o_proj")
-    assert report["use_dora"] and "DoRA" in report["merge_formula"] and report["scaling"] == 2.0
+    assert report.use_dora and "DoRA" in report.merge_formula and report.scaling == 2.0
     name = "model.layers.0.self_attn.o_proj"
     W = load_file(tiny_model_dir / "model.safetensors")[f"{name}.weight"].double()
     m = load_file(adapters["dora"] / "adapter_model.safetensors")[f"base_model.model.{name}.lora_magnitude_vector"]
     V = W + direct_delta(adapters["dora"], name)
     merged = (m.double() / V.norm(dim=1))[:, None] * V
-    assert report["modules"][0]["delta_norm"] == pytest.approx(float((merged - W).norm()), rel=1e-5)
-    assert report["trainable_params"] == 2 * (2 * 64 + 64 * 2 + 64)  # A, B and the magnitude vector
+    assert report.modules[0]["delta_norm"] == pytest.approx(float((merged - W).norm()), rel=1e-5)
+    assert report.trainable_params == 2 * (2 * 64 + 64 * 2 + 64)  # A, B and the magnitude vector
 
 
 def test_bad_selections_say_what_exists(adapters):

@@ -284,7 +284,7 @@ def test_train_merge_load_round_trip(llama3_tokenizer, llama3_model_dir, tmp_pat
 
     out = tmp_path / "merged"
     report = loraplex.merge(result.run_dir, ["alpaca"], out_dir=out)  # raises if the merge is off
-    assert report["exact"]
+    assert report.exact
 
     adapter_dir = result.run_dir / "adapters" / "alpaca"
     loaded = loraplex.adapters.load(str(llama3_model_dir), {"alpaca": adapter_dir}, dtype="float32").use("alpaca")

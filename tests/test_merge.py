@@ -19,6 +19,7 @@ from loraplex.errors import LoraplexError, ParameterError
 from loraplex.merging import merge
 from loraplex.merging.plan import MergeMethod, plan_merge
 from loraplex.models import base_fingerprint, load_model, resolve_base
+from loraplex.records import MergeRecord
 
 runner = CliRunner()
 Q0, V1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
@@ -89,7 +90,7 @@ def run(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def merged_q(run, tiny_model_dir) -> tuple[Path, dict]:
+def merged_q(run, tiny_model_dir) -> tuple[Path, MergeRecord]:
     base_before = folder_digest(tiny_model_dir)
     out = run.parent / "merged-q"
     report = merge(run, ["q"], out_dir=out)
@@ -98,7 +99,7 @@ def merged_q(run, tiny_model_dir) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def merged_v(run) -> tuple[Path, dict]:
+def merged_v(run) -> tuple[Path, MergeRecord]:
     out = run.parent / "merged-v"
     return out, merge(run, ["v"], out_dir=out)
 
@@ -116,9 +117,9 @@ def test_merged_weights_equal_w_plus_scaling_ba(which, request, run, tiny_model_
     for key in base:  # every other weight is the base's, bit for bit
         if key.removesuffix(".weight") not in modules:
             assert torch.equal(merged[key], base[key]), key
-    scaling = report["adapters"][0]["scaling"]
+    scaling = report.adapters[0].scaling
     assert scaling == (8 / 4 if name == "q" else 8 / math.sqrt(4))
-    weights = report["verification"]["weights"]
+    weights = report.verification["weights"]
     assert set(weights["modules"]) == set(modules) and weights["max_relative"] < 1e-6
 
 
@@ -137,7 +138,7 @@ def test_merged_logits_equal_base_plus_adapter(merged_q, run, tiny_model_dir):
         got = merged(input_ids=x).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     assert (got - plain).abs().max() > 1e-3
-    logits = report["verification"]["logits"]
+    logits = report.verification["logits"]
     assert logits["prompts"] >= 3 and logits["max_abs_diff"] < logits["tolerance"]
 
 
@@ -155,7 +156,7 @@ def test_merged_folder_is_a_standalone_model(merged_q):
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     GenerationConfig.from_pretrained(out)
     saved = json.loads((out / "merge_report.json").read_text())
-    assert saved["verification"]["weights"]["max_relative"] == report["verification"]["weights"]["max_relative"]
+    assert saved["verification"]["weights"]["max_relative"] == report.verification["weights"]["max_relative"]
     assert "one adapter: exact" in saved["method_note"]
     assert saved["heldout"]["skipped"]  # this synthetic run has no recipe: said, not failed
 
@@ -171,7 +172,7 @@ def test_disjoint_adapters_add_exactly(run, merged_q, merged_v):
     for key in both:
         source = q_alone if "q_proj" in key else v_alone
         torch.testing.assert_close(both[key], source[key], rtol=0, atol=1e-6)
-    assert report["interference"][0]["shared_modules"] == [] and report["exact"]
+    assert report.interference[0]["shared_modules"] == [] and report.exact
     assert any("q × v: no shared module" in line for line in lines)
     assert any("disjoint target modules: the 2 adapters add exactly" in line for line in lines)
 
@@ -186,30 +187,30 @@ def test_shared_module_gives_the_weighted_sum(run, tiny_model_dir):
     torch.testing.assert_close(merged[f"{Q0}.weight"], expected, rtol=0, atol=1e-6)
     expected_v = base[f"{V1}.weight"] - 0.3 * direct_delta(qv_dir, V1)
     torch.testing.assert_close(merged[f"{V1}.weight"], expected_v, rtol=0, atol=1e-6)
-    pair = report["interference"][0]
+    pair = report.interference[0]
     assert pair["shared_modules"] == [Q0, Q0.replace(".0.", ".1.")]
     d1, d2 = 0.7 * direct_delta(q_dir, Q0), -0.3 * direct_delta(qv_dir, Q0)
     assert pair["cosine"][Q0] == pytest.approx(float((d1 * d2).sum() / (d1.norm() * d2.norm())), abs=1e-5)
     assert any("q × qv: share 2 modules" in line and "q_proj ×2: cos mean" in line for line in lines)
-    assert report["exact"] and "exact on shared modules too" in report["method_note"]
-    assert report["verification"]["logits"]["max_abs_diff"] < report["verification"]["logits"]["tolerance"]
+    assert report.exact and "exact on shared modules too" in report.method_note
+    assert report.verification["logits"]["max_abs_diff"] < report.verification["logits"]["tolerance"]
 
 
 def test_peft_linear_is_checked_against_peft_and_reported_not_exact(run, tiny_model_dir):
     out = run.parent / "merged-linear"
     report = merge(run, ["q", "qv"], method="linear", out_dir=out)
-    assert not report["exact"] and "NOT an exact sum" in report["method_note"]
-    shared = report["verification"]["weights"]["modules"][Q0]
+    assert not report.exact and "NOT an exact sum" in report.method_note
+    shared = report.verification["weights"]["modules"][Q0]
     assert shared["relative"] < 1e-4  # equals PEFT's combined adapter ...
     assert shared["exact_sum_relative_deviation"] > 1e-3  # ... which is not the exact sum
-    assert "PEFT" in report["verification"]["logits"]["reference"]
+    assert "PEFT" in report.verification["logits"]["reference"]
 
 
 def test_peft_ties_prunes_even_disjoint_modules(run):
     report = merge(run, ["q", "v"], method="ties", density=0.5, out_dir=run.parent / "merged-ties")
-    assert not report["exact"] and "prunes values (density 0.5)" in report["method_note"]
-    assert "cross terms" not in report["method_note"]  # nothing is shared
-    assert report["verification"]["logits"]["max_abs_diff"] < report["verification"]["logits"]["tolerance"]
+    assert not report.exact and "prunes values (density 0.5)" in report.method_note
+    assert "cross terms" not in report.method_note  # nothing is shared
+    assert report.verification["logits"]["max_abs_diff"] < report.verification["logits"]["tolerance"]
     with pytest.raises(LoraplexError, match="^density: 0 is not a share"):
         merge(run, ["q", "v"], method="ties", density=0, out_dir=run.parent / "never")
 
@@ -221,7 +222,7 @@ def test_peft_linear_with_rslora_first_is_exact_on_disjoint_modules(run, merged_
     both, q_alone, v_alone = weights_of(out), weights_of(merged_q[0]), weights_of(merged_v[0])
     for key in both:
         torch.testing.assert_close(both[key], (q_alone if "q_proj" in key else v_alone)[key], rtol=0, atol=1e-6)
-    assert report["exact"] and "method linear (PEFT add_weighted_adapter) is exact here" in report["method_note"]
+    assert report.exact and "method linear (PEFT add_weighted_adapter) is exact here" in report.method_note
 
 
 def test_dora_is_merged_by_its_own_formula(run, tiny_model_dir):
@@ -237,7 +238,7 @@ def test_dora_is_merged_by_its_own_formula(run, tiny_model_dir):
     assert (merged[f"{module}.weight"] - V).abs().max() > 1e-3  # not the plain LoRA formula
     q_expected = base[f"{Q0}.weight"] + direct_delta(run / "adapters" / "q", Q0)
     torch.testing.assert_close(merged[f"{Q0}.weight"], q_expected, rtol=0, atol=1e-6)
-    logits = report["verification"]["logits"]  # against PEFT's DoRA forward with both adapters active
+    logits = report.verification["logits"]  # against PEFT's DoRA forward with both adapters active
     assert logits["max_abs_diff"] < logits["tolerance"]
 
 
@@ -311,10 +312,10 @@ def trained_run(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def test_heldout_improvement_kept_is_measured_and_flagged(trained_run):
-    full = merge(trained_run, ["b"], out_dir=trained_run.parent / "b-full")["heldout"]["datasets"]["b"]
+    full = merge(trained_run, ["b"], out_dir=trained_run.parent / "b-full").heldout["datasets"]["b"]
     assert full["adapter"] < full["base"] and full["merged"] == pytest.approx(full["adapter"], abs=1e-4)
     assert full["kept"] == pytest.approx(1.0, abs=1e-3) and not full["below_threshold"]
-    scaled = merge(trained_run, ["b"], weights=[0.2], out_dir=trained_run.parent / "b-scaled")["heldout"]
+    scaled = merge(trained_run, ["b"], weights=[0.2], out_dir=trained_run.parent / "b-scaled").heldout
     assert scaled["datasets"]["b"]["kept"] < 0.9 and scaled["datasets"]["b"]["below_threshold"]
 
 

@@ -68,20 +68,20 @@ def test_the_search_never_grades_on_the_rows_it_reports(run, monkeypatch):
         searched, reported = set(rows[0::2]), set(rows[1::2])
         assert searched and reported and not searched & reported
         assert set(seen) & set(rows) <= searched  # every row the search read is a search row
-        assert report["heldout"]["datasets"][name]["rows"] == len(rows[1::2])
-    assert report["weights_search"]["search_rows"] == {n: (len(s) + 1) // 2 for n, s in splits.items()}
+        assert report.heldout["datasets"][name]["rows"] == len(rows[1::2])
+    assert report.weights_search["search_rows"] == {n: (len(s) + 1) // 2 for n, s in splits.items()}
 
 
 def test_the_search_finds_the_weight_that_undoes_a_doubled_adapter(run):
     report = merge(run, ["a", "b2"], method="weights-search", out_dir=run.parent / "ab2")
-    found = report["weights_search"]
+    found = report.weights_search
     assert found["weights"]["b2"] < 1 and set(found["weights"].values()) <= set(search.GRID)
     assert found["worst_retention_search"]["found"] > found["worst_retention_search"]["at_weights_1"]
-    assert [a["weight"] for a in report["adapters"]] == [found["weights"]["a"], found["weights"]["b2"]]
-    weights = report["verification"]["weights"]  # the saved model is the exact sum at the found weights (checked)
+    assert [a.weight for a in report.adapters] == [found["weights"]["a"], found["weights"]["b2"]]
+    weights = report.verification["weights"]  # the saved model is the exact sum at the found weights (checked)
     assert all(m["passed"] for m in weights["modules"].values()) and weights["max_relative"] < 1e-4
-    plain = merge(run, ["a", "b2"], out_dir=run.parent / "ab2-sum")["heldout"]["datasets"]["b2"]["kept"]
-    assert report["heldout"]["datasets"]["b2"]["kept"] > plain  # on its unseen rows too: 1 was the wrong weight
+    plain = merge(run, ["a", "b2"], out_dir=run.parent / "ab2-sum").heldout["datasets"]["b2"]["kept"]
+    assert report.heldout["datasets"]["b2"]["kept"] > plain  # on its unseen rows too: 1 was the wrong weight
 
 
 def test_weights_search_refusals(run, tiny_model_dir):
@@ -112,14 +112,14 @@ def test_the_eval_matrix_grades_a_searched_merge_only_on_rows_the_search_never_r
 
     report = merge(run, ["a", "b"], method="weights-search", out_dir=run.parent / "ab-eval")
     result = evaluate_run(run, merged=[run.parent / "ab-eval"], generation={"enabled": False})
-    merged, columns = result["metrics"]["merged:ab-eval"], {c["name"]: c for c in result["columns"]}
+    merged, columns = result.metrics["merged:ab-eval"], {c["name"]: c for c in result.columns}
     for name in ("a", "b", "b2"):  # b2 holds b's data: the search read the even rows of that split too
-        kept = report["heldout"]["datasets"][name if name != "b2" else "b"]
+        kept = report.heldout["datasets"][name if name != "b2" else "b"]
         cell = merged[name]
         assert cell["loss"] == pytest.approx(kept["merged"], abs=1e-4)  # the merge report's own unsearched rows
         assert cell["heldout_examples"] == kept["rows"] == columns[name]["heldout_examples"] // 2
         assert cell["same_rows_adapter"] == kept["adapter"] and cell["same_rows_base"] == kept["base"]
         assert "the weight search read the even ones" in cell["heldout_rows"]
     for name in ("a", "b"):  # the adapters' own rows still cover the whole held-out split, as training reported it
-        assert result["metrics"][name][name]["loss"] == pytest.approx(
+        assert result.metrics[name][name]["loss"] == pytest.approx(
             json.loads((run / "adapters" / name / "loraplex.json").read_text())["heldout_loss"], abs=1e-5)

@@ -110,9 +110,9 @@ def test_run_evaluates_and_merges_on_the_other_host(host_run, tmp_path, monkeypa
     host(monkeypatch, not trained_bf16)
     evaluation = evaluate_run(result.run_dir, generation={"enabled": False})
     for name, meta in result.adapters.items():
-        assert evaluation["metrics"][name][name]["loss"] == pytest.approx(meta["heldout_loss"], rel=0.05, abs=0.02)
+        assert evaluation.metrics[name][name]["loss"] == pytest.approx(meta["heldout_loss"], rel=0.05, abs=0.02)
     report = merge(result.run_dir, ["a", "b"], out_dir=tmp_path / "merged")
-    assert report["verification"]["weights"]["max_relative"] < 1e-4
+    assert report.verification["weights"]["max_relative"] < 1e-4
 
 
 # --------------------------------------------------------------------------- QLoRA in bfloat16

@@ -47,7 +47,7 @@ def qlora_recipe(tmp_path: Path, model_dir: Path, train: dict | None = None, **m
 
 
 def quantized_config(model_dir: Path, **model):
-    return quantize.quantization_config(load_recipe(qlora_recipe_stub(model_dir, **model)).model)
+    return quantize.quantization_config(load_recipe(qlora_recipe_stub(model_dir, **model)).model, torch.float32)
 
 
 def qlora_recipe_stub(model_dir: Path, **model) -> dict:
@@ -97,7 +97,7 @@ def test_missing_bitsandbytes_names_the_pip_command(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
     with pytest.raises(ModelError) as info:
-        quantize.quantization_config(load_recipe(qlora_recipe_stub(tmp_path)).model)
+        quantize.quantization_config(load_recipe(qlora_recipe_stub(tmp_path)).model, torch.float32)
     message = info.value.render()
     assert "needs the package bitsandbytes" in message and "pip install 'bitsandbytes>=0.45'" in message
 
@@ -231,12 +231,12 @@ def test_merge_of_a_qlora_adapter_uses_the_full_precision_base(qlora_run, tmp_pa
 
     lines: list[str] = []
     report = merge(qlora_run.run_dir, ["a", "b"], out_dir=tmp_path / "merged", echo=lines.append)
-    assert report["base_precision"] == "full"
-    assert set(report["trained_on_quantized_base"]) == {"a", "b"}
-    note = report["precision_note"]  # printed by `loraplex merge` (echo) before it merges
+    assert report.base_precision == "full"
+    assert set(report.trained_on_quantized_base) == {"a", "b"}
+    note = report.precision_note  # printed by `loraplex merge` (echo) before it merges
     assert "trained on a quantized base (4bit nf4" in note and "merged onto the full-precision base weights" in note
     assert note in lines
-    assert report["verification"]["weights"]["max_relative"] < 1e-4  # W' = W + ΔW on the float32 weights
+    assert report.verification["weights"]["max_relative"] < 1e-4  # W' = W + ΔW on the float32 weights
     saved = load_file(tmp_path / "merged" / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in saved.values())  # no packed 4-bit weights in the merged model
 
@@ -245,14 +245,14 @@ def test_eval_records_the_base_precision(qlora_run):
     from loraplex.evaluation import evaluate_run
 
     full = evaluate_run(qlora_run.run_dir, generation={"enabled": False})
-    assert (full["base_precision"], full["base_loaded_as"]) == ("full", "full")
-    assert full["trained_on"] == "4bit nf4, double quantization, compute float32"
-    a_full = full["metrics"]["a"]["a"]["loss"]
+    assert (full.base_precision, full.base_loaded_as) == ("full", "full")
+    assert full.trained_on == "4bit nf4, double quantization, compute float32"
+    a_full = full.metrics["a"]["a"]["loss"]
     assert a_full == pytest.approx(qlora_run.adapters["a"]["heldout_loss"], abs=0.05)  # close, not equal
     quantized = evaluate_run(qlora_run.run_dir, generation={"enabled": False}, base_precision="quantized")
-    assert quantized["base_precision"] == "quantized" and quantized["base_loaded_as"].startswith("4bit nf4")
+    assert quantized.base_precision == "quantized" and quantized.base_loaded_as.startswith("4bit nf4")
     # on the base it trained on, the diagonal is the held-out loss recorded at training time
-    assert quantized["metrics"]["a"]["a"]["loss"] == pytest.approx(qlora_run.adapters["a"]["heldout_loss"], rel=1e-5)
+    assert quantized.metrics["a"]["a"]["loss"] == pytest.approx(qlora_run.adapters["a"]["heldout_loss"], rel=1e-5)
 
 
 # --------------------------------------------------------------------------- bitsandbytes' CPU repack

@@ -1,5 +1,6 @@
 """The run folder's typed records: files written before records were versioned (tests/fixtures/records_v0, made by
-`train`, `merge`, `evaluate_run` and a `target_modules: auto` decision of that code) load unchanged; written back
+`train`, `merge`, `evaluate_run` and a `target_modules: auto` decision of that code, and a tracked adapter's
+tracking/<name>.json) load unchanged; written back
 they start with `schema: 1`; a newer schema, a damaged file or a missing field is refused with the file named."""
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from loraplex.records import (SCHEMA, AdapterRecord, EvalRecord, MergeRecord, RecordError, RunRecord,
-                              SelectionRecord, read_record, write_record)
+                              SelectionRecord, TrackingRecord, read_record, write_record)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "records_v0"
 KINDS = {"run.json": RunRecord, "loraplex_a.json": AdapterRecord, "loraplex_b_auto.json": AdapterRecord,
-         "eval.json": EvalRecord, "merge_report.json": MergeRecord, "selection.json": SelectionRecord}
+         "eval.json": EvalRecord, "merge_report.json": MergeRecord, "selection.json": SelectionRecord,
+         "tracking.json": TrackingRecord}
 
 
 def same(a, b) -> bool:
@@ -48,6 +50,9 @@ def test_typed_fields_read_as_declared():
     assert [a.name for a in merge.adapters] == ["a", "b"] and all(len(a.weights_sha256) > 8 for a in merge.adapters)
     evaluation = read_record(FIXTURES / "eval.json", EvalRecord)
     assert set(evaluation.metrics) == {r["name"] for r in evaluation.rows}
+    tracking = read_record(FIXTURES / "tracking.json", TrackingRecord)
+    assert (tracking.label, tracking.step, tracking.wandb) == ("t/chat", 4, None)
+    assert tracking.mlflow["run_id"] == "5f1c2a7d9e8b4c3a"
 
 
 def test_a_newer_schema_is_refused(tmp_path):

@@ -31,7 +31,8 @@ def report(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
         mp.setenv("LORAPLEX_HOME", str(tmp / "home"))
         run_dir = train(make_run_recipe(tmp, tiny_model_dir), progress=False).run_dir
         assert not (run_dir / "eval.json").exists()
-        md_path, html_path = write_report(run_dir)  # evaluates first
+        written = write_report(run_dir)  # evaluates first
+        md_path, html_path = written.markdown, written.html
     return run_dir, md_path, html_path
 
 

@@ -27,7 +27,7 @@ CHINESE = [{"instruction": f"请把这个词重复两遍：{w}", "input": "", "o
 def measured(evaluation: dict, name: str) -> int:
     """Held-out rows routing accuracy is measured on: every other one (val_size 0.2 of 30 by content hash, about 6);
     the rest calibrate the router."""
-    return next(c["heldout_examples"] for c in evaluation["columns"] if c["name"] == name) // 2
+    return next(c["heldout_examples"] for c in evaluation.columns if c["name"] == name) // 2
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def prepared_and_base(run, tiny_model_dir):
 
 def test_held_out_prompts_are_routed_to_their_datasets_adapter(run):
     result, evaluation, _ = run
-    routing = evaluation["routing"]
+    routing = evaluation.routing
     # en and en_mlp share a data file: one centroid, routed to the one with the lower held-out loss
     best_en = min(("en", "en_mlp"), key=lambda n: result.adapters[n]["heldout_loss"])
     assert routing["routes_to"] == sorted([best_en, "zh"])

@@ -134,7 +134,7 @@ def test_pickled_adapter_is_refused_unless_allowed(tmp_path, tiny_model_dir, mon
     assert info.value.problems == [
         f"adapter 'zh': {tmp_path / 'pickled'} holds only adapter_model.bin, a pickle that can run code when loaded; "
         "loraplex reads adapter_model.safetensors only. Re-save the adapter as safetensors, or pass "
-        "allow_pickle=True (--allow-pickle) if you trust its source"]
+        "allow_pickle=True if you trust its source"]
 
     monkeypatch.setattr(torch, "load", real_load)
     loaded = adapters.load(str(tiny_model_dir), {"zh": tmp_path / "pickled"}, dtype="float32", allow_pickle=True)

@@ -18,6 +18,7 @@ from loraplex.selection.split import SelectionSplit
 from loraplex.selection.trials import Trial, rounds, run_trials, step_cost
 from loraplex.targets import candidates, default_budget, matched_alpha, matched_candidates, module_groups
 from loraplex.lm.packed import heldout_metrics
+from loraplex.records import SelectionRecord
 from loraplex.selection.operation import select
 
 ROWS = [{"instruction": f"Repeat the word {w} {n} times.", "input": "", "output": " ".join([w] * n)}
@@ -56,7 +57,7 @@ def zeroed_model_dir(source: Path, target: Path, zero: set[str], layers: set[int
                                         ("down_proj", {"v_proj", "o_proj", "down_proj"})])
 def test_the_probe_ranks_the_only_module_that_can_learn_the_task_first(tmp_path, tiny_model_dir, only, zero):
     model_dir = zeroed_model_dir(tiny_model_dir, tmp_path / "model", zero)
-    decision = select(make_recipe(tmp_path, model_dir, {"trials": 0}), progress=False)["a"]
+    decision = select(make_recipe(tmp_path, model_dir, {"trials": 0}), progress=False)["a"].as_dict()
     scores = {c["label"]: c["probe_score"] for c in decision["candidates"]}
     assert decision["winner"] == only and decision["decided_by"] == "probe (auto.trials is 0)"
     assert decision["candidates"][0]["label"] == only
@@ -69,17 +70,17 @@ def test_the_probe_measures_only_the_layers_to_transform(tmp_path, tiny_model_di
     model_dir = zeroed_model_dir(tiny_model_dir, tmp_path / "model", {"v_proj", "o_proj", "down_proj"}, {1})
     recipe = make_recipe(tmp_path, model_dir, {"trials": 0})
     recipe["defaults"]["lora"]["layers_to_transform"] = [1]
-    decision = select(recipe, progress=False)["a"]
+    decision = select(recipe, progress=False)["a"].as_dict()
     assert decision["winner"] == "down_proj"
     for c in decision["candidates"]:
         assert (c["probe_score"] > 0) == ("down_proj" in c["modules"]), c
     recipe["defaults"]["lora"]["layers_to_transform"] = [0]  # the untouched layer: every module has a gradient
-    assert all(c["probe_score"] > 0 for c in select(recipe, progress=False)["a"]["candidates"])
+    assert all(c["probe_score"] > 0 for c in select(recipe, progress=False)["a"].candidates)
 
 
 def test_the_probe_is_not_fixed_on_one_answer(tmp_path, tiny_model_dir):
     """The same probe on the untouched model gives every module type a gradient."""
-    decision = select(make_recipe(tmp_path, tiny_model_dir, {"trials": 0}), progress=False)["a"]
+    decision = select(make_recipe(tmp_path, tiny_model_dir, {"trials": 0}), progress=False)["a"].as_dict()
     assert all(c["probe_score"] > 0 for c in decision["candidates"])
     assert set(decision["probe"]["row_norms"]) == set(LEAVES)
 
@@ -116,7 +117,7 @@ def test_a_selection_leaves_out_the_sets_that_cannot_meet_the_budget_and_says_wh
     recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 1, "cost": 1.0})
     recipe["defaults"]["lora"]["r"] = 1
     recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials, which would train all-linear
-    decision = select(recipe, progress=False)["a"]
+    decision = select(recipe, progress=False)["a"].as_dict()
     assert decision["decided_by"] == "trials"
     assert {d["label"] for d in decision["dropped"]} == {"mlp", "all-linear"}
     assert not {"mlp", "all-linear"} & {c["label"] for c in decision["candidates"]}
@@ -229,7 +230,8 @@ def test_train_with_auto_trains_the_winner_and_records_the_decision(tmp_path, ti
 def test_a_selection_is_cached_and_reused(tmp_path, tiny_model_dir, monkeypatch):
     recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 1, "cost": 1.0})
     first = select(recipe, progress=False)["a"]
-    assert first["cached"] is False and list(tmp_path.glob("**/selections/*.json"))
+    assert isinstance(first, SelectionRecord) and first.recipe_target_modules == "auto"
+    assert first.cached is False and list(tmp_path.glob("**/selections/*.json"))
 
     def fail(*args, **kwargs):
         raise AssertionError("the cached decision should have been used")
@@ -237,7 +239,7 @@ def test_a_selection_is_cached_and_reused(tmp_path, tiny_model_dir, monkeypatch)
     monkeypatch.setattr(choose, "probe", fail)
     monkeypatch.setattr(choose, "run_trials", fail)
     again = select(recipe, progress=False)["a"]
-    assert again["cached"] is True and again["winner"] == first["winner"] and again["candidates"] == first["candidates"]
+    assert again.cached is True and again.winner == first.winner and again.candidates == first.candidates
     recipe["defaults"]["lora"]["r"] = 2  # another budget: another question
     with pytest.raises(AssertionError, match="cached decision"):
         select(recipe, progress=False)
@@ -342,7 +344,7 @@ def test_a_decision_does_not_change_when_the_held_out_rows_are_poisoned(tmp_path
         recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 2, "cost": 1.0})
         recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials
         recipe["datasets"][0]["val_path"] = str(write_jsonl(tmp_path / f"{name}.jsonl", rows))
-        decisions.append(select(recipe, progress=False)["a"])
+        decisions.append(select(recipe, progress=False)["a"].as_dict())
     clean, poisoned = decisions
     assert clean["decided_by"] == "trials" and clean["cached"] is False and poisoned["cached"] is False
     assert [c["trial"] for c in clean["candidates"]] == [c["trial"] for c in poisoned["candidates"]]
@@ -396,10 +398,10 @@ def test_auto_needs_no_held_out_split_and_says_when_the_training_rows_are_too_fe
     recipe = make_recipe(tmp_path, tiny_model_dir, {"trials": 1, "cost": 1.0})
     recipe["defaults"]["val_size"] = 0
     recipe["defaults"]["train"]["epochs"] = 8  # long enough for the trials
-    decision = select(recipe, progress=False)["a"]
+    decision = select(recipe, progress=False)["a"].as_dict()
     assert decision["decided_by"] == "trials" and decision["rows"]["trials_scored_on"] == 16
     recipe["datasets"][0]["auto"]["selection_rows"] = 46  # of 48 rows: 2 left, fewer than a batch of 4
-    decision = select(recipe, progress=False)["a"]
+    decision = select(recipe, progress=False)["a"].as_dict()
     assert decision["decided_by"] == "probe (48 training rows: too few to score trials on auto.selection_rows = 46 " \
                                      "and train them on a batch of others)"
     assert decision["rows"]["trials_scored_on"] == 0 and decision["rows"]["fit"] == 48
@@ -408,8 +410,8 @@ def test_auto_needs_no_held_out_split_and_says_when_the_training_rows_are_too_fe
 def test_user_candidates_and_groups(tmp_path, tiny_model_dir):
     decision = select(make_recipe(tmp_path, tiny_model_dir, {"candidates": ["q_proj+k_proj", ["v_proj"], "mlp"],
                                                              "trials": 0}), progress=False)["a"]
-    assert {c["label"] for c in decision["candidates"]} == {"q_proj+k_proj", "v_proj", "mlp"}
-    assert decision["winner"] in {"q_proj+k_proj", "v_proj", "mlp"}
+    assert {c["label"] for c in decision.candidates} == {"q_proj+k_proj", "v_proj", "mlp"}
+    assert decision.winner in {"q_proj+k_proj", "v_proj", "mlp"}
 
 
 def test_cli_select_prints_the_decision_table(tmp_path, tiny_model_dir):

@@ -76,8 +76,8 @@ def test_every_format_trains_and_evaluates(tracked):
     for name in result.adapters:
         meta = result.adapters[name]
         assert meta["steps"] == 3 and meta["heldout_tokens"] > 0
-        assert evaluation["metrics"][name][name]["test_examples"] == 2
-        assert evaluation["metrics"][name][name]["exact_match"] is not None
+        assert evaluation.metrics[name][name]["test_examples"] == 2
+        assert evaluation.metrics[name][name]["exact_match"] is not None
 
 
 def test_tensorboard_holds_one_run_per_tracked_adapter(tracked):
@@ -86,6 +86,9 @@ def test_tensorboard_holds_one_run_per_tracked_adapter(tracked):
     result, evaluation, report = tracked
     root = result.run_dir / "tracking" / "tensorboard" / "t"
     assert sorted(p.name for p in root.iterdir()) == ["chat", "say"]  # spell has report_to: []
+    for name in ("chat", "say"):  # the runs' ids, written through records (the eval and merge reopened them)
+        saved = json.loads((result.run_dir / "tracking" / f"{name}.json").read_text(encoding="utf-8"))
+        assert next(iter(saved)) == "schema" and saved["label"] == f"t/{name}" and "tensorboard" in saved
     for name in ("chat", "say"):
         events = EventAccumulator(str(root / name), size_guidance={"scalars": 0, "tensors": 0})
         events.Reload()
@@ -96,8 +99,8 @@ def test_tensorboard_holds_one_run_per_tracked_adapter(tracked):
         assert {"train/learning_rate", "train/grad_norm", "train/tokens_per_s"} <= set(scalars)
         assert events.Scalars("heldout/loss")[-1].value == pytest.approx(result.adapters[name]["heldout_loss"])
         assert events.Scalars(f"eval/{name}/exact_match")[-1].value == \
-            pytest.approx(evaluation["metrics"][name][name]["exact_match"])
-        kept = report["heldout"]["datasets"][name]["kept"]
+            pytest.approx(evaluation.metrics[name][name]["exact_match"])
+        kept = report.heldout["datasets"][name]["kept"]
         assert events.Scalars("merge/merged-cs/heldout_kept")[-1].value == pytest.approx(kept)
         recipe_entry = events.Tensors("recipe_entry/text_summary")[0].tensor_proto.string_val[0].decode()
         assert f"| name | {name} |" in recipe_entry and "| lora.r | 4 |" in recipe_entry
@@ -124,9 +127,9 @@ def test_mlflow_file_store_holds_one_run_per_tracked_adapter(tracked):
         assert run.data.metrics["heldout/loss_base"] == pytest.approx(meta["heldout_loss_base"])
         assert run.data.metrics["train/tokens_per_s"] == pytest.approx(meta["tokens_per_s"])
         assert run.data.metrics[f"eval/{name}/exact_match"] == \
-            pytest.approx(evaluation["metrics"][name][name]["exact_match"])
+            pytest.approx(evaluation.metrics[name][name]["exact_match"])
         assert run.data.metrics["merge/merged-cs/heldout_merged"] == \
-            pytest.approx(report["heldout"]["datasets"][name]["merged"])
+            pytest.approx(report.heldout["datasets"][name]["merged"])
 
 
 def test_a_missing_tracker_stops_the_run_before_training(tiny_model_dir, tmp_path, monkeypatch):

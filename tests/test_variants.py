@@ -112,8 +112,8 @@ def test_every_variant_trains(variants_run):
 def test_merge_is_exact(variants_run, name, tmp_path):
     _, result, _, _ = variants_run
     report = merge(result.run_dir, [name], out_dir=tmp_path / "merged")
-    assert report["verification"]["weights"]["max_relative"] < 1e-6
-    logits = report["verification"]["logits"]
+    assert report.verification["weights"]["max_relative"] < 1e-6
+    logits = report.verification["logits"]
     assert logits["max_abs_diff"] < logits["tolerance"]
 
 
@@ -207,7 +207,7 @@ def test_report_display_and_inspect_name_each_variant(variants_run):
     assert all(name in shown for name in names), shown
     recipe = recipe_section(RunData(result.run_dir, read_recipe(result.run_dir), result.adapters, {}))
     assert [row[5] for row in recipe.blocks[0].rows] == names
-    console.print(*render_inspect(inspect_adapter(result.run_dir / "adapters" / "pissa")))
+    console.print(*render_inspect(inspect_adapter(result.run_dir / "adapters" / "pissa").to_dict()))
     assert "variant: PiSSA" in console.export_text()
 
 
@@ -255,7 +255,7 @@ def test_loftq_starts_closer_to_the_full_precision_weights(tiny_model_dir, tmp_p
                                     quantization="4bit"))
     spec = ws.recipe.dataset("q")
     full = load_model(ws.base, torch.float32).model.layers[0].self_attn.q_proj.weight.detach()
-    model = load_model(ws.base, torch.float32, quantization_config=quantization_config(ws.recipe.model))
+    model = load_model(ws.base, torch.float32, quantization_config=quantization_config(ws.recipe.model, ws.dtype))
     peft_model = Variant(spec, [], tmp_path / "ck", ws.base).inject(model, lora_config(spec))
     layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     weight = layer.get_base_layer().weight

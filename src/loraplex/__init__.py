@@ -22,6 +22,7 @@ _warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", cate
 from . import adapters  # noqa: E402  (loraplex.adapters.load after a plain `import loraplex`)
 from .adapters import load  # noqa: E402
 from .evaluation import evaluate_run as evaluate  # noqa: E402
+from .exporting import ExportFormat, export  # noqa: E402
 from .inspect_adapter import inspect_adapter as inspect  # noqa: E402
 from .merging import MergeMethod, merge  # noqa: E402
 from .pipeline import prepare_recipe as prepare  # noqa: E402
@@ -31,5 +32,5 @@ from .selection.operation import select  # noqa: E402
 from .serving import serve  # noqa: E402
 from .training.runner import train  # noqa: E402
 
-__all__ = ["MergeMethod", "adapters", "evaluate", "inspect", "load", "load_recipe", "merge", "prepare", "report",
-           "select", "serve", "train"]
+__all__ = ["ExportFormat", "MergeMethod", "adapters", "evaluate", "export", "inspect", "load", "load_recipe", "merge",
+           "prepare", "report", "select", "serve", "train"]

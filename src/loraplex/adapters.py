@@ -60,13 +60,13 @@ def load(base: str | BaseModelRef = "default", adapters: dict[str, str | Path] |
     stale = compose_problems(adapters)
     if stale:
         raise ModelError(stale, title="adapters trained on top of adapters that changed" if len(stale) > 1 else None)
-    config = quantization_config(quantization) if quantization is not None else None
-    dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype)
+    dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(dtype)  # resolved once, here
+    config = quantization_config(quantization, dtype) if quantization is not None else None
     model = load_model(ref, dtype, allow_pickle=allow_pickle, quantization_config=config)
     tokenizer = load_tokenizer(ref)
-    precision = describe(quantization) if config is not None else "full"
+    precision = describe(quantization, dtype) if config is not None else "full"
     if check_fingerprint and adapters:
-        check_base(model, ref, adapters, quantization if config is not None else None)
+        check_base(model, ref, adapters, quantization if config is not None else None, dtype)
     return AdapterSet(attach(model, adapters), tokenizer, ref, list(adapters), precision)
 
 
@@ -91,7 +91,7 @@ def _check_adapter_files(name: str, path: Path, allow_pickle: bool) -> None:
             return
         raise ModelError(f"adapter '{name}': {path} holds only adapter_model.bin, a pickle that can run code when "
                          "loaded; loraplex reads adapter_model.safetensors only. Re-save the adapter as safetensors, "
-                         "or pass allow_pickle=True (--allow-pickle) if you trust its source")
+                         "or pass allow_pickle=True if you trust its source")
     if not (path / ADAPTER_CONFIG).is_file():
         raise ModelError(f"adapter '{name}': {path} is not an adapter folder (no adapter_config.json); "
                          "point it at runs/<run>/adapters/<dataset>")

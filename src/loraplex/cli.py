@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -30,15 +31,19 @@ OVERRIDES_ARG = typer.Argument(None, help="dotted overrides, e.g. datasets.zh.lo
 
 # the library's parameters -> the flags that set them
 FLAGS = {"adapters": "--adapters", "weights": "--weights", "method": "--method", "dtype": "--dtype",
-         "density": "--density", "out_dir": "--out", "overwrite": "--overwrite", "module": "--module",
-         "layer": "--layer", "only": "--only"}
+         "density": "--density", "out_dir": "--out", "out": "--out", "overwrite": "--overwrite", "force": "--force",
+         "module": "--module", "layer": "--layer", "only": "--only", "merged": "--merged",
+         "merged_type": "--merged-type", "verify": "--verify", "rows": "--rows", "allow_pickle": "--allow-pickle",
+         "resume": "--resume", "prune": "--prune", "lora_target_modules": "--lora-target-modules"}
 _PARAM_HEAD = re.compile(r"^(\s*- )?(" + "|".join(FLAGS) + r"): ", re.MULTILINE)
-_PARAM_VALUE = re.compile(r"\b(" + "|".join(FLAGS) + r")=('[^']*'|\[[^\]]*\]|[\w.-]+)")
+_PARAM_NAME = re.compile(r"`(" + "|".join(FLAGS) + r")`")
+_PARAM_VALUE = re.compile(r"\b(" + "|".join(FLAGS) + r")=('[^']*'|\[[^\]]*\]|<[^>]*>|[\w.-]+)")
 
 
 def cli_words(message: str) -> str:
     """A library message in the CLI's words: a line led by a parameter's name is led by its flag, and
-    `overwrite=True`, `method='sum'`, `adapters=['zh', 'en']`, `weights=None` read as the flags that say so."""
+    `overwrite=True`, `method='sum'`, `adapters=['zh', 'en']`, `weights=None`, `merged=<folder>` read as the flags
+    that say so, and a parameter named in backquotes (`only`) as its flag."""
     def flag(match: re.Match) -> str:
         name, value = FLAGS[match.group(1)], match.group(2)
         if value == "True":
@@ -48,7 +53,8 @@ def cli_words(message: str) -> str:
         parts = [part.strip().strip("'") for part in value.strip("[]").split(",")]
         return f"{name} {','.join(parts)}"
 
-    return _PARAM_VALUE.sub(flag, _PARAM_HEAD.sub(lambda m: f"{m.group(1) or ''}{FLAGS[m.group(2)]}: ", message))
+    message = _PARAM_HEAD.sub(lambda m: f"{m.group(1) or ''}{FLAGS[m.group(2)]}: ", message)
+    return _PARAM_NAME.sub(lambda m: FLAGS[m.group(1)], _PARAM_VALUE.sub(flag, message))
 
 
 def _run(fn, *args, **kwargs):
@@ -85,7 +91,7 @@ def prepare(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDE
     from .pipeline import prepare_recipe
     from .display import prepare_table
 
-    stats = _run(prepare_recipe, recipe, overrides or [], only)
+    stats = [asdict(s) for s in _run(prepare_recipe, recipe, overrides or [], only)]
     if as_json:
         print(json.dumps(stats, indent=2, ensure_ascii=False))
     else:
@@ -124,8 +130,9 @@ def train(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES_
         for name, meta in result.adapters.items():
             if "selection" in meta and name in trained:
                 stdout.print(select_table(name, meta["selection"]))
-        stdout.print(train_table(result.adapters, result.steps))
-        for step in result.steps:
+        steps = [replace(step, action=cli_words(step.action), reason=cli_words(step.reason)) for step in result.steps]
+        stdout.print(train_table(result.adapters, steps))
+        for step in steps:
             if step.reason or step.name not in result.adapters:
                 stdout.print(f"{step.name}: {step.describe()}", markup=False, highlight=False)
         for line in result.stale:
@@ -145,10 +152,10 @@ def select(recipe: Path = RECIPE_ARG, overrides: Optional[list[str]] = OVERRIDES
 
     decisions = _run(select_run, recipe, overrides or [], only, allow_pickle=allow_pickle)
     if as_json:
-        print(json.dumps(decisions, indent=2, ensure_ascii=False))
+        print(json.dumps({name: d.as_dict() for name, d in decisions.items()}, indent=2, ensure_ascii=False))
         return
     for name, decision in decisions.items():
-        stdout.print(select_table(name, decision))
+        stdout.print(select_table(name, decision.as_dict()))
 
 
 @app.command()
@@ -163,7 +170,7 @@ def demo(overrides: Optional[list[str]] = OVERRIDES_ARG,
 
     started = time.perf_counter()
     summary = _run(run_demo, out, seed, overrides or [],
-                   log=lambda line: console.print(line, markup=False, highlight=False))
+                   log=lambda line: console.print(cli_words(line), markup=False, highlight=False))
     stdout.print(demo_table(summary))
     verification = summary["merged"]["verification"]
     merged = summary["merged"]
@@ -217,7 +224,7 @@ def eval_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/dem
 
     settings = GenerationSettings(enabled=not no_generate, max_new_tokens=max_new_tokens, max_examples=max_examples)
     result = _run(evaluate_run, run, merged or [], settings, log=lambda message: console.print(f"[dim]{message}[/]"))
-    stdout.print(eval_table(result))
+    stdout.print(eval_table(result.as_dict()))
     for line in stale_outputs(run):  # merged folders made with adapters that were retrained since
         console.print(f"[yellow]stale:[/] {escape(line)} (merge again to refresh it)", highlight=False)
     stdout.print(f"saved {run / 'eval.json'}")
@@ -228,8 +235,8 @@ def report(run: Path = typer.Argument(..., help="run folder, e.g. runs/demo")) -
     """Write report.md and a self-contained report.html for a run (evaluates first if eval.json is missing)."""
     from .reporting import write_report
 
-    md_path, html_path = _run(write_report, run)
-    stdout.print(f"wrote {md_path} and {html_path}")
+    written = _run(write_report, run)
+    stdout.print(f"wrote {written.markdown} and {written.html}")
 
 
 @app.command("inspect")
@@ -242,7 +249,7 @@ def inspect_command(adapter_dir: Path = typer.Argument(..., help="adapter folder
     from .display import render_inspect
     from .inspect_adapter import inspect_adapter
 
-    report = _run(inspect_adapter, adapter_dir, layer=layer, module=module)
+    report = _run(inspect_adapter, adapter_dir, layer=layer, module=module).to_dict()
     if as_json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return
@@ -273,7 +280,7 @@ def merge_command(run: Path = typer.Argument(..., help="run folder, e.g. runs/<r
     report = _run(merge, run, _names_flag(adapters), _weights_flag(weights), method, out_dir=out, dtype=dtype,
                   density=density,
                   overwrite=overwrite, echo=lambda line: stdout.print(line, markup=False, highlight=False))
-    for part in render_merge(report):
+    for part in render_merge(report.as_dict()):
         stdout.print(part)
 
 
@@ -327,10 +334,10 @@ def export_vllm_command(run: Path = typer.Argument(..., help="run folder, e.g. r
                         force: bool = typer.Option(False, "--force",
                                                    help="replace the --out file if it exists")) -> None:
     """Print the `vllm serve` command that serves the run's base with every adapter (checked against vLLM's limits)."""
-    from .vllm_export import export_vllm
+    from .exporting import ExportFormat, export as export_run
 
     targets = [t.strip() for t in lora_target_modules.split(",") if t.strip()] if lora_target_modules else None
-    export = _run(export_vllm, run, out, targets, force=force)
+    export = _run(export_run, run, ExportFormat.VLLM, out=out, lora_target_modules=targets, force=force)
     for warning in export.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if out is None:
@@ -353,10 +360,10 @@ def export_gguf_command(run: Path = typer.Argument(..., help="run folder, e.g. r
                         rows: int = typer.Option(16, "--rows", help="--verify: held-out rows per adapter"),
                         force: bool = typer.Option(False, "--force", help="replace files written before")) -> None:
     """Each adapter as a llama.cpp LoRA file (GGUF) with an Ollama Modelfile; optionally a merged model as GGUF."""
-    from .llamacpp.export import export_gguf
+    from .exporting import ExportFormat, export as export_run
 
-    names = [a.strip() for a in adapters.split(",") if a.strip()] if adapters else None
-    result = _run(export_gguf, run, names, merged, merged_type, out, force=force, verify=verify, rows=rows)
+    result = _run(export_run, run, ExportFormat.GGUF, adapters=_names_flag(adapters) if adapters else None,
+                  merged=merged, merged_type=merged_type, out=out, force=force, verify=verify, rows=rows)
     say = print  # plain lines: paths must not wrap
     for name, path in result.loras.items():
         say(f"{name}: {path}  {result.modelfiles[name]}")

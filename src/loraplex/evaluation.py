@@ -228,10 +228,11 @@ BASE_PRECISIONS = ("full", "quantized")
 
 def evaluate_run(run_dir: str | Path, merged: tuple | list = (), generation: GenerationSettings | dict | None = None,
                  checkers: dict[str, Checker] | None = None, log: Callable[[str], None] | None = None,
-                 base_precision: str = "full") -> dict:
-    """The eval matrix of a run, saved as eval.json (one writer at a time: see `_evaluate_matrix`)."""
+                 base_precision: str = "full") -> EvalRecord:
+    """The eval matrix of a run, saved as eval.json and returned as its record (one writer at a time: see
+    `_evaluate_matrix` for the parameters)."""
     with writer_lock(run_dir, ["eval"], "loraplex eval"):
-        return _evaluate_matrix(run_dir, merged, generation, checkers, log, base_precision)
+        return EvalRecord.model_validate(_evaluate_matrix(run_dir, merged, generation, checkers, log, base_precision))
 
 
 def _column_record(column) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -160,7 +160,37 @@ def select_modules(adapter: AdapterWeights, layer: int | None, module: str | Non
     return selected
 
 
-def inspect_adapter(adapter_dir: str | Path, layer: int | None = None, module: str | None = None) -> dict:
+@dataclass
+class AdapterInspection:
+    """What `loraplex.inspect` reads from an adapter's files (`to_dict()`: what `loraplex inspect --json` prints)."""
+
+    adapter_dir: str
+    name: str
+    base_model: str
+    base_model_location: str
+    base_fingerprint_warning: str | None  # the base now differs from the one it trained on (None: the same)
+    target_modules: list[str] | str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    use_dora: bool
+    variant: dict | None
+    scaling: float  # lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA)
+    scaling_formula: str
+    merge_formula: str
+    trainable_params: int
+    other_tensors: list[str]  # tensors besides LoRA A/B (modules_to_save, DoRA magnitudes)
+    modules: list[dict]  # per layer × module: shapes and norms of A, B, ΔW and W (`module_stats`)
+    values: dict | None = None  # one module picked: the top-left corner of W, A, B, ΔW, W + ΔW (`module_values`)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self.values is None:
+            data.pop("values")
+        return data
+
+
+def inspect_adapter(adapter_dir: str | Path, layer: int | None = None, module: str | None = None) -> AdapterInspection:
     """Config, scaling, parameter count and per layer × module norms; values too when one module is picked."""
     adapter = read_adapter(adapter_dir)
     selected = select_modules(adapter, layer, module)
@@ -170,21 +200,17 @@ def inspect_adapter(adapter_dir: str | Path, layer: int | None = None, module: s
     warning = base_problem(adapter.name, adapter.adapter_dir, adapter.meta, base, base_fingerprint(model, dtype))
     weights = {m.name: _base_weight(model, m.name) for m in selected}
     cfg = adapter.config
-    report = {
-        "adapter_dir": str(adapter.adapter_dir), "name": adapter.name,
-        "base_model": adapter.meta.get("base_model", base.name), "base_model_location": base.location,
-        "base_fingerprint_warning": warning,
-        "target_modules": adapter.target_modules, "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
-        "use_rslora": bool(cfg.get("use_rslora")), "use_dora": adapter.use_dora,
-        "variant": adapter_variant(adapter.meta),
-        "scaling": adapter.scaling, "scaling_formula": adapter.scaling_formula(),
-        "merge_formula": _merge_formula(adapter), "trainable_params": adapter.num_params,
-        "other_tensors": adapter.extra_keys,
-        "modules": [module_stats(m, weights[m.name]) for m in selected],
-    }
-    if (layer is not None or module is not None) and len(selected) == 1:
-        report["values"] = module_values(selected[0], weights[selected[0].name])
-    return report
+    one = (layer is not None or module is not None) and len(selected) == 1
+    return AdapterInspection(
+        adapter_dir=str(adapter.adapter_dir), name=adapter.name,
+        base_model=adapter.meta.get("base_model", base.name), base_model_location=base.location,
+        base_fingerprint_warning=warning,
+        target_modules=adapter.target_modules, r=cfg["r"], lora_alpha=cfg["lora_alpha"],
+        use_rslora=bool(cfg.get("use_rslora")), use_dora=adapter.use_dora, variant=adapter_variant(adapter.meta),
+        scaling=adapter.scaling, scaling_formula=adapter.scaling_formula(), merge_formula=_merge_formula(adapter),
+        trainable_params=adapter.num_params, other_tensors=adapter.extra_keys,
+        modules=[module_stats(m, weights[m.name]) for m in selected],
+        values=module_values(selected[0], weights[selected[0].name]) if one else None)
 
 
 def _base_weight(model, name: str) -> torch.Tensor:

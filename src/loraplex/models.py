@@ -144,7 +144,7 @@ def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, trust_remo
     if not allow_pickle and folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
         raise ModelError(f"{folder} holds only pickled weights ({sorted(p.name for p in folder.glob('*.bin'))[0]}), "
                          "which can run code when loaded; loraplex reads safetensors only. Save the model as "
-                         "safetensors, or pass --allow-pickle if you trust its source")
+                         "safetensors, or pass allow_pickle=True if you trust its source")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" on every load is noise around loraplex's bars

@@ -1,7 +1,7 @@
 """The steps every command starts with: load the recipe, resolve the base, check modules, prepare data."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -50,8 +50,36 @@ def open_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None 
     return Workspace(recipe, base, tokenizer, pick_dtype(model.dtype), list(only) if only else None)
 
 
+@dataclass(frozen=True)
+class DatasetStats:
+    """One dataset as `loraplex.prepare` tokenized it (lengths in tokens, train and val rows together)."""
+
+    name: str
+    format: str  # alpaca, messages, sharegpt
+    rows: int  # read from its files
+    bad_rows: int  # left out, each named in the log
+    train: int
+    val: int
+    held_out_elsewhere: int  # rows another dataset of the recipe holds out of the same file
+    truncated: int  # kept, cut at max_seq_length
+    dropped: int  # their answer would not fit
+    length_p50: int
+    length_p90: int
+    length_p99: int
+    length_max: int
+    max_seq_length: int
+    recommended_max_seq_length: int  # covers 99% of the rows, a multiple of 64
+    answer_tokens: int  # the tokens the loss is computed on
+    total_tokens: int
+
+    @classmethod
+    def from_cache(cls, stats: dict) -> DatasetStats:
+        """From the statistics a prepared dataset's cache holds (a count an older cache lacks reads as 0)."""
+        return cls(**{f.name: stats.get(f.name, 0) for f in fields(cls)})
+
+
 def prepare_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None = None,
-                   only: list[str] | None = None) -> list[dict]:
+                   only: list[str] | None = None) -> list[DatasetStats]:
     """`loraplex prepare`: statistics per dataset (tokenized data is cached for training)."""
     workspace = open_recipe(source, overrides, only)
-    return [p.stats for p in workspace.prepare().values()]
+    return [DatasetStats.from_cache(p.stats) for p in workspace.prepare().values()]

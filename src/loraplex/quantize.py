@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .device import accelerator, dtype_name, pick_dtype
+from .device import accelerator, dtype_name
 from .errors import ModelError
 from .recipe import ModelSpec
 
@@ -98,13 +98,12 @@ def platform_error(config: BitsAndBytesConfig, exc: Exception) -> ModelError:
     return _cannot_run("8bit" if getattr(config, "load_in_8bit", False) else "4bit", version, exc)
 
 
-def quantization_config(spec: ModelSpec, strategy: str = "ddp") -> BitsAndBytesConfig | None:
+def quantization_config(spec: ModelSpec, dtype: torch.dtype, strategy: str = "ddp") -> BitsAndBytesConfig | None:
     """transformers' BitsAndBytesConfig for a recipe's `model:` block (None without quantization).
 
-    The compute dtype is the recipe's dtype: `auto` is bfloat16 where the hardware runs it natively, else
-    float32 (a CPU without AVX512-BF16/AMX runs bfloat16 matmuls many times slower than float32). For FSDP
-    (`strategy` 'fsdp') the packed 4-bit codes are stored in the compute dtype, so that FSDP shards and gathers
-    them with the base's other weights.
+    The compute dtype is `dtype`, the workspace's (`pipeline.Workspace.dtype`: the recipe's `dtype` resolved, `auto`
+    being bfloat16 where the hardware runs it natively, else float32). For FSDP (`strategy` 'fsdp') the packed 4-bit
+    codes are stored in the compute dtype, so that FSDP shards and gathers them with the base's other weights.
     """
     if spec.quantization is None:
         return None
@@ -113,20 +112,19 @@ def quantization_config(spec: ModelSpec, strategy: str = "ddp") -> BitsAndBytesC
     require_bitsandbytes(spec.quantization)
     if spec.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = pick_dtype(spec.dtype)
-    storage = {"bnb_4bit_quant_storage": compute} if strategy == "fsdp" else {}
+    storage = {"bnb_4bit_quant_storage": dtype} if strategy == "fsdp" else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
-                              bnb_4bit_use_double_quant=spec.double_quant, bnb_4bit_compute_dtype=compute, **storage)
+                              bnb_4bit_use_double_quant=spec.double_quant, bnb_4bit_compute_dtype=dtype, **storage)
 
 
-def describe(spec: ModelSpec) -> str | None:
-    """'4bit nf4, double quantization, compute float32' (None without quantization)."""
+def describe(spec: ModelSpec, dtype: torch.dtype) -> str | None:
+    """'4bit nf4, double quantization, compute float32' (None without quantization; `dtype`: the compute dtype)."""
     if spec.quantization is None:
         return None
     if spec.quantization == "8bit":
         return "8bit (LLM.int8)"
     double = ", double quantization" if spec.double_quant else ""
-    return f"4bit {spec.quant_type}{double}, compute {dtype_name(pick_dtype(spec.dtype))}"
+    return f"4bit {spec.quant_type}{double}, compute {dtype_name(dtype)}"
 
 
 def is_quantized(model: nn.Module) -> bool:

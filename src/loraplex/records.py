@@ -1,6 +1,7 @@
 """The run folder's JSON records, typed and versioned, written and read only here: run.json (`RunRecord`), each
 adapter's loraplex.json (`AdapterRecord`), eval.json (`EvalRecord`), a merged model's merge_report.json
-(`MergeRecord`) and a `target_modules: auto` decision in the selection cache (`SelectionRecord`).
+(`MergeRecord`), an adapter's tracked runs in tracking/<adapter>.json (`TrackingRecord`) and a `target_modules:
+auto` decision in the selection cache (`SelectionRecord`).
 
 `write_record` validates a record and writes it with `"schema": SCHEMA` first; `read_record` refuses a file of a
 newer schema, validates the rest and returns the model. A file without `schema` (written before records were
@@ -67,15 +68,21 @@ class AdapterRecord(Record):
 
 
 class EvalRecord(Record):
-    """eval.json: the eval matrix (rows = models, columns = datasets)."""
+    """eval.json, what `loraplex.evaluate` returns: the eval matrix (rows = models, columns = datasets)."""
 
     run: str
     base_model: str
-    rows: list[dict[str, Any]]
-    columns: list[dict[str, Any]]
-    metrics: dict[str, dict[str, dict[str, Any]]]
+    rows: list[dict[str, Any]] = Field(description="each model: name, kind (base, adapter, merged), path")
+    columns: list[dict[str, Any]] = Field(description="each dataset: name, held-out and test examples")
+    metrics: dict[str, dict[str, dict[str, Any]]] = Field(description="row name -> dataset -> loss, perplexity, "
+                                                                      "token accuracy, exact match, chrF")
     samples: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
-    routing: Optional[dict[str, Any]] = None
+    routing: Optional[dict[str, Any]] = Field(None, description="how often `model: auto` routes right")
+    base_precision: Optional[str] = None
+    base_loaded_as: Optional[str] = None
+    trained_on: Optional[str] = None
+    generation: Optional[dict[str, Any]] = None
+    wall_time_s: Optional[float] = None
 
 
 class MergeAdapter(BaseModel):
@@ -87,22 +94,48 @@ class MergeAdapter(BaseModel):
 
 
 class MergeRecord(Record):
-    """merge_report.json in a merged model folder: what was merged, how, and its verification."""
+    """merge_report.json in a merged model folder, what `loraplex.merge` returns: what was merged, how, and its
+    verification."""
 
     run_dir: str
     adapters: list[MergeAdapter]
-    verification: dict[str, Any] = Field(default_factory=dict)
-    heldout: Optional[dict[str, Any]] = None
+    method: Optional[str] = None
+    exact: Optional[bool] = Field(None, description="the saved weights are the formula's exact sum")
+    method_note: Optional[str] = None
+    verification: dict[str, Any] = Field(default_factory=dict, description="weights: the saved weights against the "
+                                         "formula; logits: the saved model against base+adapters")
+    heldout: Optional[dict[str, Any]] = Field(None, description="per adapter, how much of its held-out loss "
+                                                                "improvement the merged model keeps")
     weights_search: Optional[dict[str, Any]] = None
     out_dir: Optional[str] = None
 
 
 class SelectionRecord(Record):
-    """A `target_modules: auto` decision, cached under $LORAPLEX_HOME/selections/<cache_key>.json."""
+    """A `target_modules: auto` decision, cached under $LORAPLEX_HOME/selections/<cache_key>.json; `loraplex.select`
+    returns one per dataset, with `cached` and `recipe_target_modules` (which the cache does not hold) set."""
 
-    winner: str
+    winner: str = Field(description="the chosen candidate's label, e.g. q_proj+v_proj")
     cache_key: str
     composed_with: dict[str, str] = Field(default_factory=dict)
+    r: Optional[int] = None
+    alpha: Optional[int | float] = None  # as the recipe wrote it (an int stays an int)
+    budget: Optional[int] = Field(None, description="trainable parameters every candidate is matched to")
+    decided_by: Optional[str] = None
+    candidates: Optional[list[dict[str, Any]]] = None
+    seconds: Optional[float] = None
+    cached: Optional[bool] = Field(None, description="answered from the cache")
+    recipe_target_modules: Optional[Any] = Field(None, description="what the recipe names (`auto` or modules)")
+
+
+class TrackingRecord(Record):
+    """tracking/<adapter>.json: the adapter's runs in its trackers (`report_to`), what reopens them to add figures."""
+
+    label: str = Field(description="<run_name>/<adapter>, the runs' name")
+    step: int = Field(0, description="the adapter's last training step, where later figures are logged")
+    tensorboard: Optional[dict[str, Any]] = Field(None, description="logdir")
+    mlflow: Optional[dict[str, Any]] = Field(None, description="uri, run_id")
+    wandb: Optional[dict[str, Any]] = Field(None, description="id")
+    trackio: Optional[dict[str, Any]] = Field(None, description="project, name")
 
 
 R = TypeVar("R", bound=Record)

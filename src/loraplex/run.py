@@ -22,7 +22,6 @@ import yaml
 
 from .atomic import LockBusy, atomic_write_text, file_lock, owned_lock
 from .errors import LoraplexError, ModelError
-from .device import dtype_name, pick_dtype
 from .models import BaseModelRef, base_fingerprint, load_model
 from .pipeline import Workspace, open_recipe
 from .quantize import describe, quantization_config
@@ -129,7 +128,8 @@ def writer_lock(run_dir: str | Path, parts: list[str], what: str, say=None) -> c
     except LockBusy as exc:
         stack.close()
         raise LoraplexError(f"{run_dir}: {part.replace('-', ' ', 1)} is {exc.problems[0]}; wait for it to finish"
-                            + (", or train other adapters with --only" if part.startswith("adapter-") else "")
+                            + (", or train other adapters meanwhile (only=<names>)" if part.startswith("adapter-")
+                               else "")
                             ) from None
     return stack
 
@@ -247,22 +247,22 @@ def loaded_dtype(model) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def fingerprint_as_trained(model, ref: BaseModelRef, dtype: torch.dtype, quantization=None) -> str:
+def fingerprint_as_trained(model, ref: BaseModelRef, dtype: torch.dtype, quantization=None,
+                           quantized_from: torch.dtype | None = None) -> str:
     """The fingerprint of `model`'s base weights as an adapter trained in `dtype` recorded it.
 
     Fingerprints hash floating weights in the training dtype. A base loaded more precisely is cast down (exact:
     the training load cast the same checkpoint the same way); one loaded less precisely cannot be cast up to
     what training saw, so the base is read again from `ref` in `dtype`. `quantization` (a recipe's `model:`
-    block) means `model` is quantized: its codes depend on the dtype it was quantized from, so it is
+    block) means `model` is quantized, from `quantized_from`: its codes depend on that dtype, so it is
     compared only when quantized from `dtype`, and read again otherwise.
     """
-    loaded = loaded_dtype(model) if quantization is None else pick_dtype(quantization.dtype)
+    loaded = loaded_dtype(model) if quantization is None else quantized_from
     if loaded == dtype or (quantization is None and (loaded, dtype) in _EXACT_DOWNCASTS):
         return base_fingerprint(model, dtype)
     if quantization is None:
         return base_fingerprint(load_model(ref, dtype), dtype)
-    spec = quantization.model_copy(update={"dtype": dtype_name(dtype)})
-    return base_fingerprint(load_model(ref, dtype, quantization_config=quantization_config(spec)), dtype)
+    return base_fingerprint(load_model(ref, dtype, quantization_config=quantization_config(quantization, dtype)), dtype)
 
 
 def base_changed_message(name: str, before: str, after: str) -> str:
@@ -288,19 +288,20 @@ def base_problem(name: str, folder: Path, meta: dict, ref: BaseModelRef, fingerp
             "trained on")
 
 
-def check_base(model, ref: BaseModelRef, adapters: dict[str, Path], quantization=None) -> None:
+def check_base(model, ref: BaseModelRef, adapters: dict[str, Path], quantization=None,
+               quantized_from: torch.dtype | None = None) -> None:
     """Refuse adapters whose recorded base differs from `model` (all of them at once, one line each).
 
     Each adapter is compared in its own training dtype, whatever dtype `model` was loaded in. `quantization`: the
-    recipe's `model:` block `model` was quantized with (None for a full-precision base).
+    recipe's `model:` block `model` was quantized with (None for a full-precision base), from `quantized_from`.
     """
-    quantized_as = describe(quantization) if quantization is not None else None
+    quantized_as = describe(quantization, quantized_from) if quantization is not None else None
     problems, fingerprints = [], {}
     for name, folder in adapters.items():
         meta = adapter_metadata(Path(folder))
         dtype = trained_dtype(meta)
         if dtype not in fingerprints:
-            fingerprints[dtype] = fingerprint_as_trained(model, ref, dtype, quantization)
+            fingerprints[dtype] = fingerprint_as_trained(model, ref, dtype, quantization, quantized_from)
         problem = base_problem(name, Path(folder), meta, ref, fingerprints[dtype], quantized_as)
         if problem:
             problems.append(problem)

@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-from .atomic import atomic_write_json
 from .errors import LoraplexError
 from .recipe import DatasetSpec
+from .records import TrackingRecord, read_record, write_record
 from .run import tracking_dir
 
 MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio"}
@@ -161,8 +161,8 @@ class AdapterTracking:
         self.save()
 
     def save(self) -> None:
-        atomic_write_json(self.path, {"label": self.label, "step": self.step,
-                                      **{t: b.record for t, b in self.backends.items()}})
+        write_record(self.path, TrackingRecord.model_validate({"label": self.label, "step": self.step,
+                                                               **{t: b.record for t, b in self.backends.items()}}))
 
     def log_params(self, params: dict[str, str]) -> None:
         for backend in self.backends.values():
@@ -206,7 +206,7 @@ def start_tracking(run_dir: Path, run_name: str, spec: DatasetSpec, resume: bool
     if not spec.report_to:
         path.unlink(missing_ok=True)  # the runs of an adapter this one replaces get no figures of it
         return None
-    records = json.loads(path.read_text(encoding="utf-8")) if resume and path.is_file() else None
+    records = read_record(path, TrackingRecord).as_dict() if resume and path.is_file() else None
     tracking = AdapterTracking(run_dir, spec.name, f"{run_name}/{spec.name}", list(spec.report_to), records)
     tracking.log_params(flatten(spec.model_dump(mode="json")))
     return tracking
@@ -236,7 +236,7 @@ def reopen(run_dir: Path, name: str) -> AdapterTracking | None:
     path = tracking_dir(run_dir) / f"{name}.json"
     if not path.is_file():
         return None
-    records = json.loads(path.read_text(encoding="utf-8"))
+    records = read_record(path, TrackingRecord).as_dict()
     trackers = [t for t in BACKENDS if t in records]
     missing = [t for t in trackers if importlib.util.find_spec(MODULES[t]) is None]
     if missing:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_text
-from .errors import LoraplexError
+from .errors import LoraplexError, ParameterError
 from .inspect_adapter import AdapterWeights, read_adapter
 from .lora_settings import loftq_problem
 from .models import COMPLETE_MARKER
@@ -173,8 +173,8 @@ def export_vllm(run_dir: str | Path, out: str | Path | None = None,
     if out is not None:
         out = Path(out)
         if out.is_dir():
-            raise LoraplexError(f"--out {out} is a folder; pass a file name, e.g. {out / 'serve_vllm.sh'}")
+            raise ParameterError("out", f"{out} is a folder; pass a file name, e.g. {out / 'serve_vllm.sh'}")
         if out.exists() and not force:
-            raise LoraplexError(f"--out {out} exists; choose another file, or pass --force to replace it")
+            raise ParameterError("out", f"{out} exists; choose another file, or pass force=True to replace it")
         atomic_write_text(out, "#!/bin/sh\n" + export.text())
     return export

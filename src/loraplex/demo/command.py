@@ -21,7 +21,7 @@ import yaml
 
 from ..atomic import atomic_dir, atomic_write_json, atomic_write_text
 from .data import DEMO_ADAPTERS, demo_checkers, demo_file, write_demo_data
-from ..errors import LoraplexError
+from ..errors import ParameterError
 from ..evaluation import evaluate_run
 from ..merging import merge
 from ..recipe import DATASET_NAME_PATTERN, load_recipe
@@ -65,10 +65,11 @@ def run_demo(out_dir: Path = Path("runs/demo"), seed: int = 0, overrides: list[s
     log = log or (lambda message: None)
     out_dir = Path(out_dir).expanduser().resolve()
     if not re.match(DATASET_NAME_PATTERN, out_dir.name):
-        raise LoraplexError(f"--out {out_dir}: the run folder's name becomes the run name and may hold only "
+        raise ParameterError("out_dir", f"{out_dir}: the run folder's name becomes the run name and may hold only "
                             "letters, digits, '_', '.' and '-' (not starting with one of the last three)")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / DEMO_RECIPE).is_file():
-        raise LoraplexError(f"--out {out_dir} exists and was not made by `loraplex demo`; choose a new or empty folder")
+        raise ParameterError("out_dir", f"{out_dir} exists and was not made by `loraplex demo`; choose a new or "
+                             "empty folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     with writer_lock(out_dir, ["demo"], "loraplex demo"):
         return _run_demo(out_dir, seed, overrides, sizes, progress, log)
@@ -86,18 +87,18 @@ def _run_demo(out_dir: Path, seed: int, overrides: list[str] | None, sizes: dict
     loaded = load_recipe(recipe_path, overrides)
     result = train(loaded, progress=progress, say=log)
     merged_model = merged_dir(result.run_dir, "+".join(MERGED))
-    log(f"merging zh (q_proj) and en (v_proj) into one model with --method {MERGE_METHOD} (benchmarks/"
+    log(f"merging zh (q_proj) and en (v_proj) into one model with method={MERGE_METHOD!r} (benchmarks/"
         "merge_retention.py: the merge of these adapters that keeps the most of the one that keeps least)")
     merge_report = merge(result.run_dir, list(MERGED), method=MERGE_METHOD, out_dir=merged_model, overwrite=True,
                          echo=log)
     log("evaluating base, adapters and the merged model")
     evaluation = evaluate_run(result.run_dir, merged=[merged_model], checkers=demo_checkers(loaded), log=log,
-                              generation={"max_new_tokens": 24, "batch_size": 40, "cross": False})
-    _, html = write_report(result.run_dir)
+                              generation={"max_new_tokens": 24, "batch_size": 40, "cross": False}).as_dict()
+    html = write_report(result.run_dir).html
     summary = {"seed": seed, "run_dir": str(result.run_dir), "report": str(html),
                "merged": {"dir": str(merged_model), "adapters": list(MERGED), "method": MERGE_METHOD,
-                          "weights": {a["name"]: a["weight"] for a in merge_report["adapters"]},
-                          "verification": _verification(merge_report)},
+                          "weights": {a.name: a.weight for a in merge_report.adapters},
+                          "verification": _verification(merge_report.as_dict())},
                "results": demo_rows(evaluation, result.adapters, merged_label=_merged_label(evaluation))}
     atomic_write_json(result.run_dir / DEMO_RESULTS, summary)
     return summary

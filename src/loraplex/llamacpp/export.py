@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write_json, atomic_write_text
 from ..data.render import chat_template_for, end_of_turn_ids
-from ..errors import LoraplexError, unknown_name_message
+from ..errors import LoraplexError, ParameterError, unknown_name_message
 from ..inspect_adapter import AdapterWeights, read_adapter
 from ..run import adapter_dir, complete_adapters, compose_problems, gguf_dir, open_run, read_recipe
 from .lora import GgufTarget, gguf_target, lora_problems, write_lora_gguf
@@ -42,7 +42,7 @@ def _chosen(run_dir: Path, names: list[str] | None) -> list[str]:
         raise LoraplexError(f"{run_dir} has no finished adapter; train one with `loraplex train RECIPE`")
     unknown = [unknown_name_message("adapter", n, complete) for n in names or [] if n not in complete]
     if unknown:
-        raise LoraplexError([f"--adapters: {line}" for line in unknown])
+        raise LoraplexError([f"adapters: {line}" for line in unknown])
     return list(names) if names else complete
 
 
@@ -55,7 +55,7 @@ def _shared_base(adapters: dict[str, AdapterWeights]) -> str:
     if len(set(locations.values())) > 1:
         by = ", ".join(f"{name}: {loc}" for name, loc in locations.items())
         raise LoraplexError(f"the adapters were trained on different base models ({by}); export them one at a time "
-                            "with --adapters")
+                            "(adapters=[...])")
     return next(iter(locations.values()))
 
 
@@ -63,7 +63,7 @@ def _outputs(out_dir: Path, names: list[str], merged_file: Path | None, force: b
     existing = [out_dir / n / f for n in names for f in (LORA_FILE, MODELFILE) if (out_dir / n / f).exists()]
     existing += [merged_file] if merged_file is not None and merged_file.exists() else []
     if existing and not force:
-        raise LoraplexError(f"{existing[0]} exists; choose another --out, or pass --force to replace "
+        raise ParameterError("out", f"{existing[0]} exists; choose another folder, or pass force=True to replace "
                             f"{'it' if len(existing) == 1 else f'the {len(existing)} files'}")
 
 
@@ -90,10 +90,10 @@ def export_gguf(run_dir: str | Path, adapters: list[str] | None = None, merged: 
     problems = [line for name, adapter in weights.items() for line in lora_problems(name, adapter, target)]
     problems += compose_problems({name: adapter_dir(run_dir, name) for name in names})
     if (merged is not None or verify) and target.gguf_path is None:
-        problems.append(f"the base {location} is a model folder, not a GGUF file: --merged and --verify need a GGUF "
+        problems.append(f"the base {location} is a model folder, not a GGUF file: merged= and verify=True need a GGUF "
                         "base (convert the base with llama.cpp's convert_hf_to_gguf.py and train on it)")
     if merged is not None and merged_type not in OUT_TYPES:
-        problems.append(f"--merged-type {merged_type}: choose one of {', '.join(OUT_TYPES)}")
+        problems.append(f"merged_type: {merged_type!r}: choose one of {', '.join(OUT_TYPES)}")
     if problems:
         raise LoraplexError(problems, title=f"{len(problems)} problem(s) stop the GGUF export of {run_dir}")
     out_dir = Path(out).resolve() if out is not None else gguf_dir(run_dir)

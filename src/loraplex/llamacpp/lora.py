@@ -94,7 +94,8 @@ def gguf_target(location: str) -> GgufTarget:
 
 def lora_problems(name: str, adapter: AdapterWeights, target: GgufTarget) -> list[str]:
     """What llama.cpp cannot apply in this adapter, one line each with the reason and the fix."""
-    merge_hint = f"or merge it (`loraplex merge RUN --adapters {name}`) and export the merged model with --merged"
+    merge_hint = (f"or merge it into the base (`merge`, adapters=['{name}']) and export the merged folder "
+                  "(merged=<folder>)")
     if target.arch not in set(ARCHITECTURES.values()):
         return [f"{name}: its base has the architecture '{target.arch}'; loraplex writes GGUF LoRA files for "
                 f"Llama-architecture bases ({', '.join(sorted(ARCHITECTURES))}), whose q/k layout it checks; "

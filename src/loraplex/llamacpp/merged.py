@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import LoraplexError
+from ..errors import ParameterError
 from .lora import PERMUTED, finish_gguf, permute_rows, target_from_gguf
 
 OUT_TYPES = ("f16", "bf16", "q8_0")
@@ -20,7 +20,7 @@ def read_merged(merged_dir: Path) -> dict[str, torch.Tensor]:
 
     files = sorted(merged_dir.glob("*.safetensors"))
     if not files:
-        raise LoraplexError(f"--merged {merged_dir}: no *.safetensors in it; pass a folder `loraplex merge` wrote "
+        raise ParameterError("merged", f"{merged_dir}: no *.safetensors in it; pass a folder `merge` wrote "
                             "(runs/<run>/merged/<name>)")
     weights: dict[str, torch.Tensor] = {}
     for file in files:
@@ -69,7 +69,7 @@ def write_merged_gguf(merged_dir: Path, base_gguf: Path, path: Path, out_type: s
     import gguf
 
     if out_type not in OUT_TYPES:
-        raise LoraplexError(f"--merged-type {out_type}: choose one of {', '.join(OUT_TYPES)}")
+        raise ParameterError("merged_type", f"{out_type!r}: choose one of {', '.join(OUT_TYPES)}")
     weights = read_merged(merged_dir)
     target = target_from_gguf(base_gguf)
     sources = _source_names(weights, target)
@@ -78,7 +78,7 @@ def write_merged_gguf(merged_dir: Path, base_gguf: Path, path: Path, out_type: s
              for t, shape in target.tensors.items() if t in sources and tuple(weights[sources[t]].shape) != shape]
     if missing or wrong:
         shown = ", ".join((missing + wrong)[:3])
-        raise LoraplexError(f"--merged {merged_dir} is not a merge of the base {base_gguf}: {shown}; pass the merged "
+        raise ParameterError("merged", f"{merged_dir} is not a merge of the base {base_gguf}: {shown}; pass the merged "
                             "folder of this run's adapters")
     reader = gguf.GGUFReader(base_gguf)
     tmp = path.with_name(f".{path.name}.tmp")

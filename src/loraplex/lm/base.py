@@ -22,7 +22,7 @@ def load_base(ws: Workspace, allow_pickle: bool = False, on_device: bool = True)
     spec = ws.recipe.model
     dtype = ws.dtype
     # checks that bitsandbytes runs here before anything is loaded
-    config = quantization_config(spec, ws.recipe.distributed.strategy)
+    config = quantization_config(spec, dtype, ws.recipe.distributed.strategy)
     record: dict = {"dtype": dtype_name(dtype)}
     if config is not None:
         full = load_model(ws.base, dtype, spec.trust_remote_code, allow_pickle=allow_pickle)
@@ -35,6 +35,6 @@ def load_base(ws: Workspace, allow_pickle: bool = False, on_device: bool = True)
     fingerprint = base_fingerprint(model, dtype)
     record.setdefault("base_fingerprint", fingerprint)
     if config is not None:
-        record.update(quantization=describe(spec), quantized_base_fingerprint=fingerprint)
+        record.update(quantization=describe(spec, dtype), quantized_base_fingerprint=fingerprint)
     record["gradient_checkpointing"] = gradient_checkpointing(spec)
     return model, record

@@ -36,10 +36,11 @@ __all__ = ["MergePlan", "merge", "plan_merge"]
 
 
 def merge(run_dir: str | Path, adapters: list[str], weights: list[float] | None = None,
-          method: MergeMethod | str = MergeMethod.AUTO, *, out_dir: str | Path, dtype: str = "float32",
-          density: float = 0.5, seed: int = 0, overwrite: bool = False,
-          echo: Callable[[str], None] | None = None) -> dict:
-    """Merge `adapters` (names in RUN/adapters) into the base; write `out_dir`, verify, return the report.
+          method: MergeMethod | str = MergeMethod.AUTO, *, out_dir: str | Path,
+          dtype: torch.dtype | str = torch.float32, density: float = 0.5, seed: int = 0, overwrite: bool = False,
+          echo: Callable[[str], None] | None = None) -> MergeRecord:
+    """Merge `adapters` (names in RUN/adapters) into the base; write `out_dir`, verify, return the report (the
+    record merge_report.json holds).
 
     `echo` receives the interference report and the method's exactness before the merge starts.
     """
@@ -50,7 +51,7 @@ def merge(run_dir: str | Path, adapters: list[str], weights: list[float] | None 
         return _merge(plan, out_dir, seed, echo)
 
 
-def _merge(plan: MergePlan, out_dir: Path, seed: int, echo: Callable[[str], None]) -> dict:
+def _merge(plan: MergePlan, out_dir: Path, seed: int, echo: Callable[[str], None]) -> MergeRecord:
     pairs = interference(plan)
     precision = precision_note(plan)
     for line in interference_lines(plan, pairs) + [plan.note] + ([precision] if precision else []):
@@ -76,6 +77,7 @@ def _merge(plan: MergePlan, out_dir: Path, seed: int, echo: Callable[[str], None
             report["weights_search"] = search
         for entry in report["adapters"]:  # what the merge used: a retrained adapter makes it stale
             entry["weights_sha256"] = weights_hash(adapter_dir(plan.run_dir, entry["name"]))
-        write_record(tmp / MERGE_REPORT, MergeRecord.model_validate(report))
+        record = MergeRecord.model_validate(report)
+        write_record(tmp / MERGE_REPORT, record)
     log_merge(plan.run_dir, out_dir.name, report)
-    return report
+    return record

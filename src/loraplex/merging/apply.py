@@ -8,7 +8,7 @@ import torch
 
 from ..adapters import attach
 from ..data.render import chat_template_for
-from ..device import pick_dtype, to_accelerator
+from ..device import to_accelerator
 from ..errors import ParameterError
 from ..models import load_model
 from ..run import check_base
@@ -87,7 +87,7 @@ def write_merged(plan: MergePlan, reference, tokenizer, folder: Path) -> None:
             if plan.dora_owner(name) is None:
                 weight = model.get_submodule(name).weight
                 weight += expected_delta(plan, reference, name).to(weight.device)
-    model.to(pick_dtype(plan.dtype)).save_pretrained(folder)  # with config.json and generation_config.json
+    model.to(plan.dtype).save_pretrained(folder)  # with config.json and generation_config.json
     tokenizer.save_pretrained(folder)
 
 

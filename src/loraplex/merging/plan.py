@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..device import DTYPES, dtype_name
 from ..errors import LoraplexError, ParameterError, unknown_name_message
 from ..inspect_adapter import AdapterWeights, read_adapter
 from ..lora_settings import loftq_problem
@@ -33,7 +34,7 @@ class MergeMethod(str, Enum):
 SEARCH = MergeMethod.WEIGHTS_SEARCH.value
 METHODS = tuple(m.value for m in MergeMethod)
 PEFT_METHODS = ("linear", "ties", "dare_linear")
-DTYPES = ("float32", "bfloat16", "float16")
+SAVED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class MergePlan:
     weights: dict[str, float]
     method: str  # "sum" or one of PEFT_METHODS
     requested: str
-    dtype: str
+    dtype: torch.dtype  # of the saved weights
     base: BaseModelRef
     owners: dict[str, list[str]] = field(default_factory=dict)  # module name -> adapters adapting it
     density: float = 1.0  # ties/dare_linear: share of values kept
@@ -69,13 +70,13 @@ class MergePlan:
 
 
 def plan_merge(run_dir: str | Path, adapters: list[str], weights: list[float] | None, method: MergeMethod | str,
-               dtype: str, density: float = 0.5) -> MergePlan:
-    """Read and check the adapters, weights and method (the adapters' problems all at once)."""
+               dtype: torch.dtype | str, density: float = 0.5) -> MergePlan:
+    """Read and check the adapters, weights and method (the adapters' problems all at once); `dtype` (of the saved
+    weights: a torch.dtype, or its name) is resolved here, once."""
     run_dir = Path(run_dir)
     names = _names(adapters)
     method = _method(method)
-    if dtype not in DTYPES:
-        raise ParameterError("dtype", unknown_name_message("dtype", dtype, list(DTYPES)))
+    dtype = _saved_dtype(dtype)
     if method in ("ties", "dare_linear") and not 0 < density <= 1:
         raise ParameterError("density", f"{density:g} is not a share of values to keep; use 0 < density <= 1")
     if method == SEARCH and weights is not None:
@@ -92,6 +93,14 @@ def plan_merge(run_dir: str | Path, adapters: list[str], weights: list[float] | 
         raise LoraplexError(problems, title="these adapters cannot be merged")
     plan.note = _method_note(plan)
     return plan
+
+
+def _saved_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    names = [dtype_name(d) for d in SAVED_DTYPES]
+    found = dtype if isinstance(dtype, torch.dtype) else DTYPES.get(dtype) if isinstance(dtype, str) else None
+    if found not in SAVED_DTYPES:
+        raise ParameterError("dtype", unknown_name_message("dtype", str(dtype).replace("torch.", ""), names))
+    return found
 
 
 def _names(adapters: list[str]) -> list[str]:
@@ -171,7 +180,8 @@ def precision_note(plan: MergePlan) -> str | None:
         return None
     kinds = "; ".join(sorted(set(quantized.values())))
     return (f"{', '.join(quantized)} trained on a quantized base ({kinds}): merged onto the full-precision base "
-            f"weights ({plan.base.location}, computed in float32, saved as {plan.dtype}), not into quantized weights")
+            f"weights ({plan.base.location}, computed in float32, saved as {dtype_name(plan.dtype)}), not into "
+            "quantized weights")
 
 
 def _method_note(plan: MergePlan) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..device import pick_dtype
+from ..device import dtype_name
 from ..errors import LoraplexError
 from ..inspect_adapter import AdapterWeights
 from ..models import base_state_items
@@ -16,8 +16,8 @@ from ..lm.packed import heldout_metrics
 from .apply import COMBINED, lora_layer, lora_layers, expected_delta
 from .plan import PEFT_METHODS, MergePlan
 
-WEIGHT_RTOL = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 2e-3}  # of max(max|W|, max|expected W'|)
-LOGIT_RTOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}  # max|Δlogits| / max(1, max|logits|)
+WEIGHT_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # of max(max|W|, max|expected W'|)
+LOGIT_RTOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}  # max|Δlogits| / max(1, max|logits|)
 KEEP_THRESHOLD = 0.9  # share of an adapter's held-out loss improvement the merged model should keep
 PROBE_TEXTS = ("Hello! Who are you?", "What is 17 + 25?", "用一句话介绍长城。",
                "「ありがとう」を英語に訳してください。", "Write one sentence about rivers.")
@@ -47,7 +47,7 @@ def verify(plan: MergePlan, reference, merged, probes: list[torch.Tensor], folde
                             title="the merged model failed verification (nothing was written)")
     return {
         "run_dir": str(plan.run_dir), "method": plan.method, "method_requested": plan.requested, "exact": plan.exact,
-        "dtype": plan.dtype, "base_model": plan.base.name, "base_model_location": plan.base.location,
+        "dtype": dtype_name(plan.dtype), "base_model": plan.base.name, "base_model_location": plan.base.location,
         "adapters": [_adapter_entry(name, a, plan.weights[name]) for name, a in plan.adapters.items()],
         "shared_modules": plan.shared_modules(), "verification": {"weights": weights, "logits": logits},
     }
@@ -109,7 +109,7 @@ def _untouched(plan: MergePlan, reference, merged) -> tuple[float, list[str]]:
     for name, tensor in saved.items():
         if name in touched or name not in pristine or not tensor.numel():
             continue
-        expected = pristine[name].to(pick_dtype(plan.dtype)).float()  # the saved dtype's rounding, nothing more
+        expected = pristine[name].to(plan.dtype).float()  # the saved dtype's rounding, nothing more
         worst = max(worst, float((tensor.float() - expected.to(tensor.device)).abs().max()))
     return worst, odd
 

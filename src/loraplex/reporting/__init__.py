@@ -7,6 +7,7 @@ auto` chose and what merged models keep.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_dir, atomic_write_text
@@ -18,18 +19,27 @@ from .choices import one_model_section, selection_section
 from .sections import (comparison_section, cost_section, curves_section, matrix_section, recipe_section,
                        samples_section)
 
-__all__ = ["load_run", "write_report"]
+__all__ = ["ReportFiles", "load_run", "write_report"]
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+@dataclass(frozen=True)
+class ReportFiles:
+    """What `loraplex.report` wrote into the run folder."""
+
+    markdown: Path  # report.md (its plots in report-assets/ beside it)
+    html: Path  # report.html, self-contained (plots inlined)
+    stale: list[str]  # outputs made with adapters replaced since, as the report lists them
+
+
+def write_report(run_dir: str | Path) -> ReportFiles:
     """Write report.md and report.html into the run folder (evaluating first when eval.json is missing or was made
-    with adapters replaced since); returns their paths. Merged models made with replaced adapters are listed."""
+    with adapters replaced since). Merged models made with replaced adapters are listed."""
     run_dir = Path(run_dir)
     with writer_lock(run_dir, ["report"], "loraplex report"):
         return _write(run_dir, load_run(run_dir))
 
 
-def _write(run_dir: Path, data: RunData) -> tuple[Path, Path]:
+def _write(run_dir: Path, data: RunData) -> ReportFiles:
     stale = stale_outputs(run_dir)
     sections = [Section("Stale outputs", "Made with adapters that have been replaced since; evaluate or merge again.",
                         [Table(["what", "made with"], [line.split(": made with ", 1) for line in stale])])
@@ -44,7 +54,7 @@ def _write(run_dir: Path, data: RunData) -> tuple[Path, Path]:
     md_path, html_path = run_dir / REPORT_MD, run_dir / REPORT_HTML
     atomic_write_text(md_path, render_markdown(title, sections))
     atomic_write_text(html_path, render_html(title, sections))
-    return md_path, html_path
+    return ReportFiles(md_path, html_path, stale)
 
 
 def load_run(run_dir: Path) -> RunData:
@@ -56,7 +66,7 @@ def load_run(run_dir: Path) -> RunData:
         merged = [r["path"] for r in (result or {}).get("rows", [])
                   if r["kind"] == "merged" and Path(r["path"]).is_dir()]
         settings = GenerationSettings(**result["generation"]) if result else None  # as the user last chose
-        result = evaluate_run(run_dir, merged=merged, generation=settings)
+        result = evaluate_run(run_dir, merged=merged, generation=settings).as_dict()
     return RunData(run_dir, recipe, adapters, result)
 
 

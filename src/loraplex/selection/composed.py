@@ -24,7 +24,7 @@ def composed_folders(spec: DatasetSpec, run_dir: Path) -> dict[str, Path]:
     missing = [n for n in spec.compose_with if not is_complete(adapter_dir(run_dir, n))]
     if missing:
         raise LoraplexError(f"datasets[{spec.name}].compose_with: {', '.join(missing)} not trained yet in {run_dir}; "
-                            f"train {'them' if len(missing) > 1 else 'it'} first (or leave out --only)")
+                            f"train {'them' if len(missing) > 1 else 'it'} first (or leave only=None)")
     return {name: adapter_dir(run_dir, name) for name in spec.compose_with}
 
 

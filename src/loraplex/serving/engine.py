@@ -24,7 +24,7 @@ import torch
 from ..adapters import load
 from ..data.render import chat_template_for, end_of_turn_ids, prompt_text
 from ..device import to_accelerator
-from ..errors import LoraplexError
+from ..errors import LoraplexError, ParameterError
 from ..models import load_model, load_tokenizer, resolve_base, stop_token_ids
 from ..routing import BASE
 from ..run import adapter_dir, adapter_metadata, complete_adapters, open_run
@@ -116,7 +116,7 @@ class Engine:
         for ref in merged_refs:
             label = f"merged:{Path(ref.location).name}"
             if label in self.entries:
-                raise LoraplexError(f"two --merged folders are both named {Path(ref.location).name}; rename one")
+                raise ParameterError("merged", f"two folders are both named {Path(ref.location).name}; rename one")
             self.models[label] = to_accelerator(load_model(ref, ws.dtype)).eval()
             tokenizer = load_tokenizer(ref)
             template = chat_template_for(tokenizer)

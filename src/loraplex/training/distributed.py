@@ -123,5 +123,5 @@ def launch(processes: int, command: list[str]) -> int:
     if code:
         raise LoraplexError(f"training stopped in one of the {processes} processes (exit code {code}); its message "
                             "is above. Every process stops with it; fix the cause and run the same command with "
-                            "--resume to continue from the last checkpoint")
+                            "resume=True to continue from the last checkpoint")
     return 0

@@ -13,8 +13,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..data.prepare import PreparedDataset
-from ..device import dtype_name, pick_dtype
+from ..device import dtype_name
 from ..quantize import describe
 from ..recipe import DatasetSpec, Recipe, compose_order
 from ..run import adapter_dir, adapter_metadata, complete_adapters, is_complete, weights_hash
@@ -25,7 +27,7 @@ DATA_OPTIONS = ("format", "columns", "system", "template", "max_seq_length", "ma
 SHOWN_CHANGES = 3
 
 NEW, RETRAIN, KEEP, NOT_NAMED, NOT_IN_RECIPE, REMOVED = (
-    "trained (new)", "retrained", "kept", "not named by --only", "not in the recipe", "removed (--prune)")
+    "trained (new)", "retrained", "kept", "not named by `only`", "not in the recipe", "removed (prune=True)")
 
 
 @dataclass
@@ -44,8 +46,10 @@ class Step:
         return f"{self.action} ({self.reason})" if self.reason else self.action
 
 
-def fingerprint_parts(spec: DatasetSpec, recipe: Recipe, data: PreparedDataset, composed: dict[str, str]) -> dict:
-    """Everything that decides the adapter's weights, by part. `composed`: name -> weights hash of compose_with."""
+def fingerprint_parts(spec: DatasetSpec, recipe: Recipe, data: PreparedDataset, composed: dict[str, str],
+                      dtype: torch.dtype) -> dict:
+    """Everything that decides the adapter's weights, by part. `composed`: name -> weights hash of compose_with;
+    `dtype`: the workspace's (the recipe's `model.dtype` resolved)."""
     model = recipe.model
     local = recipe.resolve(model.path)
     train = spec.train.model_dump(mode="json")
@@ -53,8 +57,8 @@ def fingerprint_parts(spec: DatasetSpec, recipe: Recipe, data: PreparedDataset, 
         train.pop(key)
     return {
         "base": {"path": str(local.resolve()) if model.path != "default" and local.exists() else model.path,
-                 "gguf_file": model.gguf_file, "dtype": dtype_name(pick_dtype(model.dtype)),
-                 "quantization": describe(model) if model.quantization else None},
+                 "gguf_file": model.gguf_file, "dtype": dtype_name(dtype),
+                 "quantization": describe(model, dtype) if model.quantization else None},
         "data": {"files": data.fingerprint, **{key: getattr(spec, key) for key in DATA_OPTIONS},
                  "rows_held_out_by_other_datasets": data.stats.get("held_out_elsewhere", 0), "rows": data.rows_key},
         "target_modules": spec.target_modules,
@@ -116,7 +120,7 @@ def _show(value) -> str:
 
 
 def plan_run(recipe: Recipe, selected: list[str], prepared: dict[str, PreparedDataset], run_dir: Path,
-             overwrite: bool) -> list[Step]:
+             overwrite: bool, dtype: torch.dtype) -> list[Step]:
     """Each adapter's step, in training order (an adapter after those it is composed with), then the adapters of
     the run folder that the recipe no longer names."""
     steps: dict[str, Step] = {}
@@ -126,23 +130,23 @@ def plan_run(recipe: Recipe, selected: list[str], prepared: dict[str, PreparedDa
             steps[spec.name] = Step(spec.name, NOT_NAMED, "" if is_complete(folder) else "not trained yet")
             continue
         retrained = [n for n in spec.compose_with if n in steps and steps[n].action == RETRAIN]
-        steps[spec.name] = _step(spec, recipe, prepared[spec.name], folder, overwrite, retrained)
+        steps[spec.name] = _step(spec, recipe, prepared[spec.name], folder, overwrite, retrained, dtype)
     names = {spec.name for spec in recipe.datasets}
     orphans = [Step(name, NOT_IN_RECIPE) for name in complete_adapters(run_dir) if name not in names]
     return list(steps.values()) + orphans
 
 
 def _step(spec: DatasetSpec, recipe: Recipe, data: PreparedDataset, folder: Path, overwrite: bool,
-          retrained: list[str]) -> Step:
+          retrained: list[str], dtype: torch.dtype) -> Step:
     if not is_complete(folder):
         return Step(spec.name, NEW)
     if overwrite:
-        return Step(spec.name, RETRAIN, "--overwrite")
+        return Step(spec.name, RETRAIN, "overwrite=True")
     if retrained:
         return Step(spec.name, RETRAIN, f"composed with {', '.join(retrained)}, which is retrained")
     recorded = adapter_metadata(folder).get("fingerprint_parts")
     if recorded is None:
         return Step(spec.name, RETRAIN, "no fingerprint recorded: trained by an earlier loraplex")
     composed = {name: weights_hash(adapter_dir(folder.parent.parent, name)) for name in spec.compose_with}
-    parts = fingerprint_parts(spec, recipe, data, composed)
+    parts = fingerprint_parts(spec, recipe, data, composed, dtype)
     return Step(spec.name, KEEP) if parts == recorded else Step(spec.name, RETRAIN, what_changed(recorded, parts))

@@ -81,7 +81,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
             for name in names:
                 for leftover in remove_leftovers(run_dir / "adapters", name):
                     say(f"removed {leftover} in {run_dir / 'adapters'}, left by an interrupted write")
-        steps = gather(plan_run(ws.recipe, names, prepared, run_dir, overwrite) if is_main() else None)[0]
+        steps = gather(plan_run(ws.recipe, names, prepared, run_dir, overwrite, ws.dtype) if is_main() else None)[0]
         if is_main():
             _open_run_dir(run_dir, ws, steps, prune, say)
         wait_for_everyone()
@@ -109,7 +109,7 @@ def _train_steps(ws: Workspace, prepared: dict, run_dir: Path, steps: list[Step]
             continue
         spec = ws.recipe.dataset(step.name)
         composed = {name: weights_hash(adapter_dir(run_dir, name)) for name in spec.compose_with}
-        parts = fingerprint_parts(spec, ws.recipe, prepared[spec.name], composed)
+        parts = fingerprint_parts(spec, ws.recipe, prepared[spec.name], composed, dtype)
         key = fingerprint(parts)
         resume_here = _prepare_checkpoints(checkpoint_dir(run_dir, spec.name), key, resume, say)
         selection = None
