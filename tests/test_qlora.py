@@ -87,6 +87,15 @@ def test_recipe_quantization_fields(tmp_path):
     assert load_recipe(qlora_recipe_stub(tmp_path, quant_type="fp4")).model.quant_type == "fp4"
 
 
+@pytest.mark.skipif(BNB_PROBLEM is not None, reason=f"needs bitsandbytes that runs 4-bit here: {BNB_PROBLEM}")
+def test_fsdp_stores_the_four_bit_codes_in_the_compute_dtype(tmp_path):
+    """FSDP shards a flat tensor of one dtype: the packed codes must share the compute dtype, only under FSDP."""
+    spec = load_recipe(qlora_recipe_stub(tmp_path)).model
+    sharded = quantize.quantization_config(spec, torch.bfloat16, "fsdp")
+    assert (sharded.bnb_4bit_compute_dtype, sharded.bnb_4bit_quant_storage) == (torch.bfloat16, torch.bfloat16)
+    assert quantize.quantization_config(spec, torch.bfloat16, "ddp").bnb_4bit_quant_storage == torch.uint8
+
+
 def test_missing_bitsandbytes_names_the_pip_command(tmp_path, monkeypatch):
     real_import = builtins.__import__
 
