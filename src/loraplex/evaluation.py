@@ -24,8 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from .adapters import load
 from .checkers import ANSWER_CHECKERS, same_text
 from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages

@@ -14,6 +14,7 @@ import torch
 from ..data.prepare import decision_rows, graded_rows
 from ..errors import LoraplexError
 from ..lm.packed import heldout_metrics
+from ..timing import phase
 from .plan import MergePlan
 from .verify import all_adapters_active, base_and_adapter_loss, heldout_splits
 
@@ -38,6 +39,7 @@ def halves(plan: MergePlan) -> tuple[dict, dict]:
 
 
 @torch.no_grad()
+@phase("weight search")
 def search_weights(plan: MergePlan, reference, search: dict) -> dict:
     """Set `plan.weights` to the weights that maximise the worst retention on `search`; returns the record."""
     losses = {n: base_and_adapter_loss(reference, n, rows) for n, rows in search.items()}
