@@ -147,7 +147,7 @@ def test_the_cache_keeps_only_columns_a_live_row_needs(tiny_model_dir, tiny_toke
 def test_a_row_that_fails_to_decode_leaves_the_others_decoding(tiny_model_dir, tiny_tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from loraplex.serving import batch as batch_module
+    from loraplex.lm import decoding as batch_module
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     pick = batch_module.pick
