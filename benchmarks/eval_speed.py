@@ -3,9 +3,11 @@ before) vs shared mixed-adapter continuous batches (`lm.decoding.greedy_answers`
 
     python benchmarks/eval_speed.py runs/demo [--max-new-tokens 24] [--batch-size 40] [--examples 30] [--dtype auto]
 
-Each model answers the test splits the demo asks of it: the base every dataset's, each adapter its own. Prints the
-CPU features, seconds per path, their ratio and how many answers differ between the two paths (0 expected: the
-same greedy tokens; a near-tie may flip in bfloat16). Loads the run's base once with every adapter.
+Three paths: `model.generate` per model, continuous batches of one model at a time (`mixed=False`), and
+shared mixed-adapter continuous batches. Each model answers the test splits the demo asks of it: the base every
+dataset's, each adapter its own. Prints the CPU features, seconds per path, the ratio to `model.generate` and how
+many answers differ from it (0 expected in float32; in bfloat16 a row's logits depend on its batch, so near-ties
+may flip). Loads the run's base once with every adapter.
 """
 from __future__ import annotations
 
@@ -45,7 +47,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--examples", type=int, default=30, help="test rows per dataset")
     parser.add_argument("--dtype", default=None, help="override the run's model.dtype (float32, bfloat16)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from loraplex.adapters import load
     from loraplex.data.render import chat_template_for, end_of_turn_ids
     from loraplex.device import pick_dtype
@@ -73,16 +78,28 @@ def main() -> None:
         adapters.use(adapter)
         before[adapter, test] = one_at_a_time(model, tokenizer, tests[test], args.max_new_tokens, args.batch_size, eos)
     alone_s = time.perf_counter() - started
-    adapters.use(names[0])
-    jobs = [GreedyJob(Target(str(adapter), adapter), tokenizer(p, add_special_tokens=False)["input_ids"],
-                      args.max_new_tokens) for adapter, test in work for p in tests[test]]
+    def jobs(pairs):
+        return [GreedyJob(Target(str(adapter), adapter), tokenizer(p, add_special_tokens=False)["input_ids"],
+                          args.max_new_tokens) for adapter, test in pairs for p in tests[test]]
+
     started = time.perf_counter()
-    texts = iter(greedy_answers(model, tokenizer, jobs, eos, args.batch_size, mixed=True))
+    continuous = {}
+    for adapter, test in work:  # continuous batches, one model at a time
+        adapters.use(adapter)
+        continuous[adapter, test] = greedy_answers(model, tokenizer, jobs([(adapter, test)]), eos, args.batch_size,
+                                                   mixed=False)
+    continuous_s = time.perf_counter() - started
+    adapters.use(names[0])
+    started = time.perf_counter()
+    texts = iter(greedy_answers(model, tokenizer, jobs(work), eos, args.batch_size, mixed=True))
     shared_s = time.perf_counter() - started
     after = {key: [next(texts) for _ in tests[key[1]]] for key in work}
-    differ = sum(complete_text(a).strip() != b for key in work for a, b in zip(before[key], after[key]))
-    print(f"one model at a time (model.generate): {alone_s:.1f} s; shared mixed-adapter batches: {shared_s:.1f} s; "
-          f"speed-up {alone_s / max(shared_s, 1e-9):.2f}x; answers that differ: {differ} of {len(jobs)}")
+    total = sum(len(tests[test]) for _, test in work)
+    for label, seconds, answers in (("continuous batches, one model at a time", continuous_s, continuous),
+                                    ("shared mixed-adapter continuous batches", shared_s, after)):
+        differ = sum(complete_text(a).strip() != b for key in work for a, b in zip(before[key], answers[key]))
+        print(f"{label}: {seconds:.1f} s, {alone_s / max(seconds, 1e-9):.2f}x the speed of model.generate one model "
+              f"at a time ({alone_s:.1f} s); answers that differ: {differ} of {total}")
 
 
 if __name__ == "__main__":

@@ -65,8 +65,11 @@ class Batch:
         ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                         **{self.cache_arg: DynamicCache()}, **self._extra(rows))
+        # the last position as an index, not `logits_to_keep=1`: the LM head then reads a gathered [rows, 1, hidden]
+        # copy; on the strided slice of several rows a bfloat16 CPU matmul copies its weight per row (~100x slower)
+        last = torch.tensor([width - 1], device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=last, **{self.cache_arg: DynamicCache()}, **self._extra(rows))
         cache, logits = getattr(out, self.cache_arg), out.logits[:, -1, :].float()
         if not self.rows:
             self.rows, self.cache, self.mask, self.positions, self.logits = rows, cache, mask, positions[:, -1:], logits
