@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from loraplex.cli import app
 from loraplex.demo.data import DEMO_ADAPTERS
-from loraplex.demo.command import demo_recipe, run_demo, targets_met
+from loraplex.demo.command import demo_recipe, run_demo, targets_met, time_breakdown
 from loraplex.errors import LoraplexError, ParameterError
 from loraplex.recipe import load_recipe
 from loraplex.run import adapter_metadata
@@ -59,6 +59,10 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert "## One model for all datasets" in report and "merged:zh+en" in report
     saved = json.loads((run_dir / "demo_results.json").read_text(encoding="utf-8"))
     assert saved["results"] == json.loads(json.dumps(summary["results"]))
+    timings = {row["phase"]: row["seconds"] for row in saved["timings"]}
+    assert {f"training {name}" for name in DEMO_ADAPTERS} < set(timings) and min(timings.values()) >= 0
+    assert timings["model loads (train, merge, its check, eval)"] > 0 and timings["evaluation: generation"] > 0
+    assert sum(timings.values()) - timings["total"] == pytest.approx(timings["total"], abs=0.1)
     # the recipe written into the run folder is a valid recipe with the generated data beside it
     recipe = load_recipe(out / "demo.yaml")
     assert recipe.resolve(recipe.dataset("ja").files("test_path")[0]).is_file()
@@ -75,6 +79,24 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert data != {p: p.read_bytes() for p in sorted((out / "data").rglob("*.jsonl"))}
     assert all(adapter_metadata(out / "adapters" / name)["config"]["train"]["seed"] == 2 for name in DEMO_ADAPTERS)
     assert sorted(p.name for p in (out / "adapters").iterdir()) == sorted(DEMO_ADAPTERS)
+
+
+def test_time_breakdown_names_each_phase_once_and_adds_up():
+    steps = {"data": {"seconds": 1.0, "phases": {}},
+             "train": {"seconds": 50.0, "phases": {"prepare": 2.0, "model load": 3.0, "selection": 5.0}},
+             "merge": {"seconds": 20.0, "phases": {"model load": 4.0, "prepare": 1.0, "weight search": 10.0}},
+             "evaluate": {"seconds": 30.0, "phases": {"model load": 2.0, "prepare": 0.5,
+                                                      "evaluation: held-out losses": 6.0,
+                                                      "evaluation: generation": 12.0, "evaluation: routing": 1.0}},
+             "report": {"seconds": 4.0, "phases": {}}}
+    rows = {row["phase"]: row["seconds"] for row in time_breakdown(steps, {"zh": 20.0, "en": 15.0}, 110.0)}
+    assert rows["prepare: data written, recipe checked, tokenized"] == 4.5
+    assert rows["model loads (train, merge, its check, eval)"] == 9.0
+    assert rows["selection (target_modules: auto)"] == 5.0 and rows["training zh"] == 20.0
+    assert rows["training: other (recipe opened, adapters saved and reloaded, isolation checks)"] == 5.0
+    assert rows["merge: weight search"] == 10.0 and rows["merge: writing and verifying"] == 5.0
+    assert rows["evaluation: generation"] == 12.0 and rows["evaluation: test splits, scores, eval.json"] == 8.5
+    assert rows["report"] == 4.0 and rows["other"] == 5.0 and rows["total"] == 110.0
 
 
 @pytest.mark.parametrize("inside", [["notes.txt"], ["run.json", "notes.txt"]])
@@ -99,6 +121,7 @@ def test_demo_cli_prints_the_table(tiny_model_dir, tmp_path, monkeypatch):
     for name in DEMO_ADAPTERS:
         assert name in result.output
     assert "merged zh+en" in result.output and "report:" in result.output
+    assert "where the time went" in result.output and "evaluation: generation" in result.output
     out = " ".join(result.output.split())  # the console wraps long lines
     assert f"run folder: {(tmp_path / 'd').resolve()}" in out
     # how much of each adapter's held-out gain the merged model keeps, as merge_report.json has it

@@ -210,8 +210,8 @@ def test_a_recipe_checker_judges_exact_match(run_dir, tmp_path, monkeypatch):
     resolved.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
     monkeypatch.setenv("LORAPLEX_HOME", str(run_dir.parent.parent / "home"))
     # every model answers the first test row with the reference inside a sentence, the second wrongly
-    monkeypatch.setattr("loraplex.evaluation.generate", lambda model, tokenizer, prompts, *args: [
-        "答：苹果苹果。", "river"][:len(prompts)])
+    monkeypatch.setattr("loraplex.evaluation.greedy_answers", lambda model, tokenizer, jobs, *args: [
+        ("答：苹果苹果。", "river")[i % 2] for i in range(len(jobs))])  # each test split's two prompts in turn
     result = evaluate_run(copy, generation=GenerationSettings(max_examples=2, cross=True))
     columns = {c["name"]: c["exact_match"] for c in result.columns}
     assert columns == {"en": "stripped string equality", "en_all": "stripped string equality",

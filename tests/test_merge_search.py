@@ -123,3 +123,16 @@ def test_the_eval_matrix_grades_a_searched_merge_only_on_rows_the_search_never_r
     for name in ("a", "b"):  # the adapters' own rows still cover the whole held-out split, as training reported it
         assert result.metrics[name][name]["loss"] == pytest.approx(
             json.loads((run / "adapters" / name / "loraplex.json").read_text())["heldout_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("peak", [0.25, 0.75, 1.0, 2.0, 3.0])
+def test_the_climb_reaches_a_single_peak_trying_few_weightings(peak):
+    tried = []
+
+    def score(weights: dict[str, float]) -> float:
+        tried.append(weights["b"])
+        return -abs(weights["b"] - peak) - abs(weights["a"] - 1.0)  # one peak along b, a stays
+
+    found = search._climb({"a": 1.0, "b": 1.0}, "b", score)
+    assert found == {"a": 1.0, "b": peak}
+    assert len(set(tried)) <= abs(search.GRID.index(peak) - search.GRID.index(1.0)) + 3 < len(search.GRID)

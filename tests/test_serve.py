@@ -301,7 +301,7 @@ def test_concurrent_requests_for_different_adapters_batch_and_answer_as_alone(cl
 def test_requests_join_a_batch_that_is_already_decoding(client, server, reference, monkeypatch):
     """A long request is decoding when others arrive: they join it between steps (left-padded caches), the rows
     leave as they end, and every answer is still the one it gets alone."""
-    from loraplex.serving import batch as batch_module
+    from loraplex.lm import decoding as batch_module
 
     _, asgi = server
     engine = asgi.state.engine
@@ -369,7 +369,7 @@ def test_auto_checks_the_length_before_embedding(client, monkeypatch):
 def test_auto_does_not_wait_for_a_running_batch(client, server, monkeypatch):
     """A long answer is decoding: an `auto` request is routed between two of its steps and answered before it
     ends (the router used to wait on a lock the batch held to its end)."""
-    from loraplex.serving import batch as batch_module
+    from loraplex.lm import decoding as batch_module
 
     step = batch_module.Batch.step
 
@@ -457,7 +457,7 @@ def test_models_show_no_absolute_paths(server, run):
 def test_a_poisoned_request_beside_a_long_stream(client, server, reference, monkeypatch):
     """A request whose sampling fails on the worker ends alone with a 500; another client's long stream on
     another model, in the same batch, completes with its full answer."""
-    from loraplex.serving import batch as batch_module
+    from loraplex.lm import decoding as batch_module
 
     pick, step = batch_module.pick, batch_module.Batch.step
 
@@ -490,7 +490,7 @@ def test_a_batch_that_keeps_running_lets_go_of_finished_requests(client, server,
     import gc
     import weakref
 
-    from loraplex.serving import batch as batch_module
+    from loraplex.lm import decoding as batch_module
 
     engine, step = server[1].state.engine, batch_module.Batch.step
     submitted, submit = [], engine.submit
@@ -530,7 +530,7 @@ def wait_for(condition, seconds: float = 10.0) -> bool:
 
 @pytest.mark.parametrize("streamed", [False, True])
 def test_a_client_that_goes_away_cancels_its_generation(server, monkeypatch, streamed):
-    from loraplex.serving import batch as batch_module
+    from loraplex.lm import decoding as batch_module
 
     step = batch_module.Batch.step
 
@@ -573,7 +573,7 @@ def fragile_server(run):
 
 
 def test_a_failure_outside_decoding_fails_its_requests_not_the_worker(fragile_server, monkeypatch):
-    from loraplex.serving import batch as batch_module
+    from loraplex.lm import decoding as batch_module
 
     url, asgi = fragile_server
     init = batch_module.Batch.__init__

@@ -1,4 +1,4 @@
-"""One request's decoding state (`loraplex.serving.batch.Row`), the batch's cache, and the request schema, without a
+"""One request's decoding state (`loraplex.lm.decoding.Row`), the batch's cache, and the request schema, without a
 server: stop strings, broken characters, end-of-turn tokens, bounded memory, field validation."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_byte_tokenizer
-from loraplex.serving.batch import Batch, Row
+from loraplex.lm.decoding import Batch, Row
 
 LLAMA3_MARKERS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
@@ -147,7 +147,7 @@ def test_the_cache_keeps_only_columns_a_live_row_needs(tiny_model_dir, tiny_toke
 def test_a_row_that_fails_to_decode_leaves_the_others_decoding(tiny_model_dir, tiny_tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from loraplex.serving import batch as batch_module
+    from loraplex.lm import decoding as batch_module
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     pick = batch_module.pick
@@ -218,24 +218,3 @@ def test_an_adapter_is_served_with_its_datasets_system_prompt(tiny_tokenizer):
     assert "<|im_start|>system\nYou are a travel agent.<|im_end|>" in Engine.chat_prompt(None, entry, user)
     own = Engine.chat_prompt(None, entry, [{"role": "system", "content": "Be brief."}, *user])
     assert "Be brief." in own and "travel agent" not in own
-
-
-def test_eval_generation_also_stops_on_the_end_of_turn_tokens(tiny_model_dir, monkeypatch):
-    """`loraplex eval` generates with the same stops as the server: eos and the templates' end-of-turn tokens."""
-    from transformers import AutoModelForCausalLM
-
-    from loraplex.data.render import FALLBACK_TEMPLATES, end_of_turn_ids
-    from loraplex.evaluation import generate
-
-    tokenizer = make_byte_tokenizer(extra_special_tokens=LLAMA3_MARKERS)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    seen = {}
-
-    def fake_generate(input_ids, attention_mask, eos_token_id, **kwargs):
-        seen["eos"] = set(eos_token_id)
-        return input_ids
-
-    monkeypatch.setattr(model, "generate", fake_generate)
-    eot = end_of_turn_ids(tokenizer, FALLBACK_TEMPLATES["llama3"])
-    generate(model, tokenizer, ["hi"], stop_ids=eot)
-    assert seen["eos"] == {tokenizer.eos_token_id} | eot and len(eot) == 1

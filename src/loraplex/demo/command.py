@@ -14,8 +14,10 @@ from __future__ import annotations
 import copy
 import math
 import re
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 
@@ -27,6 +29,7 @@ from ..merging import merge
 from ..recipe import DATASET_NAME_PATTERN, load_recipe
 from ..reporting import write_report
 from ..run import merged_dir, writer_lock
+from ..timing import collect_phases
 from ..training.runner import train
 
 DEMO_RECIPE, DEMO_RESULTS = "demo.yaml", "demo_results.json"  # in the run folder, beside what `train` writes
@@ -77,31 +80,82 @@ def run_demo(out_dir: Path = Path("runs/demo"), seed: int = 0, overrides: list[s
 
 def _run_demo(out_dir: Path, seed: int, overrides: list[str] | None, sizes: dict[str, int] | None, progress: bool,
               log: Callable[[str], None]) -> dict:
+    started, steps = time.perf_counter(), {}
     recipe = demo_recipe(seed, out_dir.name)
-    with atomic_dir(out_dir / "data") as tmp:  # the previous data stays whole until the new data is complete...
-        write_demo_data(tmp, seed=seed, **(sizes or DEMO_SIZES))
-        _check_overrides(recipe, tmp, overrides)  # ...and the overrides are valid
-    recipe_path = out_dir / DEMO_RECIPE
-    atomic_write_text(recipe_path, "# written by `loraplex demo`\n" +
-                      yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))
-    loaded = load_recipe(recipe_path, overrides)
-    result = train(loaded, progress=progress, say=log)
+    with _step(steps, "data"):
+        with atomic_dir(out_dir / "data") as tmp:  # the previous data stays whole until the new data is complete...
+            write_demo_data(tmp, seed=seed, **(sizes or DEMO_SIZES))
+            _check_overrides(recipe, tmp, overrides)  # ...and the overrides are valid
+        recipe_path = out_dir / DEMO_RECIPE
+        atomic_write_text(recipe_path, "# written by `loraplex demo`\n" +
+                          yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))
+        loaded = load_recipe(recipe_path, overrides)
+    with _step(steps, "train"):
+        result = train(loaded, progress=progress, say=log)
     merged_model = merged_dir(result.run_dir, "+".join(MERGED))
     log(f"merging zh (q_proj) and en (v_proj) into one model with method={MERGE_METHOD!r} (benchmarks/"
         "merge_retention.py: the merge of these adapters that keeps the most of the one that keeps least)")
-    merge_report = merge(result.run_dir, list(MERGED), method=MERGE_METHOD, out_dir=merged_model, overwrite=True,
-                         echo=log)
+    with _step(steps, "merge"):
+        merge_report = merge(result.run_dir, list(MERGED), method=MERGE_METHOD, out_dir=merged_model,
+                             overwrite=True, echo=log)
     log("evaluating base, adapters and the merged model")
-    evaluation = evaluate_run(result.run_dir, merged=[merged_model], checkers=demo_checkers(loaded), log=log,
-                              generation={"max_new_tokens": 24, "batch_size": 40, "cross": False}).as_dict()
-    html = write_report(result.run_dir).html
+    with _step(steps, "evaluate"):
+        evaluation = evaluate_run(result.run_dir, merged=[merged_model], checkers=demo_checkers(loaded), log=log,
+                                  generation={"max_new_tokens": 24, "batch_size": 40, "cross": False}).as_dict()
+    with _step(steps, "report"):
+        html = write_report(result.run_dir).html
     summary = {"seed": seed, "run_dir": str(result.run_dir), "report": str(html),
                "merged": {"dir": str(merged_model), "adapters": list(MERGED), "method": MERGE_METHOD,
                           "weights": {a.name: a.weight for a in merge_report.adapters},
                           "verification": _verification(merge_report.as_dict())},
-               "results": demo_rows(evaluation, result.adapters, merged_label=_merged_label(evaluation))}
+               "results": demo_rows(evaluation, result.adapters, merged_label=_merged_label(evaluation)),
+               "timings": time_breakdown(steps, _trained_walls(result), time.perf_counter() - started)}
     atomic_write_json(result.run_dir / DEMO_RESULTS, summary)
     return summary
+
+
+@contextmanager
+def _step(steps: dict[str, dict], name: str) -> Iterator[None]:
+    """Time one step of the demo, with the named phases (`loraplex.timing`) that ran inside it."""
+    started = time.perf_counter()
+    with collect_phases() as phases:
+        yield
+    steps[name] = {"seconds": time.perf_counter() - started, "phases": dict(phases)}
+
+
+def _trained_walls(result) -> dict[str, float]:
+    """Seconds in the training loop of each adapter this run trained (a kept adapter took none)."""
+    trained = {step.name for step in result.steps if step.trains}
+    return {name: meta["wall_time_s"] for name, meta in result.adapters.items() if name in trained}
+
+
+def time_breakdown(steps: dict[str, dict], walls: dict[str, float], total: float) -> list[dict]:
+    """Where the demo's time went, as [{"phase", "seconds"}]: phases summed over the steps they ran in (model
+    loads, tokenization), each step's remainder named after what else it does; the rows add up to `total`."""
+    def inner(step: str, name: str) -> float:
+        return steps[step]["phases"].get(name, 0.0)
+
+    def spent(step: str, *names: str) -> float:
+        return sum(inner(step, name) for name in names)
+
+    common = ("prepare", "model load")
+    rows = [("prepare: data written, recipe checked, tokenized", steps["data"]["seconds"] +
+             sum(spent(s, "prepare") for s in steps)),
+            ("model loads (train, merge, its check, eval)", sum(spent(s, "model load") for s in steps)),
+            ("selection (target_modules: auto)", inner("train", "selection"))]
+    rows += [(f"training {name}", wall) for name, wall in walls.items()]
+    rows += [("training: other (recipe opened, adapters saved and reloaded, isolation checks)",
+              steps["train"]["seconds"] - spent("train", *common, "selection") - sum(walls.values())),
+             ("merge: weight search", inner("merge", "weight search")),
+             ("merge: writing and verifying", steps["merge"]["seconds"] - spent("merge", *common, "weight search"))]
+    evaluation = ("evaluation: held-out losses", "evaluation: generation", "evaluation: routing")
+    rows += [(name, inner("evaluate", name)) for name in evaluation]
+    rows += [("evaluation: test splits, scores, eval.json",
+              steps["evaluate"]["seconds"] - spent("evaluate", *common, *evaluation)),
+             ("report", steps["report"]["seconds"])]
+    rows.append(("other", total - sum(seconds for _, seconds in rows)))
+    return [{"phase": name, "seconds": round(seconds, 2)} for name, seconds in rows] + \
+        [{"phase": "total", "seconds": round(total, 2)}]
 
 
 def _check_overrides(recipe: dict, data_dir: Path, overrides: list[str] | None) -> None:

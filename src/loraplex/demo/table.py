@@ -23,6 +23,18 @@ def demo_table(summary: dict) -> Table:
     return table
 
 
+def timing_table(summary: dict) -> Table:
+    """Where the demo's time went (`time_breakdown`), seconds and share of the total."""
+    table = Table(title="demo: where the time went", title_justify="left")
+    table.add_column("phase")
+    table.add_column("seconds", justify="right")
+    table.add_column("share", justify="right")
+    total = next(row["seconds"] for row in summary["timings"] if row["phase"] == "total")
+    for row in summary["timings"]:
+        table.add_row(row["phase"], f"{row['seconds']:.1f}", f"{row['seconds'] / max(total, 1e-9):.0%}")
+    return table
+
+
 def _merged_loss(row: dict) -> str:
     """" (merged)", or for a merge scored on the rows its weight search never read, the adapter's loss there too."""
     if row["heldout_loss_merged"] is None:

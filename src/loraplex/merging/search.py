@@ -5,7 +5,9 @@ Each adapter's held-out split is cut in two: even rows for the search, odd rows 
 a merge reports come from rows the search never saw. On the search rows, base+adapters (every adapter active at
 its weight: the merged model, exactly, for a sum) is scored by the worst retention over the adapters,
 (base loss − merged loss) / (base loss − adapter loss), and a coordinate search over GRID keeps the best
-weights (gradient-free: only held-out losses are read).
+weights (gradient-free: only held-out losses are read). Along one adapter's weight it climbs: from the current
+grid point towards the better neighbour, while the score rises (each weighting tried costs one held-out pass
+over the search rows, so a climb tries a few weightings where a sweep of the grid tried them all).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from ..data.prepare import decision_rows, graded_rows
 from ..errors import LoraplexError
 from ..lm.packed import heldout_metrics
+from ..timing import phase
 from .plan import MergePlan
 from .verify import all_adapters_active, base_and_adapter_loss, heldout_splits
 
@@ -38,6 +41,7 @@ def halves(plan: MergePlan) -> tuple[dict, dict]:
 
 
 @torch.no_grad()
+@phase("weight search")
 def search_weights(plan: MergePlan, reference, search: dict) -> dict:
     """Set `plan.weights` to the weights that maximise the worst retention on `search`; returns the record."""
     losses = {n: base_and_adapter_loss(reference, n, rows) for n, rows in search.items()}
@@ -63,7 +67,20 @@ def search_weights(plan: MergePlan, reference, search: dict) -> dict:
     start = worst(best)
     for _ in range(ROUNDS):
         for name in plan.adapters:
-            best = max(({**best, name: w} for w in GRID), key=worst)
+            best = _climb(best, name, worst)
     plan.weights = best
     return {"weights": best, "grid": list(GRID), "evaluations": len(seen), "search_rows": searched_rows,
             "worst_retention_search": {"at_weights_1": start, "found": worst(best)}}
+
+
+def _climb(best: dict[str, float], name: str, score) -> dict[str, float]:
+    """`best` with `name`'s weight moved along GRID while `score` rises: first downwards, else upwards."""
+    at = GRID.index(best[name])
+    here = score(best)
+    for step in (-1, 1):
+        moved = False
+        while 0 <= at + step < len(GRID) and score(candidate := {**best, name: GRID[at + step]}) > here:
+            best, at, here, moved = candidate, at + step, score(candidate), True
+        if moved:
+            break
+    return best

@@ -20,6 +20,7 @@ from ..recipe import DatasetSpec
 from ..records import SelectionRecord, read_record, write_record
 from ..errors import RecipeError
 from ..targets import candidates as candidate_sets, default_budget, matched_alpha, matched_candidates, references
+from ..timing import phase
 from .composed import composed_model, weights_hashes
 from .probe import probe, score
 from .split import SelectionSplit, selection_split
@@ -60,7 +61,7 @@ def choose_modules(model, spec: DatasetSpec, data: PreparedDataset, base_fingerp
     path = loraplex_home() / "selections" / f"{key}.json"
     if path.is_file():
         return {**read_record(path, SelectionRecord).as_dict(), "cached": True}
-    with composed_model(model, composed or {}) as in_training:
+    with composed_model(model, composed or {}) as in_training, phase("selection"):
         record = _select(in_training, spec, data, micro_batch_tokens, progress)
     record.update(cache_key=key, composed_with=hashes)
     write_record(path, SelectionRecord.model_validate(record))

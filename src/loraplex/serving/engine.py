@@ -28,7 +28,7 @@ from ..errors import LoraplexError, ParameterError
 from ..models import load_model, load_tokenizer, resolve_base, stop_token_ids
 from ..routing import BASE
 from ..run import adapter_dir, adapter_metadata, complete_adapters, open_run
-from .batch import Batch, row_error
+from ..lm.decoding import Batch, row_error
 
 log = logging.getLogger("loraplex.serving")
 WORKER_STOPPED = "the generation worker has stopped (the server's log says why); restart the server"

@@ -13,7 +13,7 @@ from typing import Awaitable, Callable
 import torch
 
 from ..routing import DEFAULT_THRESHOLD, Router, mean_hidden_state
-from .batch import PEFT_BASE
+from ..lm.decoding import PEFT_BASE
 
 RULE = ("nearest centroid of the adapters' training prompts (base model, mean-pooled last hidden states, euclidean "
         "distance in radii calibrated on held-out prompts); farther than the threshold from every centroid: base")

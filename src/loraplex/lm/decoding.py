@@ -1,5 +1,7 @@
 """The rows of one continuous batch: their shared key-value cache, and each row's sampling, stop strings and text.
 
+`loraplex serve` decodes its requests here (`serving.engine`), and the eval matrix its greedy answers
+(`greedy_answers`): every model of a run in mixed-adapter batches, each row with its own adapter.
 A row's failure (its sampling, its decoding, its caller) ends that row with an error; the other rows go on. The
 cache keeps only the columns some live row still attends to, so its length is bounded by the longest live row,
 however long the batch has been running.
@@ -9,6 +11,8 @@ from __future__ import annotations
 import logging
 import random
 import uuid
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -61,8 +65,11 @@ class Batch:
         ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                         **{self.cache_arg: DynamicCache()}, **self._extra(rows))
+        # the last position as an index, not `logits_to_keep=1`: the LM head then reads a gathered [rows, 1, hidden]
+        # copy; on the strided slice of several rows a bfloat16 CPU matmul copies its weight per row (~100x slower)
+        last = torch.tensor([width - 1], device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=last, **{self.cache_arg: DynamicCache()}, **self._extra(rows))
         cache, logits = getattr(out, self.cache_arg), out.logits[:, -1, :].float()
         if not self.rows:
             self.rows, self.cache, self.mask, self.positions, self.logits = rows, cache, mask, positions[:, -1:], logits
@@ -211,3 +218,61 @@ class Row:
         self.job.emit({"type": "done", "finish_reason": reason, "text": text,
                        "usage": {"prompt_tokens": len(self.job.prompt_ids), "completion_tokens": len(self.tokens),
                                  "total_tokens": len(self.job.prompt_ids) + len(self.tokens)}})
+
+
+@dataclass
+class Target:
+    """What a row decodes with: its PEFT adapter (None: the base) and the tokens that end its answer."""
+
+    id: str
+    adapter: str | None = None
+    stop_ids: set[int] = field(default_factory=set)
+
+
+@dataclass
+class GreedyJob:
+    """One prompt to answer greedily, for `greedy_answers` (the fields a `Row` reads of a server's request)."""
+
+    entry: Target
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    cancelled: bool = False
+    finished: bool = False
+    text: str | None = None
+    error: str | None = None
+
+    def emit(self, event: dict) -> None:
+        if event["type"] == "done":
+            self.text = event["text"]
+        elif event["type"] == "error":
+            self.error = event["message"]
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, jobs: list[GreedyJob], eos: set[int], max_batch_size: int = 32,
+                   mixed: bool = True) -> list[str]:
+    """Every job's greedy answer (stripped), decoded in continuous batches of at most `max_batch_size` rows: a row
+    leaves when it ends and waiting jobs join between steps. `mixed`: rows pick their adapter (PEFT's
+    `adapter_names`); else the model runs as it is for every row. A row that fails raises at the end."""
+    was_training = model.training
+    model.eval()
+    waiting = deque(jobs)
+    batch = Batch(model, tokenizer, mixed, eos)
+    refill = max(1, max_batch_size // 4)  # join in groups: each join is a prefill pass and a copy of the cache
+    try:
+        while waiting or batch.rows:
+            room = max_batch_size - len(batch.rows)
+            if waiting and (room >= min(refill, len(waiting)) or not batch.rows):
+                batch.join([waiting.popleft() for _ in range(min(room, len(waiting)))])
+            batch.accept()
+            batch.step()
+    finally:
+        model.train(was_training)
+    failed = [job.error for job in jobs if job.error is not None or job.text is None]
+    if failed:
+        raise RuntimeError(f"greedy decoding failed for {len(failed)} prompt(s): {failed[0]}")
+    return [job.text.strip() for job in jobs]
