@@ -63,9 +63,8 @@ class AutoSettings(_Strict):
         "'all-linear'; default: each linear module alone, attention, mlp, q_proj+v_proj and all-linear")
     budget: int | None = Field(None, gt=0, description="trainable parameters every candidate gets (its rank is "
                                "set to match); default: those of lora.r on q_proj and v_proj")
-    trials: int = Field(3, ge=0, description="the probe's best sets trained in short trials, besides its best sets "
-                        "of several modules (one sharing no module with its best set, one at all), q_proj+v_proj and "
-                        "all-linear (0: the probe alone decides)")
+    trials: int = Field(3, ge=0, description="the probe's best sets trained in short trials, besides its best set "
+                        "of several modules, q_proj+v_proj and all-linear (0: the probe alone decides)")
     probe_batches: int = Field(2, gt=0, description="training batches the probe measures gradients on")
     cost: float = Field(0.25, gt=0, le=1, description="the selection's share of the full training's tokens")
     selection_rows: int = Field(16, gt=0, description="training rows each trial is scored on: carved from the "
