@@ -150,22 +150,6 @@ def test_the_trials_add_the_probes_best_set_of_several_modules_and_leave_out_set
                                                                               "all-linear"]
 
 
-def test_the_trials_add_a_set_of_several_modules_that_shares_none_of_the_probes_best_modules(tiny_model_dir):
-    from loraplex.models import meta_model
-
-    sets = {c.label: c for c in candidates(meta_model(resolve_base(str(tiny_model_dir))))}
-    # the probe's best is v_proj and its best sets of several modules contain it: the trials also test the MLP
-    scores = {"v_proj": 8.0, "q_proj+v_proj": 5.0, "o_proj": 4.0, "attention": 3.9, "up_proj": 3.8,
-              "all-linear": 3.4, "mlp": 3.1, "q_proj": 2.0}
-    ranked = [sets[label] for label in scores]
-    refs = [sets["q_proj+v_proj"], sets["all-linear"]]
-    assert [c.label for c in choose._trial_sets(ranked, refs, 2, scores)] == ["v_proj", "mlp", "q_proj+v_proj",
-                                                                              "all-linear"]
-    scores["mlp"] = 0.0  # no disjoint set that can learn: the best set of several modules comes second
-    assert [c.label for c in choose._trial_sets(ranked, refs, 2, scores)] == ["v_proj", "q_proj+v_proj",
-                                                                              "all-linear"]
-
-
 def test_trials_that_do_not_fit_on_the_recipes_batches_run_on_smaller_ones(tmp_path, tiny_model_dir, monkeypatch):
     from loraplex.pipeline import open_recipe
 

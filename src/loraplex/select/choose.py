@@ -25,7 +25,7 @@ from .probe import probe, score
 from .split import SelectionSplit, selection_split
 from .trials import Batches, Trial, rounds, run_trials, step_cost, with_modules
 
-VERSION = 5  # part of the cache key: a change to the method invalidates old decisions
+VERSION = 4  # part of the cache key: a change to the method invalidates old decisions
 PROBE_COST = 1.5  # a probe pass (forward, backward, weight gradients) against a LoRA training step, per token
 EVAL_COST = 1 / 3  # a forward pass against a training step, per token
 MIN_TRIAL_STEPS = 8  # a shorter trial ranks the sets by their first steps' noise: the probe decides alone
@@ -179,23 +179,17 @@ def _trial_record(trial: Trial | None) -> dict | None:
 
 
 def _trial_sets(ranked: list, refs: list, count: int, scores: dict[str, float]) -> list:
-    """The sets the trials train, in order of priority: the probe's best; the probe's best set of several modules
-    that shares no module with it; its best set of several modules; the references; the probe's next ones (up to
-    `count` of them). The probe's best alone when `count` is 0.
+    """The sets the trials train, in order of priority: the probe's best; the probe's best set of several modules;
+    the references; the probe's next ones (up to `count` of them). The probe's best alone when `count` is 0.
 
     The probe measures the first step, where one module at a high rank gains most; a budget spread over many
-    modules at a low rank may learn more over a whole training, which only a trial shows. A set that contains the
-    best one's modules (v_proj against q_proj+v_proj) asks only how to spread the budget over the modules the
-    probe chose; a set that shares none of them asks whether the probe chose the right modules, the question its
-    first-step measure answers least well, so that set comes first when only two trials fit. A set the probe scores
-    0 is left out: its LoRA's gradient is 0 (B starts at 0 and A's gradient goes through B), so it cannot learn."""
+    modules at a low rank may learn more over a whole training, which only a trial shows. A set the probe scores 0
+    is left out: its LoRA's gradient is 0 (B starts at 0 and A's gradient goes through B), so it cannot learn."""
     if count == 0:
         return ranked[:1]
-    learns = [c for c in ranked if scores.get(c.label, 0.0) > 0]
-    several = [c for c in learns if len(c.modules) > 1]
-    elsewhere = [c for c in several if not set(c.modules) & set(ranked[0].modules)]
+    spread = [c for c in ranked if len(c.modules) > 1][:1]
     chosen = []
-    for c in [ranked[0], *elsewhere[:1], *several[:1], *refs, *ranked[1:count]]:
+    for c in [ranked[0], *spread, *refs, *ranked[1:count]]:
         if scores.get(c.label, 0.0) > 0 and all(set(c.modules) != set(o.modules) for o in chosen):
             chosen.append(c)
     return chosen or ranked[:1]
