@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from common import cpu_line
+from common import add_output_options, add_seed_options, cpu_line, seeds, work_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -148,21 +148,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+",
                         default=["demo-zh", "demo-en", "demo-ja", "alpaca-zh", "alpaca-en", "o0-en"])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per dataset (first-seed, first-seed + 1, ...)")
-    parser.add_argument("--first-seed", type=int, default=0)
+    add_seed_options(parser)
     parser.add_argument("--fixed", nargs="+", choices=list(FIXED), default=list(FIXED),
                         help="the fixed choices to train beside auto (default: all)")
-    parser.add_argument("--work", default="/tmp/loraplex-select-quality")
-    parser.add_argument("--out", default=None)
+    add_output_options(parser, "/tmp/loraplex-select-quality")
     args = parser.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    print(cpu_line(), flush=True)
+    work = work_folder(args)
     results: dict = {"cpu": cpu_line(), "seeds": args.seeds, "datasets": {}}
     for which in args.datasets:
         started = time.perf_counter()
         runs = []
-        for seed in range(args.first_seed, args.first_seed + args.seeds):  # saved after every seed: an interrupted
+        for seed in seeds(args):  # saved after every seed: an interrupted
             runs.append(run_one(which, seed, work, args.fixed))  # benchmark keeps what it measured
             results["datasets"][which] = {"runs": runs, "summary": summary(runs)}
             if args.out:

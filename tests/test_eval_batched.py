@@ -58,11 +58,11 @@ def test_batched_matrix_equals_each_model_on_its_own(trained, monkeypatch):
         for spec in tested:
             prompts = load_test_split(spec, ws.recipe, tokenizer, SETTINGS.max_examples).prompts
             answers[label, spec.name] = expected = one_model_answers(model, tokenizer, prompts, eos)
-            batched = [sample["outputs"][label] for sample in matrix["samples"][spec.name]]
+            batched = [sample["outputs"][label] for sample in matrix.samples[spec.name]]
             assert batched == expected, (label, spec.name)
         for name in names:
             alone = heldout_metrics(model, prepared[name].val)
-            cell = matrix["metrics"][label][name]
+            cell = matrix.metrics[label][name]
             assert cell["loss"] == pytest.approx(alone["loss"], rel=1e-5, abs=1e-6), (label, name)
             assert cell["token_accuracy"] == pytest.approx(alone["token_accuracy"])
     # the models answer differently, so an answer decoded with another row's adapter would show

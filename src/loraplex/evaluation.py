@@ -11,8 +11,8 @@ decoded as `loraplex serve` decodes (`lm.decoding`): the test prompts of the bas
 continuous batches, each batch row with its own adapter (PEFT's `adapter_names`), a row leaving when it ends.
 The base is loaded in full precision, QLoRA runs included (their adapters are ordinary LoRA weights);
 `base_precision="quantized"` loads it as the recipe's `model.quantization` instead. eval.json says which.
-A merge whose weights were searched on the even rows of held-out splits (`--method weights-search`) is scored on
-the odd rows of those splits only, beside the merge report's base and adapter losses on the same rows.
+A merge whose weights were searched on the even rows of held-out splits (`method=MergeMethod.WEIGHTS_SEARCH`) is
+scored on the odd rows of those splits only, beside the merge report's base and adapter losses on the same rows.
 """
 from __future__ import annotations
 
@@ -330,9 +330,9 @@ def _evaluate_matrix(run_dir: str | Path, merged: tuple | list = (),
 
 
 def _rows_the_search_never_read(folder: Path, columns: list[_Column]) -> dict[str, dict]:
-    """For a model merged at weights searched on held-out rows (`--method weights-search`): per column over the data
-    of a searched adapter, the rows the search never read (`data.prepare.graded_rows`), the note saying so and the
-    merge report's base and adapter losses on those rows (to compare on the same rows); {} for any other folder."""
+    """For a model merged at weights searched on held-out rows (`method=MergeMethod.WEIGHTS_SEARCH`): per column over
+    the data of a searched adapter, the rows the search never read (`data.prepare.graded_rows`), the note saying so and
+    the merge report's base and adapter losses on those rows (to compare on the same rows); {} for any other folder."""
     try:
         report = read_record(folder / MERGE_REPORT, MergeRecord).as_dict()
     except RecordError:

@@ -20,7 +20,7 @@ class TrainSettings(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 42
     logging_steps: int = Field(5, gt=0)
-    save_steps: int = Field(50, gt=0, description="checkpoint every N optimizer steps (for --resume)")
+    save_steps: int = Field(50, gt=0, description="checkpoint every N optimizer steps (what `resume` continues from)")
     packing: bool = Field(True, description="padding-free packing of each batch (else padded batches)")
     packed_attention: Literal["per_sequence", "masked"] = Field(
         "per_sequence", description="with sdpa attention, a packed row attends per sequence through SDPA's causal "

@@ -1,4 +1,4 @@
-"""`--method weights-search`: one weight per adapter, chosen so the merged model keeps as much as possible of the
+"""`MergeMethod.WEIGHTS_SEARCH`: one weight per adapter, chosen so the merged model keeps as much as possible of the
 adapter that keeps least.
 
 Each adapter's held-out split is cut in two: even rows for the search, odd rows for the report, so the figures

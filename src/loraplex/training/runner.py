@@ -167,7 +167,7 @@ def _open_run_dir(run_dir: Path, ws: Workspace, steps: list[Step], prune: bool, 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_record(run_dir / RUN_META, RunRecord(recipe_fingerprint=ws.recipe.fingerprint(), base_model=ws.base.name))
     pruned = [s for s in steps if s.action == NOT_IN_RECIPE and prune]
-    with writer_lock(run_dir, [f"adapter-{s.name}" for s in pruned], "loraplex train --prune", say):
+    with writer_lock(run_dir, [f"adapter-{s.name}" for s in pruned], "loraplex train, pruning", say):
         for step in pruned:
             shutil.rmtree(adapter_dir(run_dir, step.name))
             shutil.rmtree(checkpoint_dir(run_dir, step.name), ignore_errors=True)
