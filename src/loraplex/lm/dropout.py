@@ -15,6 +15,7 @@ are unchanged.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 BITS = 16
@@ -56,6 +57,8 @@ class LoraDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.drop_levels == 0:
             return x
+        if torch.compiler.is_compiling():  # a compiled layer draws its own mask, fused into the graph
+            return F.dropout(x, self.p)
         mask = self._share.mask_for(x, self.drop_levels)
         return (x * mask).mul_(LEVELS / (LEVELS - self.drop_levels))
 
