@@ -496,6 +496,7 @@ def config_row(name: str, r: dict, info: dict, peak: dict) -> dict:
         "model_tflop": flops / 1e12, "achieved_gflop_s": flops / seconds / 1e9,
         "mfu": flops / seconds / 1e9 / peak[compute_dtype], "flop_params": p,
         "step_seconds_each": [step["seconds"] for step in r["steps"]],
+        "cpu_seconds_each": [step["cpu_seconds"] for step in r["steps"]],
         "cpu_seconds_per_token": sum(step["cpu_seconds"] for step in r["steps"]) / tokens,
         "examples_per_step": [[s[2] for s in step["seqs"]] for step in r["steps"]],
     }
