@@ -9,6 +9,9 @@ base) adapter through its public API, `loraplex.train(recipe, progress=False)`. 
              first rows of the data file): on fresh batches a pretrained model's loss moves more from batch to
              batch than a few steps lower it, so only the same examples make "last < first" a real test
   held-out   the loss on the next rows of the file is lower with the adapter than with the base alone
+  compiled   on a GPU the LoRA is also trained with `train.compile: on` (decoder layers compiled by TorchInductor,
+             flex attention with a per-sequence block mask): the checks above, and its loss at every step
+             within 2% of the eager run's (bf16; the compiled layers draw their own dropout masks)
 
 A notebook-style HF Trainer + PEFT run (bf16=True, batch 1 x gradient accumulation, the model's own loss)
 trains the same LoRA/QLoRA on the same model, data file and number of optimizer steps. For both, tokens/s
@@ -88,7 +91,7 @@ class Job:
     model: str  # a model folder, or "default"
     label: str  # the model's name in the report
     method: str  # "LoRA" or "QLoRA"
-    trainer: str  # "loraplex" or "baseline"
+    trainer: str  # "loraplex", "loraplex-compiled" or "baseline"
     train_file: str  # one batch of rows
     heldout_file: str
     work: str
@@ -112,7 +115,8 @@ def build_recipe(job: Job) -> dict:
         "defaults": {"max_seq_length": p.max_seq_length,
                      "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"]},
                      "train": {"max_steps": p.steps, "batch_size": p.batch_size, "lr": p.lr, "warmup_ratio": 0,
-                               "seed": SEED, "logging_steps": 1, "save_steps": 10**6}},
+                               "seed": SEED, "logging_steps": 1, "save_steps": 10**6,
+                               "compile": "on" if job.trainer == "loraplex-compiled" else "off"}},
         "datasets": [{"name": DATASET, "path": job.train_file, "val_path": job.heldout_file,
                       "target_modules": LORA["target_modules"]}],
     }
@@ -226,7 +230,7 @@ def child_main(job_file: Path) -> None:
     job = Job(**{**spec["job"], "plan": Plan(**spec["job"]["plan"])})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = run_loraplex(job) if job.trainer == "loraplex" else run_baseline(job)
+    result = run_loraplex(job) if job.trainer.startswith("loraplex") else run_baseline(job)
     Path(spec["out"]).write_text(json.dumps(result), encoding="utf-8")
 
 
@@ -361,7 +365,7 @@ def run_job(job: Job, timeout: float) -> Outcome:
 
 def checks_of(outcome: Outcome) -> list[Check]:
     job, r = outcome.job, outcome.result
-    where = f"{job.label} {job.method}"
+    where = f"{job.label} {job.method}" + (" compiled" if job.trainer == "loraplex-compiled" else "")
     if job.trainer == "baseline":
         ok = r is not None
         return [Check("PASS" if ok else "FAIL", f"{where} baseline trained",
@@ -380,6 +384,21 @@ def checks_of(outcome: Outcome) -> list[Check]:
         Check("PASS" if base is not None and adapted is not None and adapted < base else "FAIL",
               f"{where} held-out", f"base {_num(base)} -> adapter {_num(adapted)}"),
     ]
+
+
+def compiled_checks(outcomes: list[Outcome], tolerance: float = 0.02) -> list[Check]:
+    """The compiled run's loss at every step against the eager loraplex run's on the same model."""
+    checks = []
+    for o in (o for o in outcomes if o.job.trainer == "loraplex-compiled" and o.result):
+        eager = next((e for e in outcomes if e.job.trainer == "loraplex" and e.result and e.job.label == o.job.label
+                      and e.job.method == o.job.method), None)
+        if eager is None:
+            continue
+        losses = {p["step"]: p["loss"] for p in eager.result["train_loss_curve"]}
+        worst = max(abs(p["loss"] / losses[p["step"]] - 1) for p in o.result["train_loss_curve"] if p["step"] in losses)
+        checks.append(Check("PASS" if worst <= tolerance else "FAIL", f"{o.job.label} {o.job.method} compiled = eager",
+                            f"largest loss difference per step {100 * worst:.2f}% (at most {100 * tolerance:.0f}%)"))
+    return checks
 
 
 def _num(value: float | int | None, spec: str = ".4f") -> str:
@@ -402,10 +421,10 @@ def print_table(outcomes: list[Outcome], on_gpu: bool) -> None:
     for o in outcomes:
         base = next((b for b in outcomes if b.job.trainer == "baseline" and b.job.label == o.job.label
                      and b.job.method == o.job.method), None)
-        if o.job.trainer == "loraplex" and o.result and base and base.result:
+        if o.job.trainer.startswith("loraplex") and o.result and base and base.result:
             speed = o.result["tokens_per_s"] / base.result["tokens_per_s"]
             peak = o.result["peak_memory_mb"] / base.result["peak_memory_mb"]
-            print(f"ratio loraplex / baseline, {o.job.label} {o.job.method}: tokens/s {speed:.2f}x, "
+            print(f"ratio {o.job.trainer} / baseline, {o.job.label} {o.job.method}: tokens/s {speed:.2f}x, "
                   f"peak memory {peak:.2f}x")
 
 
@@ -436,8 +455,10 @@ def plan_jobs(args, plan: Plan, work: Path, train: Path, heldout: Path) -> tuple
     if reason:
         methods = ["LoRA"]
         checks.append(Check("SKIP" if args.dry_run else "FAIL", "QLoRA", reason))
+    compiled = ("loraplex-compiled",) if not args.dry_run or args.compiled else ()
     jobs = [Job(path, name, method, trainer, str(train), str(heldout), str(work), plan)
-            for path, name in models for method in methods for trainer in ("loraplex", "baseline")]
+            for path, name in models for method in methods
+            for trainer in ("loraplex", "baseline") + (compiled if method == "LoRA" else ())]
     return jobs, checks
 
 
@@ -469,13 +490,14 @@ def run(args) -> list[Check]:
             outcomes.append(outcome)
         print_table(outcomes, torch.cuda.is_available())
     print(f"total {time.monotonic() - started:.0f} s (--time-limit {plan.time_limit_s:.0f})")
-    return checks + [c for o in outcomes for c in checks_of(o)]
+    return checks + [c for o in outcomes for c in checks_of(o)] + compiled_checks(outcomes)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, a tiny Llama, 2 steps: the same code path, smaller")
     ap.add_argument("--with-default-model", action="store_true", help="in a dry run, also train on SmolLM2")
+    ap.add_argument("--compiled", action="store_true", help="in a dry run, also the compiled LoRA run (slow on a CPU)")
     ap.add_argument("--layers", type=int, help="cut the random Llama (8B shape, or the dry run's) to N layers")
     ap.add_argument("--steps", type=int, help="optimizer steps per configuration (GPU 10, dry run 2)")
     ap.add_argument("--time-limit", type=float, help="seconds for the whole run; later configurations fail "

@@ -25,7 +25,9 @@ Configurations (`--configs`, comma-separated; `--levers` adds the lever variants
                  loraplex-one-pass (the whole batch in one pass), loraplex-mb1024 (1024-token passes),
                  loraplex-full-logits (LM head on every position), loraplex-one-head-pass (LM head unchunked),
                  loraplex-padded (padded batches), loraplex-grouped (padded, grouped by length: other
-                 examples per step), loraplex-1thread (torch.set_num_threads(1))
+                 examples per step), loraplex-1thread (torch.set_num_threads(1)), loraplex-eager / loraplex-compiled
+                 (train.compile: off / on; the compiled configuration's first step includes compiling, from an
+                 empty inductor cache when TORCHINDUCTOR_CACHE_DIR points at one)
 
 Ceiling (speed_ceiling.py): the model's own products timed alone at the shapes each configuration's passes
 used, summed; printed against the step time. Profile: `--profile-steps` steps of loraplex under
@@ -56,7 +58,7 @@ LEVERS = ["loraplex-torch-dropout", "loraplex-bf16-attention", "loraplex-autogra
           "loraplex-seq",
           "loraplex-one-pass",
           "loraplex-mb1024", "loraplex-full-logits", "loraplex-one-head-pass", "loraplex-padded", "loraplex-grouped",
-          "loraplex-1thread"]
+          "loraplex-1thread", "loraplex-eager", "loraplex-compiled"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 SEED = 42
 
@@ -171,7 +173,8 @@ def loraplex_trainer(args, variant: str, data, out_dir: str):
     train.update({"loraplex-masked": {"packed_attention": "masked", **whole_batch},
                   "loraplex-seq": {"batch_size": 1, "grad_accum": args.batch_size},
                   "loraplex-one-pass": whole_batch, "loraplex-mb1024": {"micro_batch_tokens": 1024},
-                  "loraplex-padded": {"packing": False}, "loraplex-grouped": {"packing": False}}.get(variant, {}))
+                  "loraplex-padded": {"packing": False}, "loraplex-grouped": {"packing": False},
+                  "loraplex-eager": {"compile": "off"}, "loraplex-compiled": {"compile": "on"}}.get(variant, {}))
     spec = DatasetSpec(name="bench", path="unused", target_modules=LORA["target_modules"],
                        max_seq_length=args.max_seq_length,
                        lora={"r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"]}, train=train)
@@ -398,8 +401,8 @@ def run(args) -> dict:
         print("timing the model's products at the shapes used (ceiling) ...", flush=True)
         add_ceilings(res, groups, args.device)
     if args.profile_steps:
-        print(f"profiling {args.profile_steps} steps of loraplex ...", flush=True)
-        res["profile"] = run_profile(args, "loraplex")
+        print(f"profiling {args.profile_steps} steps of {args.profile_config} ...", flush=True)
+        res["profile"] = run_profile(args, args.profile_config)
         if args.ceiling:
             from speed_ceiling import Ceiling, step_ceilings
 
@@ -493,6 +496,7 @@ def config_row(name: str, r: dict, info: dict, peak: dict) -> dict:
         "model_tflop": flops / 1e12, "achieved_gflop_s": flops / seconds / 1e9,
         "mfu": flops / seconds / 1e9 / peak[compute_dtype], "flop_params": p,
         "step_seconds_each": [step["seconds"] for step in r["steps"]],
+        "cpu_seconds_each": [step["cpu_seconds"] for step in r["steps"]],
         "cpu_seconds_per_token": sum(step["cpu_seconds"] for step in r["steps"]) / tokens,
         "examples_per_step": [[s[2] for s in step["seqs"]] for step in r["steps"]],
     }
@@ -718,6 +722,7 @@ def parse_args(argv=None):
                     help="loraplex's model.dtype (auto: bf16 where native)")
     ap.add_argument("--no-ceiling", dest="ceiling", action="store_false", help="skip the ceiling measurement")
     ap.add_argument("--profile-steps", type=int, default=3, help="loraplex steps under torch.profiler (0: none)")
+    ap.add_argument("--profile-config", default="loraplex", help="the configuration profiled")
     ap.add_argument("--gpu-steps", type=int, default=20, help="steps per configuration on a GPU (run one by one)")
     ap.add_argument("--device", choices=["cpu", "cuda", "meta"], default="cpu",
                     help="meta: only build the model and print its FLOP parameters")

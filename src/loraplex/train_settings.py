@@ -29,3 +29,9 @@ class TrainSettings(BaseModel):
         None, gt=0, description="most tokens in one forward/backward pass: a larger packed batch runs as several "
         "passes of whole sequences whose gradients add up to the same step (lower = less memory); default: "
         "max(max_seq_length, 512) on CPU, the whole batch on GPU")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="compile the decoder layers and their LoRA branches with TorchInductor ('on'), or run "
+        "them eagerly ('off'); 'auto' is off for now: measured not faster on CPUs, unmeasured on GPUs "
+        "(benchmarks/README.md). Applies to packed batches with "
+        "per-sequence attention, without quantization or gradient checkpointing; if compiling fails, the step runs "
+        "eagerly after one warning")

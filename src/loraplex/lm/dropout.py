@@ -10,7 +10,8 @@ input, as if the dropout sat on the layer's normalized hidden states before its 
 module still multiplies its own input by the mask, so gradients flow exactly as before. The drop
 probability is rounded to a multiple of 1/65536 (0.05 stays 0.049988...), and kept inputs are scaled by
 1 / (1 - p) of that rounded p (a float scalar, not rounded to the input's dtype first), so expectations
-are unchanged.
+are unchanged. Inside a compiled layer (`train.compile`) each module draws its own mask the same way, in the
+graph (the sharing compares tensors in Python, which a graph cannot).
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ class LoraDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.drop_levels == 0:
             return x
+        if torch.compiler.is_compiling():  # a compiled layer draws its own mask (16 bits per element), in its graph
+            return (x * keep_mask(x, self.drop_levels)).mul_(LEVELS / (LEVELS - self.drop_levels))
         mask = self._share.mask_for(x, self.drop_levels)
         return (x * mask).mul_(LEVELS / (LEVELS - self.drop_levels))
 

@@ -4,7 +4,7 @@ An adapter's fingerprint covers exactly what decides its weights: the base (mode
 its tokenized rows (files, tokenizer, template, lengths, split), its target modules (with the `auto:` settings
 when they are measured), its LoRA and training settings (seed included) and the weights of the adapters it is
 composed with. Settings that change how it trains but not what (logging_steps, save_steps, micro_batch_tokens,
-packed_attention) are left out. The parts are kept in the adapter's loraplex.json, so a change is named.
+packed_attention, compile) are left out. The parts are kept in the adapter's loraplex.json, so a change is named.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ..recipe import DatasetSpec, Recipe, compose_order
 from ..run import adapter_dir, adapter_metadata, complete_adapters, is_complete, weights_hash
 
 # how an adapter is trained, not what: a change of these keeps the adapter
-HOW_NOT_WHAT = ("logging_steps", "save_steps", "micro_batch_tokens", "packed_attention")
+HOW_NOT_WHAT = ("logging_steps", "save_steps", "micro_batch_tokens", "packed_attention", "compile")
 DATA_OPTIONS = ("format", "columns", "system", "template", "max_seq_length", "max_samples", "val_size", "on_bad_rows")
 SHOWN_CHANGES = 3
 

@@ -9,6 +9,7 @@ import contextlib
 import json
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,12 +26,15 @@ from ..errors import LoraplexError
 from ..recipe import DatasetSpec
 from ..lm.packed import (PackedCollator, PaddedCollator, answer_count, answer_loss_sum, packed_attention, real_tokens,
                        split_packed)
+from ..lm.compiled import compile_blocker, compile_layers, compiled_attention
 from ..lm.settings import micro_batch_tokens
 from .distributed import sum_over_processes, world_size
 from ..lm.dropout import use_lora_dropout
 from .variants import loraplus_optimizer
 
 
+# `train.compile: auto` per device type (benchmarks/README.md, "Compiled step")
+COMPILE_BY_DEFAULT = {"cpu": False, "cuda": False}
 PROGRESS_FILE = "loraplex_progress.json"  # TrainStats in each checkpoint folder
 
 
@@ -68,11 +72,12 @@ class AdapterTrainer(Trainer):
     """
 
     def __init__(self, *args, stats: TrainStats, micro_batch_tokens: int | None = None,
-                 per_sequence_attention: bool = True, **kwargs):
+                 per_sequence_attention: bool = True, compiled: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.stats = stats
         self.micro_batch_tokens = micro_batch_tokens
         self.per_sequence_attention = per_sequence_attention
+        self.compiled = compiled  # decoder layers compiled (`compile_layers`): they run so within training steps
         # compute_loss takes `num_items_in_batch` whatever the model's forward accepts: have the Trainer count the
         # answer tokens of the whole accumulated batch for every model class. The loss then counts as scaled for
         # gradient accumulation exactly when that count was given (the Trainer's own rule).
@@ -107,7 +112,9 @@ class AdapterTrainer(Trainer):
 
     def _attended_step(self, model, inputs, num_items_in_batch):
         # the backward pass too: gradient checkpointing recomputes the forward there, with the same attention
-        with packed_attention(model, inputs, self.per_sequence_attention):
+        attention = compiled_attention(model, inputs) if self.compiled else \
+            packed_attention(model, inputs, self.per_sequence_attention)
+        with attention:
             return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -200,6 +207,22 @@ def per_process_batch(spec: DatasetSpec) -> int:
     return spec.train.batch_size // processes
 
 
+def use_compiled_layers(peft_model, spec: DatasetSpec) -> bool:
+    """`train.compile`: compile the decoder layers (True) or train eagerly; `on` where it cannot apply warns why."""
+    mode = spec.train.compile
+    device = "cuda" if on_gpu() else "cpu"
+    if mode == "off" or (mode == "auto" and not COMPILE_BY_DEFAULT[device]):
+        return False
+    blocker = compile_blocker(peft_model, spec.train.packing, spec.train.packed_attention == "per_sequence")
+    if blocker is not None:
+        if mode == "on":
+            warnings.warn(f"datasets[{spec.name}].train.compile: on is not applied: {blocker}; training eagerly",
+                          stacklevel=2)
+        return False
+    compile_layers(peft_model)
+    return True
+
+
 @dataclass
 class WithSources:
     """A collator whose batches also list their rows' sources ("file line N"), for error messages."""
@@ -226,6 +249,7 @@ def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoin
         data_collator=WithSources(collator), callbacks=[ProgressCallback(spec.name, stats, progress)], stats=stats,
         micro_batch_tokens=micro_batch_tokens(spec),
         per_sequence_attention=spec.train.packed_attention == "per_sequence",
+        compiled=use_compiled_layers(peft_model, spec),
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the progress bar shows them
     return trainer, stats
