@@ -184,9 +184,9 @@ def loraplex_trainer(args, variant: str, data, out_dir: str):
     if variant == "loraplex-torch-dropout":  # PEFT's own nn.Dropout per module
         trainer_module.use_lora_dropout = lambda model: 0
     if variant == "loraplex-bf16-attention":  # every sequence's attention in the weights' dtype
-        batching.FLOAT32_ATTENTION_BELOW = 0
+        batching.use_kernels(float32_attention_below=0)
     if variant == "loraplex-autograd-head":  # the LM head's cross-entropy through autograd (F.cross_entropy)
-        batching.IN_PLACE_HEAD_LOSS = False
+        batching.use_kernels(in_place_head_loss=False)
     trainer, _ = make_trainer(peft_model, spec, PreparedDataset("bench", data, None, {}, Path(out_dir), "", ""),
                               Path(out_dir), progress=False)
     if variant == "loraplex-grouped":
@@ -234,7 +234,7 @@ def build_trainer(args, name: str):
     if name == "loraplex-one-head-pass":
         from loraplex.lm import packed as batching
 
-        batching.HEAD_CHUNK_ELEMENTS = 2**62  # the whole [answer tokens, vocab] logits in one chunk
+        batching.use_kernels(head_chunk_elements=2**62)  # the whole [answer tokens, vocab] logits in one chunk
     data = prepare(args)
     out_dir = tempfile.mkdtemp(prefix=f"train-speed-{name}-")
     if name.startswith("baseline"):

@@ -22,7 +22,7 @@ class Attention:  # what transformers' sdpa attention reads from the module
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_causal_attention_equals_per_sequence_sdpa(dtype):
     """Values and q/k/v gradients of the operator equal the eager per-sequence path (3 sequences, one of them over
-    FLOAT32_ATTENTION_BELOW, grouped-query heads)."""
+    `Kernels.float32_attention_below`, grouped-query heads)."""
     g = torch.Generator().manual_seed(0)
     lengths = (40, 300, 17)
     q, k, v = (torch.randn(1, heads, sum(lengths), 16, generator=g).to(dtype).requires_grad_() for heads in (6, 2, 2))

@@ -4,6 +4,7 @@ cross-entropy, the decoder forward that skips the head, LoRA dropout's shared ch
 attention for short bf16 sequences."""
 from __future__ import annotations
 
+from dataclasses import replace
 import pytest
 import torch
 
@@ -52,11 +53,11 @@ def assert_close(a, b, dtype):
 def test_in_place_head_loss_equals_autograd_cross_entropy(tiny_model_dir, monkeypatch, dtype):
     model = lora_model(tiny_model_dir, dtype)
     batch = PackedCollator()(features())
-    monkeypatch.setattr(batching, "HEAD_CHUNK_ELEMENTS", 5 * 260)  # several chunks
+    monkeypatch.setattr(batching, "KERNELS", replace(batching.KERNELS, head_chunk_elements=5 * 260))  # several chunks
     in_place = loss_and_grads(model, batch)
     with torch.no_grad():
         _, count, correct = answer_loss_sum(model, batch)
-    monkeypatch.setattr(batching, "IN_PLACE_HEAD_LOSS", False)
+    monkeypatch.setattr(batching, "KERNELS", replace(batching.KERNELS, in_place_head_loss=False))
     reference = loss_and_grads(model, batch)
     with torch.no_grad():
         _, count_ref, correct_ref = answer_loss_sum(model, batch)
@@ -90,7 +91,7 @@ def test_the_answer_loss_reads_the_head_weight_only_inside_the_heads_forward(tin
     chunking."""
     model = lora_model(tiny_model_dir, torch.float32)
     batch = PackedCollator()(features())
-    monkeypatch.setattr(batching, "HEAD_CHUNK_ELEMENTS", 5 * 260)  # several chunks
+    monkeypatch.setattr(batching, "KERNELS", replace(batching.KERNELS, head_chunk_elements=5 * 260))  # several chunks
     reference = loss_and_grads(model, batch)
     with torch.no_grad():
         _, _, correct_ref = answer_loss_sum(model, batch)
@@ -191,11 +192,11 @@ def test_short_bf16_sequences_attend_in_float32(tiny_model_dir, monkeypatch, len
     seen, inner = [], sdpa.sdpa_attention_forward
     monkeypatch.setattr(sdpa, "sdpa_attention_forward",
                         lambda module, q, *a, **k: seen.append((q.shape[2], q.dtype)) or inner(module, q, *a, **k))
-    monkeypatch.setattr(batching, "FLOAT32_ATTENTION_BELOW", 10)
+    monkeypatch.setattr(batching, "KERNELS", replace(batching.KERNELS, float32_attention_below=10))
     mixed = loss_and_grads(model, batch)
     n = len(lengths)
     assert seen[:n] == [(t, torch.float32 if t < 10 else torch.bfloat16) for t in lengths]
-    monkeypatch.setattr(batching, "FLOAT32_ATTENTION_BELOW", 0)
+    monkeypatch.setattr(batching, "KERNELS", replace(batching.KERNELS, float32_attention_below=0))
     seen.clear()
     plain = loss_and_grads(model, batch)
     assert seen[:n] == [(t, torch.bfloat16) for t in lengths]

@@ -2,6 +2,7 @@
 micro-batch passes, and the chunked LM head (values and LoRA gradients equal the plain computation)."""
 from __future__ import annotations
 
+from dataclasses import replace
 import pytest
 import torch
 
@@ -79,7 +80,8 @@ def test_split_passes_add_up_to_the_whole_batch(lora_model):
 def test_chunked_head_equals_one_pass(lora_model, monkeypatch):
     batch = PackedCollator()(features())
     reference = loss_and_grads(lora_model, [batch])
-    monkeypatch.setattr(batching, "HEAD_CHUNK_ELEMENTS", 3 * 260)  # 3 rows per chunk for a vocab of ~260
+    # 3 rows per chunk for a vocab of ~260
+    monkeypatch.setattr(batching, "KERNELS", replace(batching.KERNELS, head_chunk_elements=3 * 260))
     assert_same(loss_and_grads(lora_model, [batch]), reference)
     with torch.no_grad():
         loss, count, correct = answer_loss_sum(lora_model, batch)

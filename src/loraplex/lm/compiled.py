@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..device import loraplex_home
-from .packed import FLOAT32_ATTENTION_BELOW, _starts, causal_lm
+from . import packed
+from .packed import _starts, causal_lm
 
 COMPILED_SDPA = "loraplex_compiled_packed_sdpa"  # the attention implementation name registered with transformers
 
@@ -29,7 +30,7 @@ def _bounds(position_ids: Tensor, length: int) -> list[int]:
 
 
 def _in_float32(query: Tensor, length: int) -> bool:
-    short = length < FLOAT32_ATTENTION_BELOW
+    short = length < packed.KERNELS.float32_attention_below
     return query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and short
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +26,30 @@ import torch.nn.functional as F
 from ..data.render import IGNORE_INDEX
 
 PACKED_SDPA = "loraplex_packed_sdpa"  # the attention implementation name registered with transformers
-# PyTorch's CPU flash-attention kernel runs short sequences faster in float32 than in bfloat16 (forward +
-# backward, 9 query / 3 key heads of 64, AVX512-BF16: 64 tokens 0.36 against 1.26 ms, 128: 1.1 against 2.0,
-# 256: equal, 512: 16 against 12-15 ms); below this length the attention of a bfloat16 model runs in float32
-FLOAT32_ATTENTION_BELOW = 256
-HEAD_CHUNK_ELEMENTS = 2**24  # logits per LM-head chunk (64 MiB in float32)
-IN_PLACE_HEAD_LOSS = True  # _plain_head_chunk where it applies (False: autograd through F.cross_entropy)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """How the core computes what it computes; every choice gives the same loss and gradients (up to rounding).
+    loraplex runs the defaults; a benchmark's ablation sets others for its process (`use_kernels`)."""
+
+    # PyTorch's CPU flash-attention kernel runs short sequences faster in float32 than in bfloat16 (forward +
+    # backward, 9 query / 3 key heads of 64, AVX512-BF16: 64 tokens 0.36 against 1.26 ms, 128: 1.1 against 2.0,
+    # 256: equal, 512: 16 against 12-15 ms); below this length the attention of a bfloat16 model runs in float32
+    float32_attention_below: int = 256
+    head_chunk_elements: int = 2**24  # logits per LM-head chunk (64 MiB in float32)
+    in_place_head_loss: bool = True  # _plain_head_chunk where it applies (False: autograd through F.cross_entropy)
+
+
+KERNELS = Kernels()
+
+
+def use_kernels(**choices) -> Kernels:
+    """Replace some of this process's `Kernels` choices (`use_kernels(in_place_head_loss=False)`); returns the
+    previous ones."""
+    global KERNELS
+    previous, KERNELS = KERNELS, replace(KERNELS, **choices)
+    return previous
 
 
 @dataclass
@@ -118,11 +136,11 @@ def _packed_sdpa(module, query, key, value, attention_mask, position_ids=None, *
 
 def _causal_sdpa(module, query, key, value, **kwargs):
     """One sequence's causal attention -> [1, T, heads, D]; short bfloat16/float16 sequences on a CPU run in
-    float32 (see FLOAT32_ATTENTION_BELOW)."""
+    float32 (see `Kernels.float32_attention_below`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dtype = query.dtype
-    short = query.shape[2] < FLOAT32_ATTENTION_BELOW
+    short = query.shape[2] < KERNELS.float32_attention_below
     if query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and short:
         out = sdpa_attention_forward(module, query.float(), key.float(), value.float(), None, **kwargs)[0]
         return out.to(dtype)
@@ -263,8 +281,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, wanted, weight, bias, rules, accuracy):
-        rows = max(1, HEAD_CHUNK_ELEMENTS // weight.shape[0])
-        plain = IN_PLACE_HEAD_LOSS and not any(rules)
+        rows = max(1, KERNELS.head_chunk_elements // weight.shape[0])
+        plain = KERNELS.in_place_head_loss and not any(rules)
         need_grad = ctx.needs_input_grad[0]
         loss, correct, grads = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.long), []
         for start in range(0, hidden.shape[0], rows):
