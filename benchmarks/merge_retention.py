@@ -85,7 +85,7 @@ def measure(run_dir: Path, group: tuple[str, ...], work: Path) -> dict:
     from loraplex.merging.plan import plan_merge
     from loraplex.merging.search import halves
     from loraplex.merging.verify import all_adapters_active
-    from loraplex.routing import Router, mean_hidden_state
+    from loraplex.routing import Router, mean_hidden_states
     from loraplex.run import adapter_metadata, adapter_dir, open_run
     from loraplex.lm.packed import heldout_metrics
 
@@ -116,9 +116,9 @@ def measure(run_dir: Path, group: tuple[str, ...], work: Path) -> dict:
     prepared = open_run(run_dir, only=list(group)).prepare()
     metas = {n: adapter_metadata(adapter_dir(run_dir, n)) for n in group}
 
-    def embed(ids):
+    def embed(prompts):
         with reference.disable_adapter():
-            return mean_hidden_state(reference, ids)
+            return mean_hidden_states(reference, prompts)
 
     router = Router.build(embed, prepared, {n: tuple(metas[n]["dataset_files"]) for n in group},
                           {n: metas[n]["heldout_loss"] for n in group})

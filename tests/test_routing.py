@@ -84,12 +84,12 @@ def test_eval_command_prints_the_routing_row(run):
 
 
 def build(prepared, base, names, embedded=None):
-    from loraplex.routing import Router, mean_hidden_state
+    from loraplex.routing import Router, mean_hidden_states
 
-    def embed(ids):
+    def embed(prompts):
         if embedded is not None:
-            embedded.append(tuple(ids))
-        return mean_hidden_state(base, ids)
+            embedded.extend(tuple(ids) for ids in prompts)
+        return mean_hidden_states(base, prompts)
 
     files = {name: (f"{name}.jsonl",) for name in names}
     return Router.build(embed, {n: prepared[n] for n in names}, files, {n: 1.0 for n in names})
@@ -129,3 +129,21 @@ def test_the_router_is_calibrated_on_rows_its_accuracy_does_not_use(prepared_and
     assert sum(p in embedded for p in train_prompts) == 4
     assert all(tuple(p) in embedded for p in prompts_of(calibration_rows(prepared["en"].val)))
     assert not any(tuple(p) in embedded for p in prompts_of(measured_rows(prepared["en"].val)))
+
+
+def test_prompts_embedded_together_equal_each_embedded_alone(prepared_and_base):
+    """Packed several to a row, each prompt attends only to itself: its vector is the one it gets alone (and the
+    plain mean of the base's last hidden states over it), whatever the row it shares."""
+    from loraplex.lm.packed import final_hidden_states
+    from loraplex.routing import _prompts, mean_hidden_states
+
+    prepared, base = prepared_and_base
+    prompts = _prompts(prepared["en"].train)[:5] + _prompts(prepared["zh"].train)[:5]
+    widest = max(map(len, prompts))
+    together = mean_hidden_states(base, prompts, max_tokens=3 * widest)  # rows of two or three prompts
+    alone = torch.cat([mean_hidden_states(base, [ids]) for ids in prompts])
+    assert together.shape == (len(prompts), base.config.hidden_size)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), final_hidden_states(base) as captured:
+        base(input_ids=torch.tensor([prompts[-1]]), use_cache=False)
+    torch.testing.assert_close(together[-1], captured[0][0].mean(0), atol=1e-5, rtol=1e-5)

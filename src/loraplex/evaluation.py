@@ -34,7 +34,7 @@ from .errors import DataError, LoraplexError
 from .models import load_model, resolve_base, stop_token_ids
 from .quantize import is_quantized
 from .records import EvalRecord, MergeRecord, RecordError, read_record, write_record
-from .routing import Router, mean_hidden_state, measured_rows
+from .routing import Router, mean_hidden_states, measured_rows
 from .run import (EVAL_FILE, MERGE_REPORT, adapter_dir, adapter_metadata, is_complete, merged_from, open_run,
                   weights_hash,
                   writer_lock)
@@ -397,7 +397,7 @@ def routing_report(base_model, ws, prepared: dict, adapter_dirs: dict[str, Path]
     specs = {s.name: s for s in ws.recipe.datasets}
     files = {name: tuple(specs[name].files("path")) for name in adapter_dirs}
     heldout = {name: adapter_metadata(folder).get("heldout_loss") for name, folder in adapter_dirs.items()}
-    router = Router.build(lambda ids: mean_hidden_state(base_model, ids), prepared, files, heldout)
+    router = Router.build(lambda prompts: mean_hidden_states(base_model, prompts), prepared, files, heldout)
     datasets = {}
     for name, spec in specs.items():
         val, right = prepared[name].val, {n for n, f in files.items() if f == tuple(spec.files("path"))}

@@ -18,14 +18,15 @@ import torch
 
 from .data.prepare import decision_rows, graded_rows
 from .data.render import IGNORE_INDEX
-from .lm.packed import causal_lm, final_hidden_states
+from .lm.packed import causal_lm, final_hidden_states, packed_attention
 
 BASE = "base"
 DEFAULT_THRESHOLD = 1.5  # farther than this many calibrated radii from every centroid: `auto` answers with the base
 RADIUS_QUANTILE = 0.95  # the radius holds this share of the calibration prompts
 PROMPTS_PER_ADAPTER = 64  # training prompts embedded per data file
 
-Embed = Callable[[list[int]], torch.Tensor]  # prompt token ids -> the base model's mean-pooled hidden state
+# prompts' token ids -> the base model's mean-pooled last hidden states, one row per prompt: [prompts, hidden]
+Embed = Callable[[list[list[int]]], torch.Tensor]
 
 
 def spread(rows, count: int):
@@ -62,12 +63,12 @@ class Router:
         for members in by_file.values():
             best = min(members, key=lambda n: heldout[n] if isinstance(heldout[n], (int, float)) else math.inf)
             rows = spread(prepared[best].train, PROMPTS_PER_ADAPTER)
-            vectors = torch.stack([embed(ids) for ids in _prompts(rows)])
+            vectors = embed(_prompts(rows))
             centroid = vectors.mean(0)
             calibration = calibration_rows(prepared[best].val)
             # without held-out rows, the training prompts themselves (a tighter radius: fewer prompts routed)
-            distances = ([float(torch.dist(embed(ids), centroid)) for ids in _prompts(calibration)]
-                         if calibration is not None else [float(torch.dist(v, centroid)) for v in vectors])
+            measured = embed(_prompts(calibration)) if calibration is not None else vectors
+            distances = [float(torch.dist(v, centroid)) for v in measured]
             centroids[best], groups[best] = centroid, sorted(members)
             radii[best] = max(float(torch.quantile(torch.tensor(distances), RADIUS_QUANTILE)), 1e-6)
         return cls(embed, centroids, radii, threshold, groups)
@@ -83,14 +84,15 @@ class Router:
         return (best if distances[best] <= self.threshold else BASE), distances[best]
 
     def route_ids(self, ids: list[int]) -> tuple[str, float]:
-        vector = self.embed(ids)
+        vector = self.embed([ids])[0]
         return self.route_vectors({name: vector for name in self.centroids})
 
     def accuracy(self, rows, right: set[str]) -> dict:
         """Share of held-out `rows` (input_ids, labels) routed to one of the `right` adapters, and where all went."""
         routed: dict[str, int] = {}
-        for ids in _prompts(rows):
-            picked, _ = self.route_ids(ids)
+        prompts = _prompts(rows)
+        for vector in (self.embed(prompts) if prompts else []):
+            picked, _ = self.route_vectors({name: vector for name in self.centroids})
             routed[picked] = routed.get(picked, 0) + 1
         total = sum(routed.values())
         hits = sum(count for name, count in routed.items() if name in right)
@@ -109,9 +111,30 @@ def prompt_ids(input_ids: list[int], labels: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def mean_hidden_state(model, ids: list[int], **forward) -> torch.Tensor:
-    """The model's last hidden states over `ids`, mean-pooled (float32, on the CPU); `forward` goes to its call."""
+def mean_hidden_states(model, prompts: list[list[int]], max_tokens: int = 4096, **forward) -> torch.Tensor:
+    """The model's last hidden states over each prompt, mean-pooled: [len(prompts), hidden] (float32, on the CPU).
+
+    The prompts run packed, several to a row of at most `max_tokens` tokens, each attending only to itself
+    (`packed_attention`, as in training): one forward pass per row instead of one per prompt. `forward` goes to
+    the model's call (one row: `adapter_names` of length 1)."""
     device = next(model.parameters()).device
-    with final_hidden_states(causal_lm(model)) as captured:
-        model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1, **forward)
-    return captured[0][0].float().mean(0).cpu()
+    vectors = []
+    for group in _packs(prompts, max_tokens):
+        batch = {"input_ids": torch.tensor([[t for ids in group for t in ids]], device=device),
+                 "position_ids": torch.tensor([[i for ids in group for i in range(len(ids))]], device=device)}
+        with packed_attention(model, batch), final_hidden_states(causal_lm(model)) as captured:
+            model(**batch, use_cache=False, logits_to_keep=1, **forward)
+        hidden = captured[0][0].float()  # [tokens of the row, hidden]
+        vectors += [part.mean(0).cpu() for part in hidden.split([len(ids) for ids in group])]
+    return torch.stack(vectors)
+
+
+def _packs(prompts: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
+    """Consecutive prompts grouped into rows of at most `max_tokens` tokens (a longer prompt alone in its row)."""
+    groups: list[list[list[int]]] = []
+    for ids in prompts:
+        if groups and sum(map(len, groups[-1])) + len(ids) <= max_tokens:
+            groups[-1].append(ids)
+        else:
+            groups.append([ids])
+    return groups

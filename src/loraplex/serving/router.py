@@ -12,7 +12,7 @@ from typing import Awaitable, Callable
 
 import torch
 
-from ..routing import DEFAULT_THRESHOLD, Router, mean_hidden_state
+from ..routing import DEFAULT_THRESHOLD, Router, mean_hidden_states
 from ..lm.decoding import PEFT_BASE
 
 RULE = ("nearest centroid of the adapters' training prompts (base model, mean-pooled last hidden states, euclidean "
@@ -39,7 +39,7 @@ class ServedRouter:
         prepared = ws.prepare() if specs else {}
         files = {name: tuple(spec.files("path")) for name, spec in specs.items()}
         heldout = {name: engine.entries[name].info.get("heldout_loss") for name in specs}
-        return cls(engine, Router.build(lambda ids: engine.call_on_worker(lambda: embed(engine, ids)).result(),
+        return cls(engine, Router.build(lambda prompts: engine.call_on_worker(lambda: embed(engine, prompts)).result(),
                                         prepared, files, heldout, threshold))
 
     async def route(self, tokens: Callable[[object], Awaitable[list[int]]]) -> tuple[str, float]:
@@ -49,8 +49,8 @@ class ServedRouter:
         for name in self.router.centroids:
             ids = tuple(await tokens(self.engine.entries[name]))
             if ids not in embedded:
-                future = self.engine.call_on_worker(lambda ids=ids: embed(self.engine, list(ids)))
-                embedded[ids] = await asyncio.wrap_future(future)
+                future = self.engine.call_on_worker(lambda ids=ids: embed(self.engine, [list(ids)]))
+                embedded[ids] = (await asyncio.wrap_future(future))[0]
             vectors[name] = embedded[ids]
         return self.router.route_vectors(vectors)
 
@@ -62,13 +62,14 @@ class ServedRouter:
 
 
 @torch.no_grad()
-def embed(engine, ids: list[int]) -> torch.Tensor:
-    """The served base's mean-pooled last hidden states over `ids`; called on the worker thread only."""
+def embed(engine, prompts: list[list[int]]) -> torch.Tensor:
+    """The served base's mean-pooled last hidden states over each prompt ([prompts, hidden]); called on the worker
+    thread only."""
     if engine.mixed:
-        return mean_hidden_state(engine.models["run"], ids, adapter_names=[PEFT_BASE])
+        return mean_hidden_states(engine.models["run"], prompts, adapter_names=[PEFT_BASE])
     active = engine.adapters.active  # the running batch's adapter (a DoRA run batches one adapter at a time)
     engine.adapters.use(None)
     try:
-        return mean_hidden_state(engine.models["run"], ids)
+        return mean_hidden_states(engine.models["run"], prompts)
     finally:
         engine.adapters.use(active)
