@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from common import add_output_options, work_folder
+from common import BENCHMARK_DEMO_SIZES, add_output_options, work_folder
 
 GROUPS = (("zh", "en"), ("zh", "en", "ja"))
 # compose: (adapter, its data, the adapters it trains on top of); per group the adapters merged for "compose"
@@ -33,9 +33,9 @@ COMPOSE_MERGE = {("zh", "en"): ("en", "zh_c"), ("zh", "en", "ja"): ("en", "ja_c"
 
 def recipe(work: Path, model: str = "default", max_steps: int | None = None, sizes: dict | None = None) -> Path:
     from loraplex.demo.data import DEMO_ADAPTERS, demo_file, write_demo_data
-    from loraplex.demo.command import DEMO_SIZES, demo_recipe
+    from loraplex.demo.command import demo_recipe
 
-    write_demo_data(work / "data", seed=0, **(sizes or DEMO_SIZES))
+    write_demo_data(work / "data", seed=0, **(sizes or BENCHMARK_DEMO_SIZES))
     raw = demo_recipe(0, "merge-retention")
     raw["output_dir"] = str(work / "runs")
     raw["model"]["path"] = model

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from common import add_output_options, add_seed_options, cpu_line, seeds, work_folder
+from common import BENCHMARK_DEMO_SIZES, add_output_options, add_seed_options, cpu_line, seeds, work_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -38,11 +38,11 @@ def dataset_entries(which: str, work: Path) -> tuple[dict, dict, str]:
     """(recipe defaults, dataset entry without name/targets, base model path) for one benchmark dataset."""
     if which.startswith(("demo-", "o0-")):
         from loraplex.demo.data import demo_file, write_demo_data
-        from loraplex.demo.command import DEMO_SIZES, DEMO_SYSTEM, demo_recipe
+        from loraplex.demo.command import DEMO_SYSTEM, demo_recipe
 
         lang = which.split("-", 1)[1]
         if not (work / "data").is_dir():
-            write_demo_data(work / "data", seed=0, **DEMO_SIZES)
+            write_demo_data(work / "data", seed=0, **BENCHMARK_DEMO_SIZES)
         defaults = demo_recipe(0)["defaults"]
         entry = {"path": str(work / demo_file(lang, "train")), "val_path": str(work / demo_file(lang, "val")),
                  "system": DEMO_SYSTEM}

@@ -104,6 +104,7 @@ def _train_steps(ws: Workspace, prepared: dict, run_dir: Path, steps: list[Step]
     pristine = base_record.get("quantized_base_fingerprint", base_record["base_fingerprint"])  # the weights in memory
     _same_everywhere(pristine)
     _retrain_on_changed_base(run_dir, steps, base_record)
+    base_losses: dict[str, dict] = {}  # tokenized rows' key -> the base's held-out metrics (adapters sharing data)
     for step in steps:
         if not step.trains:
             continue
@@ -120,7 +121,7 @@ def _train_steps(ws: Workspace, prepared: dict, run_dir: Path, steps: list[Step]
         meta = train_adapter(model, resolved_spec(spec, selection) if selection else spec, prepared[spec.name], ws,
                              run_dir, pristine, resume_here, progress, base_record=base_record,
                              extra={"fingerprint": key, "fingerprint_parts": parts,
-                                    **({"selection": selection} if selection else {})})
+                                    **({"selection": selection} if selection else {})}, base_losses=base_losses)
         after = gather(base_fingerprint(model, dtype))  # the isolation check, in every process
         changed = [(rank, fp) for rank, fp in enumerate(after) if fp != pristine]
         if changed:
@@ -227,13 +228,17 @@ def _unpacked_numel(param: torch.Tensor) -> int:
 
 def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace, run_dir: Path,
                   pristine: str, resume: bool, progress: bool, base_record: dict | None = None,
-                  extra: dict | None = None) -> dict:
+                  extra: dict | None = None, base_losses: dict[str, dict] | None = None) -> dict:
     """`base_record` (from `load_base`): the base's fingerprints, dtype and quantization, saved in loraplex.json;
-    `extra`: more of loraplex.json (the fingerprint, the module selection)."""
+    `extra`: more of loraplex.json (the fingerprint, the module selection); `base_losses`: the pristine base's
+    held-out metrics by the tokenized rows' key (`rows_key`), filled and reused across the adapters of one run."""
     from transformers import set_seed
 
     set_seed(spec.train.seed)
-    base_val = heldout_metrics(model, data.val)
+    base_losses = {} if base_losses is None else base_losses
+    if data.rows_key not in base_losses:  # the same tokenized rows: the same base metrics
+        base_losses[data.rows_key] = heldout_metrics(model, data.val)
+    base_val = base_losses[data.rows_key]
     checkpoints = checkpoint_dir(run_dir, spec.name)
     variant = Variant(spec, data.train, checkpoints, ws.base)  # PiSSA & co: the base is put back after unload
     peft_model = variant.inject(model, lora_config(spec))
