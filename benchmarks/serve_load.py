@@ -19,6 +19,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from common import cpu_line
+
 QUESTIONS = ["Repeat the word apple.", "What is two plus three?", "请重复这个词：河流。", "Name a colour.",
              "Write the date 2024-05-01 in words.", "Say hello."]
 
@@ -81,6 +83,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    print(cpu_line(), flush=True)
     if args.minutes:
         from serve_soak import run_soak
 
