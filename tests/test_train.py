@@ -104,6 +104,24 @@ def test_only_trains_the_named_dataset(tiny_model_dir, tmp_path):
     assert not (result.run_dir / "adapters" / "a").exists()
 
 
+def test_the_base_held_out_loss_is_shared_only_by_adapters_on_the_same_rows(tiny_model_dir, tmp_path, monkeypatch):
+    """Adapters on the same tokenized rows share one base pass; the same file with another system prompt is other
+    rows and gets its own (a cache keyed on the data file alone would hand it a's figure)."""
+    from loraplex.training import runner
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, max_steps=1)
+    a = recipe["datasets"][0]
+    recipe["datasets"] = [a, {**a, "name": "a_v", "target_modules": ["v_proj"]},
+                          {**a, "name": "a_sys", "system": "Answer in capitals, always, whatever the question."}]
+    passes = []
+    real = runner.heldout_metrics
+    monkeypatch.setattr(runner, "heldout_metrics", lambda model, rows: passes.append(rows) or real(model, rows))
+    metas = train(recipe, progress=False).adapters
+    assert metas["a"]["heldout_loss_base"] == metas["a_v"]["heldout_loss_base"]
+    assert metas["a_sys"]["heldout_loss_base"] != metas["a"]["heldout_loss_base"]
+    assert len(passes) == 2 + 3  # the base on a's rows and on a_sys's rows, then each adapter once
+
+
 def test_a_finished_adapter_is_kept_until_its_settings_change(tiny_model_dir, tmp_path):
     recipe = make_recipe(tmp_path, tiny_model_dir, max_steps=1)
     first = train(recipe, only=["a"], progress=False)

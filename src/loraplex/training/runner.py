@@ -235,10 +235,7 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     from transformers import set_seed
 
     set_seed(spec.train.seed)
-    base_losses = {} if base_losses is None else base_losses
-    if data.rows_key not in base_losses:  # the same tokenized rows: the same base metrics
-        base_losses[data.rows_key] = heldout_metrics(model, data.val)
-    base_val = base_losses[data.rows_key]
+    base_val = _base_heldout(model, data, {} if base_losses is None else base_losses)
     checkpoints = checkpoint_dir(run_dir, spec.name)
     variant = Variant(spec, data.train, checkpoints, ws.base)  # PiSSA & co: the base is put back after unload
     peft_model = variant.inject(model, lora_config(spec))
@@ -288,6 +285,13 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
         write_record(folder / ADAPTER_META, AdapterRecord.model_validate(meta))
         _remove_checkpoints(checkpoints)
     return meta
+
+
+def _base_heldout(model, data: PreparedDataset, base_losses: dict[str, dict]) -> dict:
+    """The pristine base's held-out metrics on `data`, computed once per set of tokenized rows (`rows_key`)."""
+    if data.rows_key not in base_losses:
+        base_losses[data.rows_key] = heldout_metrics(model, data.val)
+    return base_losses[data.rows_key]
 
 
 def _gather_adapter(trainer, peft_model) -> None:
