@@ -126,7 +126,7 @@ def mean_hidden_states(model, prompts: list[list[int]], max_tokens: int = 4096, 
             model(**batch, use_cache=False, logits_to_keep=1, **forward)
         hidden = captured[0][0].float()  # [tokens of the row, hidden]
         vectors += [part.mean(0).cpu() for part in hidden.split([len(ids) for ids in group])]
-    return torch.stack(vectors)
+    return torch.stack(vectors) if vectors else torch.empty(0, causal_lm(model).config.hidden_size)
 
 
 def _packs(prompts: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
