@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from common import BENCHMARK_DEMO_SIZES, add_output_options, add_seed_options, cpu_line, seeds, work_folder
+from common import add_output_options, add_seed_options, cpu_line, demo_entry, seeds, work_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -37,15 +37,7 @@ ZEROED = "o_proj"  # the modules set to 0 in the o0-* datasets' base
 def dataset_entries(which: str, work: Path) -> tuple[dict, dict, str]:
     """(recipe defaults, dataset entry without name/targets, base model path) for one benchmark dataset."""
     if which.startswith(("demo-", "o0-")):
-        from loraplex.demo.data import demo_file, write_demo_data
-        from loraplex.demo.command import DEMO_SYSTEM, demo_recipe
-
-        lang = which.split("-", 1)[1]
-        if not (work / "data").is_dir():
-            write_demo_data(work / "data", seed=0, **BENCHMARK_DEMO_SIZES)
-        defaults = demo_recipe(0)["defaults"]
-        entry = {"path": str(work / demo_file(lang, "train")), "val_path": str(work / demo_file(lang, "val")),
-                 "system": DEMO_SYSTEM}
+        defaults, entry = demo_entry(work, which.split("-", 1)[1])
         return defaults, entry, zeroed_base(work) if which.startswith("o0-") else "default"
     lang = which.split("-", 1)[1]
     defaults = {"max_samples": 240, "max_seq_length": 384, "val_size": 0.1, "lora": {"r": 16, "alpha": 32},

@@ -19,19 +19,13 @@ import torch
 from torch import Tensor
 
 from ..device import loraplex_home
-from . import packed
-from .packed import _starts, causal_lm
+from .packed import _starts, attention_in_float32, causal_lm
 
 COMPILED_SDPA = "loraplex_compiled_packed_sdpa"  # the attention implementation name registered with transformers
 
 
 def _bounds(position_ids: Tensor, length: int) -> list[int]:
     return _starts(position_ids[0]) + [length]
-
-
-def _in_float32(query: Tensor, length: int) -> bool:
-    short = length < packed.KERNELS.float32_attention_below
-    return query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and short
 
 
 def _repeat_heads(x: Tensor, groups: int) -> Tensor:
@@ -49,7 +43,7 @@ def packed_causal_attention(query: Tensor, key: Tensor, value: Tensor, position_
     bounds = _bounds(position_ids, query.shape[2])
     for a, b in zip(bounds, bounds[1:]):
         q, k, v = query[:, :, a:b], _repeat_heads(key[:, :, a:b], groups), _repeat_heads(value[:, :, a:b], groups)
-        if _in_float32(query, b - a):
+        if attention_in_float32(query, b - a):
             q, k, v = q.float(), k.float(), v.float()
         part, part_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
         out[:, :, a:b], lse[:, :, a:b] = part, part_lse
@@ -71,7 +65,7 @@ def packed_causal_attention_backward(grad: Tensor, query: Tensor, key: Tensor, v
     for a, b in zip(bounds, bounds[1:]):
         tensors = [grad[:, :, a:b], query[:, :, a:b], _repeat_heads(key[:, :, a:b], groups),
                    _repeat_heads(value[:, :, a:b], groups), out[:, :, a:b]]
-        if _in_float32(query, b - a):
+        if attention_in_float32(query, b - a):
             tensors = [t.float() for t in tensors]
         g, q, k, v, o = tensors
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -134,14 +134,20 @@ def _packed_sdpa(module, query, key, value, attention_mask, position_ids=None, *
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0], None
 
 
+def attention_in_float32(query: torch.Tensor, length: int) -> bool:
+    """Whether a sequence of `length` tokens attends in float32: bfloat16/float16 on a CPU, shorter than
+    `Kernels.float32_attention_below`."""
+    short = length < KERNELS.float32_attention_below
+    return query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and short
+
+
 def _causal_sdpa(module, query, key, value, **kwargs):
     """One sequence's causal attention -> [1, T, heads, D]; short bfloat16/float16 sequences on a CPU run in
     float32 (see `Kernels.float32_attention_below`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     dtype = query.dtype
-    short = query.shape[2] < KERNELS.float32_attention_below
-    if query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and short:
+    if attention_in_float32(query, query.shape[2]):
         out = sdpa_attention_forward(module, query.float(), key.float(), value.float(), None, **kwargs)[0]
         return out.to(dtype)
     return sdpa_attention_forward(module, query, key, value, None, **kwargs)[0]
