@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -155,13 +154,24 @@ def test_packed_batch_equals_sequences_one_by_one(tiny_model_dir, tiny_tokenizer
 
 
 RESUME_SCRIPT = """
-import json, sys, loraplex
+import json, os, signal, sys, loraplex
+from transformers import Trainer
+
+save = Trainer._save_checkpoint
+
+
+def save_then_die(self, *args, **kwargs):  # killed right after the first checkpoint, whatever the machine's speed
+    save(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+Trainer._save_checkpoint = save_then_die
 recipe = json.loads(sys.argv[1])
 loraplex.train(recipe, only=["a"], progress=False)
 """
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
     recipe = make_recipe(tmp_path, tiny_model_dir, max_steps=24, save_steps=4)
     reference = {**recipe, "run_name": "reference"}
     ref = train(reference, only=["a"], progress=False)
@@ -169,16 +179,27 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(recipe)], env=env)
     checkpoint = Path(recipe["output_dir"]) / "t" / "checkpoints" / "a" / "checkpoint-4" / "trainer_state.json"
-    deadline = time.time() + 240
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        code = proc.wait(timeout=240)
+    finally:
+        proc.kill()
+    assert code == -signal.SIGKILL, f"the training was to be killed after its first checkpoint, it exited with {code}"
     assert checkpoint.exists(), "the training never wrote a checkpoint"
+    assert not checkpoint.parent.with_name("checkpoint-8").exists()
     adapter_dir = Path(recipe["output_dir"]) / "t" / "adapters" / "a"
     assert not (adapter_dir / "loraplex.json").exists(), "killed before the end, the adapter must not look complete"
 
+    from transformers import Trainer
+
+    started_from, original = [], Trainer.train
+
+    def recording(self, *args, resume_from_checkpoint=None, **kwargs):
+        started_from.append(resume_from_checkpoint)
+        return original(self, *args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", recording)
     resumed = train(recipe, only=["a"], resume=True, progress=False)
+    assert started_from == [str(checkpoint.parent)], "the second run must continue from the checkpoint"
     a = load_file(resumed.run_dir / "adapters" / "a" / "adapter_model.safetensors")
     b = load_file(ref.run_dir / "adapters" / "a" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
