@@ -154,18 +154,11 @@ def test_packed_batch_equals_sequences_one_by_one(tiny_model_dir, tiny_tokenizer
 
 
 RESUME_SCRIPT = """
-import json, os, signal, sys, loraplex
-from transformers import Trainer
+import json, sys, loraplex
+import loraplex.training.runner as runner
+from kill_points import die_after_checkpoint
 
-save = Trainer._save_checkpoint
-
-
-def save_then_die(self, *args, **kwargs):  # killed right after the first checkpoint, whatever the machine's speed
-    save(self, *args, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-Trainer._save_checkpoint = save_then_die
+die_after_checkpoint(runner, lambda step: step == 4)  # killed right after its first checkpoint, on any machine
 recipe = json.loads(sys.argv[1])
 loraplex.train(recipe, only=["a"], progress=False)
 """
