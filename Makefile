@@ -27,13 +27,19 @@ $(VENV)/.llamacpp: $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PY) -m pip install -q "$(LLAMA_CPP)"
 	touch $@
 
+# DeepSpeed (the ZeRO-3 tests; not needed by the demo, where importing it would add a second and a warning to every
+# training): its sdist builds in seconds without compiling, its CPU kernels compile on first use (C++ and ninja)
+$(VENV)/.deepspeed: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[deepspeed]"
+	touch $@
+
 setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/loraplex demo
 
 # setup installed llama-cpp-python: here the llama.cpp round trip fails without it instead of skipping
-test: setup $(VENV)/.llamacpp
+test: setup $(VENV)/.llamacpp $(VENV)/.deepspeed
 	$(PY) -m ruff check src tests benchmarks
 	LORAPLEX_REQUIRE_LLAMA_CPP=1 $(PY) -m pytest
 

@@ -1,25 +1,30 @@
-"""Peak memory per training process: FSDP2 (`distributed.strategy: fsdp`) against DDP, two processes on this machine.
+"""Peak memory per training process: FSDP2 (`distributed.strategy: fsdp`) and DeepSpeed ZeRO-3 (`deepspeed`) against
+DDP, two processes on this machine.
 
 A random Llama whose frozen base dominates (about 70 M parameters, LoRA r=8 on q_proj/v_proj: 0.1% of it) trains
 a few steps in two processes (gloo on a CPU, NCCL on GPUs), once per strategy, through loraplex's own pieces: the
-recipe's data, `load_base`, the adapter's LoraConfig, `training.distributed.shard` for FSDP and `make_trainer`
-(the Trainer wraps the unsharded model in DDP). Each process measures the peak of its memory from the first
-training step to the last: on a CPU the resident set (VmHWM, reset after set-up through /proc/self/clear_refs),
-on a GPU torch.cuda.max_memory_allocated. The unsharded base a process loaded is freed before that, so the figure
-is what training itself holds: with FSDP a process's shards plus the one layer gathered at a time. (`loraplex
-train` keeps that unsharded base in CPU memory for its checks; on a GPU only the shards are on the device.)
+recipe's data, `load_base`, the adapter's LoraConfig, `training.distributed.shard` for FSDP, `make_trainer` (the
+Trainer wraps the unsharded model in DDP, or hands it to DeepSpeed's engine, which partitions it when training
+starts). Each process measures the peak of its memory over the training steps after the first (by then every
+strategy holds what it keeps while training): on a CPU the resident set (VmHWM, reset through
+/proc/self/clear_refs), on a GPU torch.cuda.max_memory_allocated. The unsharded base a process loaded is freed
+before that, so the figure is what training itself holds: with FSDP or ZeRO-3 a process's shards plus the weights
+gathered at a time. (`loraplex train` keeps that unsharded base in CPU memory for its checks; on a GPU only the
+shards are on the device.) Needs `--steps` of 2 or more.
 
-With `--agreement DTYPE` it measures instead how far two-process adapters (DDP and FSDP, `loraplex train --nproc 2`)
-are from one process's, on the tests' tiny Llama with LoRA dropout 0 (float32 is also a test; bfloat16 is not).
+With `--agreement DTYPE` it measures instead how far two-process adapters (DDP, FSDP and ZeRO-3, `loraplex train
+--nproc 2`) are from one process's, on the tests' tiny Llama with LoRA dropout 0 (float32 is also a test; bfloat16
+is not).
 
-    python benchmarks/fsdp_memory.py                    # prints each process's peak and the ratio FSDP/DDP
-    python benchmarks/fsdp_memory.py --layers 2 --steps 1   # a quick run
+    python benchmarks/fsdp_memory.py                    # each process's peak and the ratios FSDP/DDP, ZeRO-3/DDP
+    python benchmarks/fsdp_memory.py --layers 2 --steps 2   # a quick run
     python benchmarks/fsdp_memory.py --agreement bfloat16   # max |Δ| of the adapters and loss curves
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ("ddp", "fsdp", "deepspeed") if importlib.util.find_spec("deepspeed") else ("ddp", "fsdp")
 ROWS = [{"instruction": f"Write the word {w} three times.", "input": "", "output": f"{w} {w} {w}"}
         for w in ["apple", "river", "stone", "cloud", "amber", "pilot", "maple", "tiger"] * 4]
 
@@ -80,35 +86,48 @@ def peak_mb() -> float:
 
 
 def worker(folder: Path, strategy: str, steps: int) -> None:
-    """One launched process: the adapter's model (sharded for FSDP), the unsharded base freed, then training."""
+    """One launched process: the adapter's model (sharded for FSDP, partitioned by DeepSpeed's engine at its first
+    step for ZeRO-3), the unsharded base freed, then training; the peak counts from the end of the first step."""
     import ctypes
 
     from peft import get_peft_model
+    from transformers import TrainerCallback, set_seed
 
     from loraplex.lm.base import load_base
     from loraplex.lm.settings import lora_config
     from loraplex.pipeline import open_recipe
-    from loraplex.training.distributed import is_main, shard, sharded
+    from loraplex.training.distributed import deepspeed_config, is_main, shard, sharded, zero3
     from loraplex.training.trainer import make_trainer
 
     ws = open_recipe(recipe(folder, strategy, steps))
     spec = ws.recipe.datasets[0]
     data = ws.prepare()[spec.name]
-    base, _ = load_base(ws, on_device=not sharded(strategy))
+    base, _ = load_base(ws, on_device=not (sharded(strategy) or zero3(strategy)))
+    set_seed(spec.train.seed)  # the same LoRA init in every process and every run, as `loraplex train` does
     model = get_peft_model(base, lora_config(spec))
+    del base
     if sharded(strategy):
         model = shard(model)
-        del base
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed pages back to the system before the peak is reset
-    trainer, _ = make_trainer(model, spec, data, folder / "checkpoints" / strategy, progress=False)
-    peak_reset()
-    before = peak_mb()  # what the process holds when training starts
+    trainer, _ = make_trainer(model, spec, data, folder / "checkpoints" / strategy, progress=False,
+                              deepspeed=deepspeed_config(model) if zero3(strategy) else None)
+    del model
+    start: list[float] = []
+
+    class AfterTheFirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                gc.collect()
+                ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed pages back to the system before the peak is reset
+                peak_reset()
+                start.append(peak_mb())  # what the process holds once training is under way
+
+    trainer.add_callback(AfterTheFirstStep())
     trainer.train()
     losses = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
-    result = {"strategy": strategy, "rank": int(os.environ["RANK"]), "start_mb": before, "peak_mb": peak_mb(),
+    result = {"strategy": strategy, "rank": int(os.environ["RANK"]), "start_mb": start[0], "peak_mb": peak_mb(),
               "losses": losses, "main": is_main()}
-    print("RESULT " + json.dumps(result), flush=True)
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")  # one write: the two processes share the pipe
+    sys.stdout.flush()
 
 
 def cpu_line() -> str:
@@ -152,7 +171,9 @@ def agreement(folder: Path, dtype: str) -> None:
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LORAPLEX_HOME": str(folder / "home"),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    runs = {"one": [], "ddp": ["--nproc", "2"], "fsdp": ["--nproc", "2", "distributed.strategy=fsdp"]}
+    runs = {"one": [], "ddp": ["--nproc", "2"], "fsdp": ["--nproc", "2", "distributed.strategy=fsdp"],
+            "deepspeed": ["--nproc", "2", "distributed.strategy=deepspeed"]}
+    runs = {name: flags for name, flags in runs.items() if name in ("one", *STRATEGIES)}
     for name, flags in runs.items():
         command = [sys.executable, "-m", "loraplex", "train", str(path), f"run_name={name}", *flags]
         done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -162,7 +183,7 @@ def agreement(folder: Path, dtype: str) -> None:
     want = load_file(adapters["one"] / "adapter_model.safetensors")
     curve = [e["loss"] for e in json.loads((adapters["one"] / "loraplex.json").read_text())["train_loss_curve"]]
     print(f"{dtype}, {len(curve)} steps, largest LoRA weight {max(float(v.abs().max()) for v in want.values()):.4f}")
-    for name in ("ddp", "fsdp"):
+    for name in STRATEGIES:
         got = load_file(adapters[name] / "adapter_model.safetensors")
         theirs = [e["loss"] for e in json.loads((adapters[name] / "loraplex.json").read_text())["train_loss_curve"]]
         weights = max(float((got[k].float() - want[k].float()).abs().max()) for k in want)
@@ -173,13 +194,15 @@ def agreement(folder: Path, dtype: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="2 or more: the peak counts from the second step")
     parser.add_argument("--worker", type=Path)
     parser.add_argument("--strategy", default="ddp")
     parser.add_argument("--agreement", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.strategy, args.steps)
+    if args.steps < 2:
+        parser.error("--steps: 2 or more (the peak is measured over the steps after the first)")
     print(cpu_line())
     if args.agreement:
         with tempfile.TemporaryDirectory() as tmp:
@@ -187,16 +210,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         make_base(folder / "base", args.layers)
-        results = {strategy: run(strategy, folder, args.steps) for strategy in ("ddp", "fsdp")}
+        results = {strategy: run(strategy, folder, args.steps) for strategy in STRATEGIES}
     for strategy, rows in results.items():
         for row in rows:
-            print(f"{strategy:5} process {row['rank']}: {row['start_mb']:,.0f} MB at the first step, peak "
-                  f"{row['peak_mb']:,.0f} MB in training, "
-                  f"losses {row['losses']}")
-    ratio = max(r["peak_mb"] for r in results["fsdp"]) / max(r["peak_mb"] for r in results["ddp"])
-    same = results["fsdp"][0]["losses"] == results["ddp"][0]["losses"]
-    print(f"FSDP/DDP peak memory per process: {ratio:.2f}x (the larger process of each); "
-          f"loss curves {'equal' if same else 'differ'}")
+            print(f"{strategy:9} process {row['rank']}: {row['start_mb']:,.0f} MB after the first step, peak "
+                  f"{row['peak_mb']:,.0f} MB in the steps after it, losses {row['losses']}")
+    for strategy, label in (("fsdp", "FSDP"), ("deepspeed", "ZeRO-3")):
+        if strategy not in results:
+            print(f"{label}: not run (pip install 'loraplex[deepspeed]')")
+            continue
+        ratio = max(r["peak_mb"] for r in results[strategy]) / max(r["peak_mb"] for r in results["ddp"])
+        same = results[strategy][0]["losses"] == results["ddp"][0]["losses"]
+        print(f"{label}/DDP peak memory per process: {ratio:.2f}x (the larger process of each); "
+              f"loss curves {'equal' if same else 'differ'}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@
 #   bash benchmarks/gpu_check.sh --layers 8       # the 8B shape cut to 8 layers
 #   bash benchmarks/gpu_check.sh --dry-run        # on a CPU: the same code path on a tiny model, in seconds
 #
-# Where two GPUs exist, benchmarks/gpu_check_fsdp.py first checks distributed.strategy: fsdp (memory against DDP,
-# adapters against one process, QLoRA with FSDP); with fewer it prints one SKIP line.
+# Where two GPUs exist, benchmarks/gpu_check_fsdp.py first checks distributed.strategy: fsdp and deepspeed
+# (memory against DDP, adapters against one process, QLoRA with FSDP); with fewer it prints one SKIP line.
 # The last line is `gpu_check: N passed, M failed`; the exit status is non-zero if a check failed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

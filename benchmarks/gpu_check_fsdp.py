@@ -1,12 +1,14 @@
-"""GPU check, two-GPU part: `distributed.strategy: fsdp` (FSDP2) with LoRA and with QLoRA, on two CUDA GPUs.
+"""GPU check, two-GPU part: `distributed.strategy: fsdp` (FSDP2) with LoRA and with QLoRA, and `deepspeed`
+(ZeRO-3), on two CUDA GPUs.
 
 Runs only where at least two GPUs exist (otherwise it prints one SKIP line). Checks:
 
   fsdp memory     benchmarks/fsdp_memory.py on the GPUs: the peak of torch.cuda.max_memory_allocated per
                   process while training, FSDP against DDP on the same model: FSDP must be lower, with the same
                   loss curve
-  fsdp agreement  `loraplex train --nproc 2` with DDP and with FSDP against one process, bfloat16 (the tests'
-                  tiny Llama): adapters within 1e-3 of one process's
+  zero3 memory    the same run, ZeRO-3 against DDP
+  fsdp agreement  `loraplex train --nproc 2` with DDP, FSDP and ZeRO-3 against one process, bfloat16 (the tests'
+  zero3 agreement tiny Llama): adapters within 1e-3 of one process's
   qlora fsdp      `loraplex train --nproc 2 distributed.strategy=fsdp model.quantization=4bit` (4-bit codes stored
                   in bfloat16, `bnb_4bit_quant_storage`) trains and saves the adapter
 
@@ -44,21 +46,30 @@ def check(name: str, passed: bool, detail: str) -> bool:
     return passed
 
 
-def memory_check(env: dict) -> bool:
+def memory_checks(env: dict) -> list[bool]:
     done = run([sys.executable, str(BENCH)], env)
-    found = re.search(r"FSDP/DDP peak memory per process: ([\d.]+)x .*loss curves (\w+)", done.stdout)
-    if done.returncode or not found:
-        return check("fsdp memory", False, f"the benchmark failed (exit {done.returncode})")
-    ratio, curves = float(found.group(1)), found.group(2)
-    return check("fsdp memory", ratio < 1 and curves == "equal", f"FSDP/DDP {ratio:.2f}x, loss curves {curves}")
+    results = []
+    for name, label in (("fsdp", "FSDP"), ("zero3", "ZeRO-3")):
+        found = re.search(label + r"/DDP peak memory per process: ([\d.]+)x .*loss curves (\w+)", done.stdout)
+        if done.returncode or not found:
+            results.append(check(f"{name} memory", False, f"the benchmark failed (exit {done.returncode})"))
+            continue
+        ratio, curves = float(found.group(1)), found.group(2)
+        results.append(check(f"{name} memory", ratio < 1 and curves == "equal",
+                             f"{label}/DDP {ratio:.2f}x, loss curves {curves}"))
+    return results
 
 
-def agreement_check(env: dict) -> bool:
+def agreement_checks(env: dict) -> list[bool]:
     done = run([sys.executable, str(BENCH), "--agreement", "bfloat16"], env)
-    found = re.search(r"fsdp against one process: adapter max \|Δ\| ([\d.e+-]+)", done.stdout)
-    if done.returncode or not found:
-        return check("fsdp agreement", False, f"the benchmark failed (exit {done.returncode})")
-    return check("fsdp agreement", float(found.group(1)) <= 1e-3, f"adapter max |Δ| {found.group(1)}")
+    results = []
+    for name, printed in (("fsdp", "fsdp"), ("zero3", "deepspeed")):
+        found = re.search(printed + r" against one process: adapter max \|Δ\| ([\d.e+-]+)", done.stdout)
+        if done.returncode or not found:
+            results.append(check(f"{name} agreement", False, f"the benchmark failed (exit {done.returncode})"))
+            continue
+        results.append(check(f"{name} agreement", float(found.group(1)) <= 1e-3, f"adapter max |Δ| {found.group(1)}"))
+    return results
 
 
 def qlora_check(env: dict, work: Path) -> bool:
@@ -93,7 +104,7 @@ def main() -> int:
         env = {**os.environ, "LORAPLEX_HOME": os.environ.get("LORAPLEX_HOME", str(Path(tmp) / "home")),
                "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0,1"),
                "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-        results = [memory_check(env), agreement_check(env), qlora_check(env, Path(tmp))]
+        results = [*memory_checks(env), *agreement_checks(env), qlora_check(env, Path(tmp))]
     print(f"gpu_check_fsdp: {sum(results)} passed, {len(results) - sum(results)} failed")
     return 0 if all(results) else 1
 

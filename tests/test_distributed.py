@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +53,20 @@ def counted_probe(*args, **kwargs):  # `target_modules: auto` measures in the ma
     return probe(*args, **kwargs)
 
 choose.probe = counted_probe
+gather_adapter = runner._gather_adapter
+
+def local_numel(p):  # this process's part: a ZeRO-3 partition, an FSDP shard, or the whole tensor
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor.numel()
+    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+
+def recorded_gather(trainer, peft_model):  # how much of the model the training process held
+    held = sum(local_numel(p) for p in trainer.model.parameters())
+    with open(os.path.join(sys.argv[2], f"held-{rank}.txt"), "a") as out:
+        out.write(f"{held} {sum(p.numel() for p in peft_model.parameters())}\\n")
+    return gather_adapter(trainer, peft_model)
+
+runner._gather_adapter = recorded_gather
 if os.environ.get("FAIL_RANK") == rank:
     def fail(*args, **kwargs):
         raise loraplex.errors.LoraplexError(f"a failure made on purpose in process {rank}")
@@ -108,6 +123,12 @@ def assert_same_adapters(ours: Path, reference: Path) -> None:
         assert any(float(want[k].abs().max()) > 1e-3 for k in want if "lora_B" in k)  # B moved: a real comparison
 
 
+def held_fractions(log_dir: Path) -> list[float]:
+    """The part of the model each process held while training each adapter (1.0: a whole copy)."""
+    lines = [line.split() for rank in ("0", "1") for line in (log_dir / f"held-{rank}.txt").read_text().splitlines()]
+    return [int(held) / int(whole) for held, whole in lines]
+
+
 def two_process_metas_like_one(run_dir: Path, one_process) -> dict[str, dict]:
     """The adapters of a two-process run equal one process's (weights, 6 steps, loss curves within 1e-5); returns
     each adapter's loraplex.json for the caller's own checks."""
@@ -136,6 +157,7 @@ def test_two_processes_train_the_adapters_of_one(one_process, tiny_model_dir, tm
     done = launch(raw, tmp_path / "logs", tmp_path / "home")
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = Path(raw["output_dir"]) / "two"
+    assert held_fractions(tmp_path / "logs") == [1.0] * 4  # DDP: every process holds the whole model
     for name, meta in two_process_metas_like_one(run_dir, one_process).items():
         assert meta["isolation_checked_in_processes"] == 2
         assert meta["tokens_trained"] == one_process.adapters[name]["tokens_trained"]
@@ -156,12 +178,27 @@ def test_fsdp_in_two_processes_trains_the_adapters_of_one_and_decides_auto_once(
     done = launch(raw, tmp_path / "logs", tmp_path / "home")
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = Path(raw["output_dir"]) / "fsdp"
+    assert all(0.45 < part < 0.55 for part in held_fractions(tmp_path / "logs")), held_fractions(tmp_path / "logs")
     for meta in two_process_metas_like_one(run_dir, one_process).values():
         assert meta["reload_max_abs_diff"] < 1e-4
     assert (tmp_path / "logs" / "probes-0.txt").read_text() == "probe\n"
     assert not (tmp_path / "logs" / "probes-1.txt").exists()  # the other process only received the decision
     chosen = json.loads((run_dir / "adapters" / "c" / "loraplex.json").read_text())
     assert is_complete(run_dir / "adapters" / "c") and chosen["selection"]["winner"] in ("attention", "mlp")
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_in_two_processes_trains_the_adapters_of_one(one_process, tiny_model_dir, tmp_path):
+    """DeepSpeed ZeRO-3 (float32, gloo on the CPU): the adapters and loss curves of one process."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed ZeRO-3 needs `pip install deepspeed` (loraplex[deepspeed])")
+    raw = recipe(tmp_path, tiny_model_dir, "zero3")
+    raw["distributed"] = {"strategy": "deepspeed"}
+    done = launch(raw, tmp_path / "logs", tmp_path / "home")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for meta in two_process_metas_like_one(Path(raw["output_dir"]) / "zero3", one_process).values():
+        assert meta["reload_max_abs_diff"] < 1e-4
+    parts = held_fractions(tmp_path / "logs")  # each process held its partition of base and adapter, about half
+    assert len(parts) == 4 and all(0.45 < part < 0.55 for part in parts), parts
 
 
 @pytest.mark.slow
@@ -228,7 +265,9 @@ def test_nproc_with_fsdp_on_the_command_line(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("strategy, quantization, message", [
-    ("deepspeed", None, "distributed.strategy: 'deepspeed' is not available in this version of loraplex; use 'fsdp'"),
+    ("deepspeed", None, "distributed.strategy: 'deepspeed' needs DeepSpeed: pip install 'loraplex[deepspeed]'"),
+    ("deepspeed", "4bit", "distributed.strategy: 'deepspeed' with model.quantization: 4bit is not supported; use "
+                          "strategy 'fsdp'"),
     ("fsdp", "4bit", "distributed.strategy: 'fsdp' with model.quantization: 4bit needs CUDA"),
     ("fsdp", "8bit", "distributed.strategy: 'fsdp' with model.quantization: 8bit cannot shard LLM.int8 weights"),
 ])
@@ -236,14 +275,30 @@ def test_strategies_this_machine_cannot_run_are_refused_before_anything_loads(ti
                                                                                strategy, quantization, message):
     from loraplex.errors import LoraplexError
 
-    if quantization == "4bit" and torch.cuda.is_available():
+    if strategy == "fsdp" and quantization == "4bit" and torch.cuda.is_available():
         pytest.skip("QLoRA with FSDP runs on a GPU (benchmarks/gpu_check.sh)")
+    if "needs DeepSpeed" in message:
+        monkeypatch.setitem(sys.modules, "deepspeed", None)  # as where it is not installed
+    elif strategy == "deepspeed":
+        pytest.importorskip("deepspeed", reason="the quantization check comes after DeepSpeed's presence")
     raw = recipe(tmp_path, tiny_model_dir)
     raw["distributed"] = {"strategy": strategy}
     raw["model"]["quantization"] = quantization
     monkeypatch.setenv("WORLD_SIZE", "2")  # as in a launched process; refused before the process group is joined
-    with pytest.raises(LoraplexError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(LoraplexError, match="^" + re.escape(message)):
         train(raw, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_accelerate_zero3_launch_needs_the_deepspeed_strategy(tiny_model_dir, tmp_path, monkeypatch):
+    from loraplex.errors import LoraplexError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets from a ZeRO-3 config
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(LoraplexError, match="accelerate DeepSpeed ZeRO-3 configuration, but distributed.strategy is "
+                                            "'ddp': set distributed.strategy: deepspeed"):
+        train(recipe(tmp_path, tiny_model_dir), progress=False)
     assert not (tmp_path / "runs").exists()
 
 

@@ -7,10 +7,13 @@ prints tables and shows progress; the others wait for it where they would read w
 `distributed.strategy: fsdp` trains each adapter on a copy of the base sharded with FSDP2 (`shard`): every
 decoder layer, the LM head and the rest are sharded over the processes and gathered around their forward and
 backward; the adapter's weights are then gathered whole (`full_adapter_state`) into the unsharded model, which
-saves, checks and reloads it as with one process.
+saves, checks and reloads it as with one process. `distributed.strategy: deepspeed` does the same through
+DeepSpeed ZeRO-3 (`deepspeed_config`): the Trainer's DeepSpeed engine partitions a copy of the model, whose adapter
+is gathered whole afterwards the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -73,6 +76,53 @@ def sharded(strategy: str) -> bool:
     return strategy == "fsdp" and launched()
 
 
+def zero3(strategy: str) -> bool:
+    """Whether adapters train through DeepSpeed ZeRO-3 (`strategy` 'deepspeed' in a launch)."""
+    return strategy == "deepspeed" and launched()
+
+
+def deepspeed_config(peft_model) -> dict:
+    """ZeRO-3 for the Trainer's DeepSpeed engine: the base, the adapter and its optimizer state partitioned over the
+    processes, each weight gathered around its module's forward and backward. As with `shard` (FSDP), at most about
+    two decoder layers are held gathered at a time, and a layer is gathered again for its backward (DeepSpeed's
+    defaults keep up to 10^9 parameters gathered: the whole of a model below a few billion). 'auto' values are the
+    Trainer's own (batch, accumulation, clipping, buckets sized by the hidden size); each weight keeps its dtype, as
+    with one process (no DeepSpeed casting)."""
+    lm = causal_lm(peft_model)
+    layer_classes = set(getattr(lm, "_no_split_modules", None) or [])
+    layer = max((sum(p.numel() for p in m.parameters()) for m in lm.modules() if type(m).__name__ in layer_classes),
+                default=10**8)
+    return {
+        "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
+                              "stage3_gather_16bit_weights_on_model_save": False,
+                              "stage3_max_live_parameters": 2 * layer, "stage3_max_reuse_distance": layer,
+                              "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                              "stage3_param_persistence_threshold": "auto"},
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": False}, "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+    }
+
+
+def count_deepspeed_processes_on_cpu() -> None:
+    """accelerate sets DeepSpeed up for accelerators only: on a CPU (tests, gloo) the process state it makes for the
+    Trainer counts one process of rank 0 in every process. Give it the process group's ranks, which DeepSpeed's
+    engine uses anyway, so that batches are shared out and the main process alone writes."""
+    from accelerate import PartialState
+
+    PartialState._shared_state.update(num_processes=torch.distributed.get_world_size(),
+                                      process_index=torch.distributed.get_rank(),
+                                      local_process_index=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def end_deepspeed() -> None:
+    """After a ZeRO-3 training: transformers stops treating later models as ZeRO-3 ones (loading, generation)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 def shard(peft_model):
     """A copy of `peft_model` sharded with FSDP2 over every process (`fully_shard` per decoder layer, the LM head
     when it has its own weight, then the whole model); its shards sit on this process's device. Each weight keeps
@@ -104,8 +154,21 @@ def full_adapter_state(peft_model, adapter: str = "default") -> dict[str, torch.
     from peft import get_peft_model_state_dict
     from torch.distributed.tensor import DTensor
 
-    weights = get_peft_model_state_dict(peft_model, adapter_name=adapter)
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in weights.items()}
+    with _zero3_gathered(peft_model, adapter):
+        weights = get_peft_model_state_dict(peft_model, adapter_name=adapter)
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+                for k, v in weights.items()}
+
+
+def _zero3_gathered(peft_model, adapter: str):
+    """The adapter's weights partitioned by ZeRO-3 held whole for the block (nothing to do for other models)."""
+    partitioned = [p for name, p in peft_model.named_parameters()
+                   if hasattr(p, "ds_id") and f".{adapter}." in f"{name}."]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
 
 
 def launch(processes: int, command: list[str]) -> int:

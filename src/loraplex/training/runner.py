@@ -10,6 +10,7 @@ an adapter with `compose_with` trains after those adapters, with them loaded, ac
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import resource
 import shutil
@@ -39,8 +40,8 @@ from ..selection import choose_modules, resolved_spec
 from ..selection.composed import composed_folders
 from ..tracking import check_trackers, finish_training, start_tracking
 from ..distributed_settings import strategy_problems
-from .distributed import (full_adapter_state, gather, is_main, launched, on_main, shard, sharded, sum_over_processes,
-                          wait_for_everyone, world_size)
+from .distributed import (deepspeed_config, end_deepspeed, full_adapter_state, gather, is_main, launched, on_main,
+                          shard, sharded, sum_over_processes, wait_for_everyone, world_size, zero3)
 from .plan import KEEP, NEW, NOT_IN_RECIPE, REMOVED, RETRAIN, Step, fingerprint, fingerprint_parts, plan_run
 from .trainer import TrainStats, loss_curve, make_trainer
 from .variants import Variant
@@ -241,12 +242,12 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     peft_model = variant.inject(model, lora_config(spec))
     trainable, total = parameter_counts(peft_model)
     composed = compose(peft_model, spec, run_dir)
-    fsdp = sharded(ws.recipe.distributed.strategy)
-    last = _last_checkpoint(checkpoints) if resume and not fsdp else None  # FSDP: no checkpoint to resume from
+    trained, deepspeed = _training_model(peft_model, ws.recipe.distributed.strategy)
+    last = _last_checkpoint(checkpoints) if resume and trained is peft_model else None  # sharded: no checkpoints
     earlier = TrainStats.at(last)  # tokens (of every process) and seconds before the checkpoint resumed from
-    trained = shard(peft_model) if fsdp else peft_model  # FSDP: a sharded copy
     trainer, stats = make_trainer(trained, spec, data, checkpoints, progress=progress and is_main(),
-                                  stats=TrainStats(earlier.tokens if is_main() else 0, earlier.seconds))
+                                  stats=TrainStats(earlier.tokens if is_main() else 0, earlier.seconds),
+                                  deepspeed=deepspeed)
     tracking = _tracking(trainer, stats, run_dir, ws, spec, resumed=last is not None)
     started = time.perf_counter()
     _train_or_restore(trainer, last)
@@ -287,6 +288,17 @@ def train_adapter(model, spec: DatasetSpec, data: PreparedDataset, ws: Workspace
     return meta
 
 
+def _training_model(peft_model, strategy: str) -> tuple:
+    """The model the Trainer trains and the DeepSpeed configuration it trains with: `peft_model` itself (None), an
+    FSDP-sharded copy (None), or a copy that DeepSpeed's ZeRO-3 engine partitions (its configuration)."""
+    if sharded(strategy):
+        return shard(peft_model), None
+    if zero3(strategy):
+        trained = copy.deepcopy(peft_model)
+        return trained, deepspeed_config(trained)
+    return peft_model, None
+
+
 def _base_heldout(model, data: PreparedDataset, base_losses: dict[str, dict]) -> dict:
     """The pristine base's held-out metrics on `data`, computed once per set of tokenized rows (`rows_key`)."""
     if data.rows_key not in base_losses:
@@ -303,7 +315,8 @@ def _gather_adapter(trainer, peft_model) -> None:
         return
     set_peft_model_state_dict(peft_model, full_adapter_state(trainer.model), adapter_name=DEFAULT_ADAPTER)
     trainer.accelerator.free_memory()
-    trainer.model = trainer.model_wrapped = trainer.optimizer = None
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.deepspeed = None
+    end_deepspeed()
 
 
 def _save_adapter(peft_model, variant: Variant, meta: dict, folder: Path, check: tuple) -> None:

@@ -28,7 +28,7 @@ from ..lm.packed import (PackedCollator, PaddedCollator, answer_count, answer_lo
                        split_packed)
 from ..lm.compiled import compile_blocker, compile_layers, compiled_attention
 from ..lm.settings import micro_batch_tokens
-from .distributed import sum_over_processes, world_size
+from .distributed import count_deepspeed_processes_on_cpu, sum_over_processes, world_size
 from ..lm.dropout import use_lora_dropout
 from .variants import loraplus_optimizer
 
@@ -180,10 +180,12 @@ class ProgressCallback(TrainerCallback):
         return f"{self.last_loss:.4f}" if self.last_loss is not None else "-"
 
 
-def training_arguments(spec: DatasetSpec, checkpoint_dir: Path, checkpoints: bool = True) -> TrainingArguments:
-    """`checkpoints`: False for an FSDP-sharded model, whose Trainer checkpoints could not be resumed from."""
+def training_arguments(spec: DatasetSpec, checkpoint_dir: Path, checkpoints: bool = True,
+                       deepspeed: dict | None = None) -> TrainingArguments:
+    """`checkpoints`: False for a sharded model, whose Trainer checkpoints could not be resumed from; `deepspeed`:
+    the DeepSpeed configuration (`distributed.deepspeed_config`) to train with."""
     t = spec.train
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(checkpoint_dir), per_device_train_batch_size=per_process_batch(spec),
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1, warmup_steps=t.warmup_ratio, lr_scheduler_type=t.scheduler,
@@ -191,10 +193,14 @@ def training_arguments(spec: DatasetSpec, checkpoint_dir: Path, checkpoints: boo
         logging_steps=t.logging_steps, logging_first_step=True, save_strategy="steps" if checkpoints else "no",
         save_steps=t.save_steps,
         save_total_limit=1, report_to=[], disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0, use_cpu=not on_gpu(), ddp_find_unused_parameters=False,  # every LoRA weight is used
+        dataloader_num_workers=0, use_cpu=not on_gpu() and deepspeed is None, deepspeed=deepspeed,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used
         # weights are already in their training dtype (bf16 where supported): no autocast on top
         bf16=False, fp16=False,
     )
+    if deepspeed is not None and not on_gpu():
+        count_deepspeed_processes_on_cpu()
+    return args
 
 
 def per_process_batch(spec: DatasetSpec) -> int:
@@ -236,18 +242,22 @@ class WithSources:
 
 
 def make_trainer(peft_model, spec: DatasetSpec, data: PreparedDataset, checkpoint_dir: Path,
-                 progress: bool = True, stats: TrainStats | None = None) -> tuple[AdapterTrainer, TrainStats]:
-    """`stats`: the counts to continue from (those of the checkpoint a resumed run starts at)."""
+                 progress: bool = True, stats: TrainStats | None = None,
+                 deepspeed: dict | None = None) -> tuple[AdapterTrainer, TrainStats]:
+    """`stats`: the counts to continue from (those of the checkpoint a resumed run starts at); `deepspeed`: train
+    through DeepSpeed with this configuration (ZeRO-3 partitions `peft_model`: pass a copy)."""
     stats = stats or TrainStats()
     use_lora_dropout(peft_model)
     collator = PackedCollator() if spec.train.packing else PaddedCollator(peft_model.config.pad_token_id or 0)
     sharded = getattr(peft_model, "is_distributed_loading_by_transformers", False)  # distributed.shard
-    args = training_arguments(spec, checkpoint_dir, checkpoints=not sharded)
+    args = training_arguments(spec, checkpoint_dir, checkpoints=not sharded and deepspeed is None,
+                              deepspeed=deepspeed)
     trainer = AdapterTrainer(
         model=peft_model, args=args, train_dataset=data.train,
         optimizers=(loraplus_optimizer(peft_model, spec, args), None),  # None: the Trainer's own (no LoRA+)
         data_collator=WithSources(collator), callbacks=[ProgressCallback(spec.name, stats, progress)], stats=stats,
-        micro_batch_tokens=micro_batch_tokens(spec),
+        # DeepSpeed's engine steps after every backward at an accumulation boundary: one pass per batch there
+        micro_batch_tokens=micro_batch_tokens(spec) if deepspeed is None else None,
         per_sequence_attention=spec.train.packed_attention == "per_sequence",
         compiled=use_compiled_layers(peft_model, spec),
     )
