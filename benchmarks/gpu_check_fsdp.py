@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -46,30 +47,34 @@ def check(name: str, passed: bool, detail: str) -> bool:
     return passed
 
 
-def memory_checks(env: dict) -> list[bool]:
-    done = run([sys.executable, str(BENCH)], env)
+def judged(done: subprocess.CompletedProcess, checks: list[tuple[str, str, Callable]]) -> list[bool]:
+    """Each (name, pattern, judge) of `checks`: `judge(match)` -> (passed, detail) on the benchmark's output."""
     results = []
-    for name, label in (("fsdp", "FSDP"), ("zero3", "ZeRO-3")):
-        found = re.search(label + r"/DDP peak memory per process: ([\d.]+)x .*loss curves (\w+)", done.stdout)
-        if done.returncode or not found:
-            results.append(check(f"{name} memory", False, f"the benchmark failed (exit {done.returncode})"))
-            continue
-        ratio, curves = float(found.group(1)), found.group(2)
-        results.append(check(f"{name} memory", ratio < 1 and curves == "equal",
-                             f"{label}/DDP {ratio:.2f}x, loss curves {curves}"))
+    for name, pattern, judge in checks:
+        found = re.search(pattern, done.stdout)
+        if done.returncode or not found:  # ZeRO-3 prints no result where DeepSpeed is not installed
+            results.append(check(name, False, f"no result in the benchmark's output (exit {done.returncode})"))
+        else:
+            results.append(check(name, *judge(found)))
     return results
+
+
+def memory_checks(env: dict) -> list[bool]:
+    def ratio(label: str) -> Callable:
+        return lambda m: (float(m[1]) < 1 and m[2] == "equal", f"{label}/DDP {float(m[1]):.2f}x, loss curves {m[2]}")
+
+    return judged(run([sys.executable, str(BENCH)], env),
+                  [(f"{name} memory", label + r"/DDP peak memory per process: ([\d.]+)x .*loss curves (\w+)",
+                    ratio(label)) for name, label in (("fsdp", "FSDP"), ("zero3", "ZeRO-3"))])
 
 
 def agreement_checks(env: dict) -> list[bool]:
-    done = run([sys.executable, str(BENCH), "--agreement", "bfloat16"], env)
-    results = []
-    for name, printed in (("fsdp", "fsdp"), ("zero3", "deepspeed")):
-        found = re.search(printed + r" against one process: adapter max \|Δ\| ([\d.e+-]+)", done.stdout)
-        if done.returncode or not found:
-            results.append(check(f"{name} agreement", False, f"the benchmark failed (exit {done.returncode})"))
-            continue
-        results.append(check(f"{name} agreement", float(found.group(1)) <= 1e-3, f"adapter max |Δ| {found.group(1)}"))
-    return results
+    def within(m) -> tuple[bool, str]:
+        return float(m[1]) <= 1e-3, f"adapter max |Δ| {m[1]}"
+
+    return judged(run([sys.executable, str(BENCH), "--agreement", "bfloat16"], env),
+                  [(f"{name} agreement", printed + r" against one process: adapter max \|Δ\| ([\d.e+-]+)", within)
+                   for name, printed in (("fsdp", "fsdp"), ("zero3", "deepspeed"))])
 
 
 def qlora_check(env: dict, work: Path) -> bool:
