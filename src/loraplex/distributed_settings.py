@@ -17,7 +17,8 @@ class DistributedSettings(BaseModel):
         "ddp", description="with several processes: 'ddp' (every process holds the whole base), 'fsdp' (FSDP2: each "
         "decoder layer's weights sharded over the processes and gathered for its forward and backward; bfloat16 "
         "compute with a bfloat16 base), 'deepspeed' (DeepSpeed ZeRO-3: the same sharding of base, adapter and "
-        "optimizer state, through DeepSpeed's engine; needs `pip install deepspeed`); one process ignores it")
+        "optimizer state, through DeepSpeed's engine; needs `pip install 'loraplex[deepspeed]'`); one process "
+        "ignores it")
 
 
 def strategy_problems(settings: DistributedSettings, quantization: str | None, on_gpu: bool) -> list[str]:
