@@ -76,6 +76,12 @@ def sharded(strategy: str) -> bool:
     return strategy == "fsdp" and launched()
 
 
+def decoder_layers(lm) -> list:
+    """The causal LM's decoder layers: its modules of the classes transformers keeps whole (`_no_split_modules`)."""
+    layer_classes = set(getattr(lm, "_no_split_modules", None) or [])
+    return [module for module in lm.modules() if type(module).__name__ in layer_classes]
+
+
 def zero3(strategy: str) -> bool:
     """Whether adapters train through DeepSpeed ZeRO-3 (`strategy` 'deepspeed' in a launch)."""
     return strategy == "deepspeed" and launched()
@@ -88,9 +94,7 @@ def deepspeed_config(peft_model) -> dict:
     defaults keep up to 10^9 parameters gathered: the whole of a model below a few billion). 'auto' values are the
     Trainer's own (batch, accumulation, clipping, buckets sized by the hidden size); each weight keeps its dtype, as
     with one process (no DeepSpeed casting)."""
-    lm = causal_lm(peft_model)
-    layer_classes = set(getattr(lm, "_no_split_modules", None) or [])
-    layer = max((sum(p.numel() for p in m.parameters()) for m in lm.modules() if type(m).__name__ in layer_classes),
+    layer = max((sum(p.numel() for p in m.parameters()) for m in decoder_layers(causal_lm(peft_model))),
                 default=10**8)
     return {
         "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
@@ -136,10 +140,8 @@ def shard(peft_model):
     lm = causal_lm(model)
     head = answer_head(lm)  # the loss runs in the head's forward, where FSDP holds its weight gathered
     mesh = init_device_mesh("cuda" if on_gpu() else "cpu", (world_size(),))
-    layer_classes = set(getattr(lm, "_no_split_modules", None) or [])
-    for module in lm.modules():
-        if type(module).__name__ in layer_classes:
-            fully_shard(module, mesh=mesh)
+    for module in decoder_layers(lm):
+        fully_shard(module, mesh=mesh)
     # a head tied to the embeddings stays in the root's group, which FSDP keeps gathered from the model's forward
     # to its backward (the root does not reshard after its forward)
     if head.weight is not lm.get_input_embeddings().weight:
